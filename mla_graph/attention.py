@@ -1,0 +1,137 @@
+"""MLAAttention: the one definition of Multi-head Latent Attention, as plain math.
+
+Every request attends over its whole context with K and V decompressed by kv_b_proj, causal
+within its new tokens. Weight absorption, paging and kernel fusion are passes, not code here.
+Parameter names match Hugging Face's DeepseekV3Attention so its state_dict loads unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives  # noqa: F401  (registers torch.ops.mla)
+from .cache import PagedLatentCache
+from .config import MLAConfig
+from .metadata import MLAMetadata
+from .rope import cos_sin_table
+
+mla = torch.ops.mla
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mla.rms_norm(x, self.weight, self.eps)
+
+
+class MLAAttention(nn.Module):
+    """forward(hidden_states [T, hidden], positions [T], kv_cache, metadata) -> [T, hidden].
+
+    With tp_size > 1 the layer holds this rank's share of heads (num_heads / tp_size), as vLLM
+    shards them: q_b_proj/q_proj and kv_b_proj by output rows, o_proj by input columns; the
+    output is then this rank's partial sum (vLLM all-reduces it).
+    """
+
+    def __init__(self, config: MLAConfig, *, dtype: torch.dtype = torch.float32,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        super().__init__()
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
+        self.config = config
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.num_heads = config.heads_per_rank(tp_size)
+        c, n = config, self.num_heads
+
+        def linear(i: int, o: int) -> nn.Linear:
+            return nn.Linear(i, o, bias=False, dtype=dtype)
+
+        if c.q_lora_rank is None:
+            self.q_proj = linear(c.hidden_size, n * c.qk_head_dim)
+        else:
+            self.q_a_proj = linear(c.hidden_size, c.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype)
+            self.q_b_proj = linear(c.q_lora_rank, n * c.qk_head_dim)
+        self.kv_a_proj_with_mqa = linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype)
+        self.kv_b_proj = linear(c.kv_lora_rank, n * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = linear(n * c.v_head_dim, c.hidden_size)
+        self.register_buffer("cos_sin", cos_sin_table(c), persistent=False)
+        self.scale = c.softmax_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv_b_proj.weight.dtype
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
+                kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
+        check_call(self.config, self.dtype, hidden_states, positions, kv_cache, metadata)
+        return self.plain_forward(hidden_states, positions, kv_cache.latent, kv_cache.rope,
+                                  metadata.slot_mapping, metadata.block_table, metadata.seq_lens,
+                                  metadata.query_start_loc)
+
+    def plain_forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
+                      latent_cache: torch.Tensor, rope_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor) -> torch.Tensor:
+        """The math, over flat tensors only: this is what `capture` traces."""
+        c, n = self.config, self.num_heads
+        T = hidden_states.shape[0]
+        B = block_table.shape[0]
+        P, R, L, V = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
+
+        if c.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(T, n, P + R)
+        q_nope, q_pe = q.split([P, R], dim=-1)
+
+        kv = self.kv_a_proj_with_mqa(hidden_states)
+        c_kv, k_pe = kv.split([L, R], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+
+        q_pe = mla.rope(q_pe, positions, self.cos_sin)
+        k_pe = mla.rope(k_pe, positions, self.cos_sin)
+        mla.cache_write(c_kv, k_pe, latent_cache, rope_cache, slot_mapping)
+
+        # every request's whole context, read back from the cache and decompressed
+        ctx_latent = mla.gather_paged(latent_cache, block_table)           # [B, S, L]
+        ctx_rope = mla.gather_paged(rope_cache, block_table)               # [B, S, R]
+        S = ctx_latent.shape[1]
+        kv_ctx = self.kv_b_proj(ctx_latent).view(B, S, n, P + V)
+        k_nope, v = kv_ctx.split([P, V], dim=-1)
+        k = torch.cat([k_nope, ctx_rope.view(B, S, 1, R).expand(B, S, n, R)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+
+        out = mla.attention(query, k, v, query_start_loc, seq_lens, self.scale)  # [T, n, V]
+        return self.o_proj(out.reshape(T, n * V))
+
+
+def check_call(config: MLAConfig, dtype: torch.dtype, hidden_states: torch.Tensor,
+               positions: torch.Tensor, kv_cache: PagedLatentCache, metadata: MLAMetadata) -> None:
+    """Cheap structural checks (no device sync) done before anything is written."""
+    if not isinstance(kv_cache, PagedLatentCache):
+        raise TypeError(f"kv_cache must be a PagedLatentCache, got {type(kv_cache).__name__}")
+    if not isinstance(metadata, MLAMetadata):
+        raise TypeError(f"metadata must be an MLAMetadata, got {type(metadata).__name__}")
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != config.hidden_size:
+        raise ValueError(f"hidden_states must be [num_tokens, {config.hidden_size}], got {list(hidden_states.shape)}")
+    if hidden_states.dtype != dtype:
+        raise ValueError(f"hidden_states is {hidden_states.dtype} but the layer's weights are {dtype}")
+    T = hidden_states.shape[0]
+    if positions.shape != (T,):
+        raise ValueError(f"positions must be [{T}] (one per token), got {list(positions.shape)}")
+    kv_cache.check(config)
+    if kv_cache.dtype != dtype:
+        raise ValueError(f"kv_cache is {kv_cache.dtype} but the layer's weights are {dtype}")
+    if metadata.slot_mapping.shape != (T,):
+        raise ValueError(f"metadata.slot_mapping must be [{T}] (one per token), got {list(metadata.slot_mapping.shape)}")
+    B = metadata.seq_lens.shape[0]
+    if metadata.block_table.dim() != 2 or metadata.block_table.shape[0] != B:
+        raise ValueError(f"metadata.block_table must be [num_reqs={B}, max_blocks], got {list(metadata.block_table.shape)}")
+    if metadata.query_start_loc.shape != (B + 1,):
+        raise ValueError(f"metadata.query_start_loc must be [num_reqs + 1 = {B + 1}], got {list(metadata.query_start_loc.shape)}")

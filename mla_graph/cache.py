@@ -1,0 +1,99 @@
+"""The paged latent cache: two tensors in the layout the NPU kernels use, and a block allocator."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import MLAConfig
+
+
+class CacheFullError(RuntimeError):
+    pass
+
+
+class BlockAllocator:
+    """Hands out physical block ids. `shuffle=True` hands them out in random order, so tests
+    see block tables that are not 0, 1, 2, ..."""
+
+    def __init__(self, num_blocks: int, *, shuffle: bool = False, seed: int = 0) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self._free = list(range(num_blocks))
+        if shuffle:
+            random.Random(seed).shuffle(self._free)
+        self._free.reverse()  # pop() from the end hands out the list's first element first
+        self.num_blocks = num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise CacheFullError(f"need {count} free blocks, only {len(self._free)} of {self.num_blocks} left")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def grow(self, block_table_row: list[int], num_tokens: int, block_size: int) -> list[int]:
+        """Append blocks to one request's row until it holds `num_tokens` tokens; returns the row."""
+        needed = -(-num_tokens // block_size) - len(block_table_row)
+        if needed > 0:
+            block_table_row.extend(self.allocate(needed))
+        return block_table_row
+
+
+@dataclass
+class PagedLatentCache:
+    """latent [num_blocks, block_size, 1, kv_lora_rank] and rope [num_blocks, block_size, 1, qk_rope_head_dim].
+
+    Token t of a request lives in block block_table[t // block_size], row t % block_size.
+    """
+
+    latent: torch.Tensor
+    rope: torch.Tensor
+    allocator: BlockAllocator | None = field(default=None, repr=False)
+
+    @classmethod
+    def allocate(cls, config: MLAConfig, num_blocks: int, block_size: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 shuffle_blocks: bool = False, seed: int = 0) -> "PagedLatentCache":
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        latent = torch.zeros(num_blocks, block_size, 1, config.kv_lora_rank, dtype=dtype, device=device)
+        rope = torch.zeros(num_blocks, block_size, 1, config.qk_rope_head_dim, dtype=dtype, device=device)
+        return cls(latent, rope, BlockAllocator(num_blocks, shuffle=shuffle_blocks, seed=seed))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.latent.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.latent.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latent.dtype
+
+    def clone(self) -> "PagedLatentCache":
+        """A copy of the contents (the allocator is not copied)."""
+        return PagedLatentCache(self.latent.clone(), self.rope.clone(), None)
+
+    def check(self, config: MLAConfig) -> None:
+        """Layout checks, cheap (no device sync)."""
+        for name, tensor, width in (("latent", self.latent, config.kv_lora_rank),
+                                    ("rope", self.rope, config.qk_rope_head_dim)):
+            if tensor.dim() != 4 or tensor.shape[2] != 1 or tensor.shape[3] != width:
+                raise ValueError(f"kv_cache.{name} must be [num_blocks, block_size, 1, {width}], "
+                                 f"got {list(tensor.shape)}")
+            if not tensor.is_contiguous():
+                raise ValueError(f"kv_cache.{name} must be contiguous")
+        if self.latent.shape[:2] != self.rope.shape[:2]:
+            raise ValueError(f"kv_cache.latent {list(self.latent.shape)} and kv_cache.rope "
+                             f"{list(self.rope.shape)} disagree on [num_blocks, block_size]")
+        if self.latent.dtype != self.rope.dtype:
+            raise ValueError(f"kv_cache.latent is {self.latent.dtype} but kv_cache.rope is {self.rope.dtype}")

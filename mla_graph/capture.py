@@ -1,0 +1,138 @@
+"""capture(layer, phase): the definition as an FX graph over aten + mla::, with symbolic shapes.
+
+One capture serves every batch of its phase: the token count T, request count B, cache size
+and block-table width are symbols (for decode T and B are one symbol, one token per request).
+Weights are `get_attr` nodes that refer to the layer's own parameters, never copies.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .attention import MLAAttention
+from .cache import PagedLatentCache
+from .metadata import MLAMetadata
+
+PHASES = ("prefill", "decode", "mixed")
+
+
+@dataclass
+class Call:
+    """One call's arguments; graph inputs are read from it by name (see GRAPH_INPUTS)."""
+
+    hidden_states: torch.Tensor
+    positions: torch.Tensor
+    kv_cache: PagedLatentCache
+    metadata: MLAMetadata
+
+
+# Every graph input a pass may ask for, and how a call provides it. Passes that need another
+# form of the metadata (a host list, a cumulative length) add it here and as a placeholder.
+GRAPH_INPUTS: dict[str, Callable[[Call], object]] = {
+    "hidden_states": lambda c: c.hidden_states,
+    "positions": lambda c: c.positions,
+    "latent_cache": lambda c: c.kv_cache.latent,
+    "rope_cache": lambda c: c.kv_cache.rope,
+    "slot_mapping": lambda c: c.metadata.slot_mapping,
+    "block_table": lambda c: c.metadata.block_table,
+    "seq_lens": lambda c: c.metadata.seq_lens,
+    "query_start_loc": lambda c: c.metadata.query_start_loc,
+}
+_CAPTURED_INPUTS = list(GRAPH_INPUTS)
+
+
+def graph_inputs(gm: GraphModule, call: Call) -> list[object]:
+    return [GRAPH_INPUTS[name](call) for name in gm.meta["mla_inputs"]]
+
+
+def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphModule:
+    """Trace `layer.plain_forward` for `phase` ("prefill", "decode" or "mixed")."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+    if not isinstance(layer, MLAAttention):
+        raise TypeError(f"capture expects an MLAAttention, got {type(layer).__name__}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    config = layer.config
+    shape_env = ShapeEnv(duck_shape=False)
+    fake_mode = FakeTensorMode(shape_env=shape_env)
+
+    def symbol(name: str, hint: int) -> torch.SymInt:
+        source = ConstantSource(name)
+        sym = shape_env.create_symbol(hint, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+        return shape_env.create_symintnode(sym, hint=hint, source=source)
+
+    B = symbol("num_reqs", 3)
+    T = B if phase == "decode" else symbol("num_tokens", 11)
+    NB, MB = symbol("num_blocks", 13), symbol("max_blocks_per_req", 5)
+    dtype = layer.dtype
+    symbols = {str(s.node.expr): name for s, name in
+               ((B, "B"), (T, "T"), (NB, "num_blocks"), (MB, "max_blocks"))}
+
+    named = dict(layer.named_parameters())
+    named.update(layer.named_buffers())
+    with fake_mode:
+        fake_inputs = {
+            "hidden_states": torch.empty(T, config.hidden_size, dtype=dtype),
+            "positions": torch.empty(T, dtype=torch.int64),
+            "latent_cache": torch.empty(NB, block_size, 1, config.kv_lora_rank, dtype=dtype),
+            "rope_cache": torch.empty(NB, block_size, 1, config.qk_rope_head_dim, dtype=dtype),
+            "slot_mapping": torch.empty(T, dtype=torch.int64),
+            "block_table": torch.empty(B, MB, dtype=torch.int32),
+            "seq_lens": torch.empty(B, dtype=torch.int32),
+            "query_start_loc": torch.empty(B + 1, dtype=torch.int32),
+        }
+    fake_weights = [fake_mode.from_tensor(t.detach(), static_shapes=True) for t in named.values()]
+    weight_names = list(named)
+
+    def traced(*flat):
+        weights = {f"layer.{k}": v for k, v in zip(weight_names, flat[: len(weight_names)])}
+        return torch.func.functional_call(_PlainForward(layer), weights, flat[len(weight_names):])
+
+    with torch.no_grad():
+        traced_gm = make_fx(traced, tracing_mode="symbolic", pre_dispatch=True)(
+            *fake_weights, *fake_inputs.values())
+    return _finish(traced_gm, layer, weight_names, list(fake_inputs), phase, block_size, symbols)
+
+
+class _PlainForward(torch.nn.Module):
+    def __init__(self, layer: MLAAttention) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer.plain_forward(*inputs)
+
+
+def _finish(traced: GraphModule, layer: MLAAttention, weight_names: list[str], input_names: list[str],
+            phase: str, block_size: int, symbols: dict[str, str]) -> GraphModule:
+    """Weights become get_attr nodes on the layer's own tensors; inputs get their names."""
+    graph = traced.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    weight_nodes, input_nodes = placeholders[: len(weight_names)], placeholders[len(weight_names):]
+    first = input_nodes[0]
+    for node, name in zip(weight_nodes, weight_names):
+        with graph.inserting_before(first), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the owning module is attached below
+            attr = graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    for node, name in zip(input_nodes, input_names):
+        node.name = node.target = name
+    graph._codegen = torch.fx.graph.CodeGen()
+    for node in graph.nodes:
+        node.meta["mla_pass"] = "capture"
+    gm = GraphModule(layer, graph, class_name=f"MLA_{phase}")
+    gm.meta.update(mla_phase=phase, mla_inputs=input_names, mla_block_size=block_size,
+                   mla_symbols=symbols, mla_num_heads=layer.num_heads)
+    gm.recompile()
+    return gm

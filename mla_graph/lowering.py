@@ -1,0 +1,95 @@
+"""lower(layer, target) -> LoweredMLA: capture each phase, run the target's pipeline, wrap it."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from passes import PassManager, PassRecord, PipelineReport
+
+from .attention import MLAAttention, check_call
+from .cache import PagedLatentCache
+from .capture import PHASES, Call, capture, graph_inputs
+from .metadata import MLAMetadata
+from .targets import TARGETS, Target
+
+
+class LoweringError(RuntimeError):
+    pass
+
+
+class LoweredMLA(nn.Module):
+    """Same call signature as MLAAttention; runs the lowered graph of the batch's phase.
+
+    A decode-only batch runs the "decode" graph, a prefill-only batch the "prefill" graph, any
+    other batch the "mixed" graph (which also serves the other two when they were not lowered).
+    """
+
+    def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
+                 reports: dict[str, PipelineReport], block_size: int) -> None:
+        super().__init__()
+        self.config = layer.config
+        self.num_heads = layer.num_heads
+        self.target = target
+        self.block_size = block_size
+        self.graphs = nn.ModuleDict(graphs)
+        self.reports = reports
+        self._dtype = layer.dtype
+
+    @property
+    def phases(self) -> list[str]:
+        return list(self.graphs)
+
+    def graph_for(self, phase: str) -> GraphModule:
+        if phase in self.graphs:
+            return self.graphs[phase]
+        if "mixed" in self.graphs:
+            return self.graphs["mixed"]
+        raise LoweringError(f"this batch is a {phase} batch but only {self.phases} were lowered; "
+                            f"lower with phases including {phase!r} or 'mixed'")
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
+                kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
+        check_call(self.config, self._dtype, hidden_states, positions, kv_cache, metadata)
+        if kv_cache.block_size != self.block_size:
+            raise ValueError(f"kv_cache has block_size {kv_cache.block_size} but this module was lowered "
+                             f"for block_size {self.block_size}; lower again with block_size="
+                             f"{kv_cache.block_size}")
+        gm = self.graph_for(metadata.phase)
+        call = Call(hidden_states, positions, kv_cache, metadata)
+        with torch.no_grad():
+            return gm(*graph_inputs(gm, call))
+
+
+def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,
+          block_size: int = 128, dump_dir: str | os.PathLike | None = None, verify: bool = True,
+          on_pass: Callable[[str, PassRecord], None] | None = None) -> LoweredMLA:
+    """Lower `layer` for `target`. Never mutates `layer` or its weights; derived weights are new
+    tensors held by the lowered graphs. With `dump_dir`, writes `<dump_dir>/<phase>/NN-<pass>.*`.
+    `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    phases = list(dict.fromkeys(phases))
+    bad = [p for p in phases if p not in PHASES]
+    if bad or not phases:
+        raise ValueError(f"unknown phase(s) {bad or phases!r}; expected a non-empty subset of {', '.join(PHASES)}")
+    if dump_dir is None and os.environ.get("MLA_GRAPH_DUMP"):
+        dump_dir = os.environ["MLA_GRAPH_DUMP"]
+    spec = TARGETS[target]
+    spec.prepare()
+    graphs, reports = {}, {}
+    for phase in phases:
+        gm = capture(layer, phase, block_size=block_size)
+        manager = PassManager(
+            spec.pipeline(phase),
+            dump_dir=os.path.join(os.fspath(dump_dir), phase) if dump_dir is not None else None,
+            verify=verify,
+            on_pass=(lambda record, phase=phase: on_pass(phase, record)) if on_pass else None,
+        )
+        reports[phase] = manager.run(gm)
+        gm.meta["mla_target"] = target
+        graphs[phase] = gm
+    return LoweredMLA(layer, spec, graphs, reports, block_size)

@@ -1,0 +1,148 @@
+"""Attention metadata for one flat batch (vLLM's order: decode requests first, then prefills)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .cache import PagedLatentCache
+
+
+class MetadataError(ValueError):
+    """Metadata that cannot describe a valid batch."""
+
+
+@dataclass
+class MLAMetadata:
+    slot_mapping: torch.Tensor      # int64 [T]: flat cache slot of each new token, -1 = write nothing
+    block_table: torch.Tensor       # int32 [B, max_blocks]: physical blocks of each request
+    seq_lens: torch.Tensor          # int32 [B]: context length after this step (cached + new)
+    query_start_loc: torch.Tensor   # int32 [B + 1]: request b owns tokens [qsl[b], qsl[b+1])
+    num_decodes: int                # requests with exactly one new token, first in the batch
+    num_decode_tokens: int
+    num_prefills: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @property
+    def phase(self) -> str:
+        if self.num_prefills == 0:
+            return "decode"
+        if self.num_decodes == 0:
+            return "prefill"
+        return "mixed"
+
+    def validate(self, cache: PagedLatentCache | None = None, num_tokens: int | None = None) -> None:
+        """Full consistency check (reads the tensors; not for the hot path). Raises MetadataError."""
+        B = self.seq_lens.shape[0]
+        for name in ("slot_mapping", "block_table", "seq_lens", "query_start_loc"):
+            tensor = getattr(self, name)
+            if tensor.dtype not in (torch.int32, torch.int64):
+                raise MetadataError(f"{name} must be int32 or int64, got {tensor.dtype}")
+        if self.seq_lens.dim() != 1:
+            raise MetadataError(f"seq_lens must be 1-D [num_reqs], got shape {list(self.seq_lens.shape)}")
+        if self.query_start_loc.shape != (B + 1,):
+            raise MetadataError(f"query_start_loc must have num_reqs + 1 = {B + 1} entries, "
+                                f"got shape {list(self.query_start_loc.shape)}")
+        if self.block_table.dim() != 2 or self.block_table.shape[0] != B:
+            raise MetadataError(f"block_table must be [num_reqs={B}, max_blocks], got {list(self.block_table.shape)}")
+        qsl = self.query_start_loc.tolist()
+        T = self.slot_mapping.shape[0]
+        if qsl[0] != 0 or any(b < a for a, b in zip(qsl, qsl[1:])):
+            raise MetadataError(f"query_start_loc must start at 0 and never decrease, got {qsl}")
+        if qsl[-1] != T:
+            raise MetadataError(f"query_start_loc ends at {qsl[-1]} but slot_mapping has {T} tokens")
+        if num_tokens is not None and num_tokens != T:
+            raise MetadataError(f"hidden_states has {num_tokens} tokens but slot_mapping has {T}")
+        q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+        seq_lens = self.seq_lens.tolist()
+        for b, (q, s) in enumerate(zip(q_lens, seq_lens)):
+            if q > s:
+                raise MetadataError(f"request {b}: {q} new tokens but seq_lens[{b}] = {s} (must be >= new tokens)")
+        decodes = sum(1 for q in q_lens if q == 1)
+        if any(q_lens[i] != 1 for i in range(decodes)):
+            first = next(i for i, q in enumerate(q_lens) if q != 1)
+            raise MetadataError(f"decode requests must come first: request {first} has {q_lens[first]} new "
+                                f"tokens but a later request has 1 (query lengths {q_lens})")
+        counts = (self.num_decodes, self.num_decode_tokens, self.num_prefills)
+        if counts != (decodes, decodes, B - decodes):
+            raise MetadataError(f"(num_decodes, num_decode_tokens, num_prefills) = {counts} but the query "
+                                f"lengths {q_lens} give {(decodes, decodes, B - decodes)}")
+        if cache is None:
+            return
+        bs, nb = cache.block_size, cache.num_blocks
+        table = self.block_table.tolist()
+        slots = self.slot_mapping.tolist()
+        for b, (q, s) in enumerate(zip(q_lens, seq_lens)):
+            if s > len(table[b]) * bs:
+                raise MetadataError(f"request {b}: context of {s} tokens is longer than its "
+                                    f"{len(table[b])} blocks of {bs} hold")
+            used = table[b][: -(-s // bs)]
+            bad = [blk for blk in used if not 0 <= blk < nb]
+            if bad:
+                raise MetadataError(f"request {b}: block ids {bad} out of range [0, {nb})")
+            for i in range(q):
+                pos = s - q + i
+                slot = slots[qsl[b] + i]
+                if slot == -1:
+                    continue
+                if not 0 <= slot < nb * bs:
+                    raise MetadataError(f"slot_mapping[{qsl[b] + i}] = {slot} out of range [0, {nb * bs}) "
+                                        f"(or -1 for no write)")
+                expected = used[pos // bs] * bs + pos % bs
+                if slot != expected:
+                    raise MetadataError(f"slot_mapping[{qsl[b] + i}] = {slot} but request {b} position {pos} "
+                                        f"lives in slot {expected} by its block table")
+
+
+def build_metadata(requests: Sequence[tuple[int, int]], block_tables: Sequence[Sequence[int]],
+                   block_size: int, *, device: torch.device | str = "cpu") -> MLAMetadata:
+    """requests[b] = (new_tokens, cached_tokens); block_tables[b] = physical blocks of request b.
+
+    Decode requests (one new token) must come first, as vLLM orders them.
+    """
+    if len(requests) != len(block_tables):
+        raise MetadataError(f"{len(requests)} requests but {len(block_tables)} block table rows")
+    if block_size < 1:
+        raise MetadataError(f"block_size must be >= 1, got {block_size}")
+    qsl, seq_lens, slots = [0], [], []
+    for b, ((new, cached), row) in enumerate(zip(requests, block_tables)):
+        if new < 1 or cached < 0:
+            raise MetadataError(f"request {b}: (new_tokens, cached_tokens) = {(new, cached)}; "
+                                f"need new_tokens >= 1 and cached_tokens >= 0")
+        total = new + cached
+        if total > len(row) * block_size:
+            raise MetadataError(f"request {b}: {total} tokens need {-(-total // block_size)} blocks of "
+                                f"{block_size}, its block table has {len(row)}")
+        qsl.append(qsl[-1] + new)
+        seq_lens.append(total)
+        slots.extend(row[p // block_size] * block_size + p % block_size for p in range(cached, total))
+    width = max([len(r) for r in block_tables] + [1])
+    table = [list(r) + [0] * (width - len(r)) for r in block_tables]
+    q_lens = [new for new, _ in requests]
+    decodes = 0
+    while decodes < len(q_lens) and q_lens[decodes] == 1:
+        decodes += 1
+    if any(q == 1 for q in q_lens[decodes:]):
+        raise MetadataError(f"decode requests must come first, got new-token counts {q_lens}")
+    return MLAMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(requests), width),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        num_decodes=decodes,
+        num_decode_tokens=decodes,
+        num_prefills=len(requests) - decodes,
+    )
+
+
+def positions_for(requests: Sequence[tuple[int, int]], *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the new tokens of each request: cached, cached + 1, ..."""
+    return torch.cat([torch.arange(cached, cached + new) for new, cached in requests]).to(device)

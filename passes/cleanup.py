@@ -1,0 +1,53 @@
+"""Cleanup passes: dead code and views that do nothing."""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from .base import PassResult, graph_pass
+
+aten = torch.ops.aten
+
+_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+             aten.alias.default)
+
+
+@graph_pass()
+def eliminate_dead_code(gm: GraphModule) -> PassResult:
+    """Erase nodes whose results nobody uses; mutating ops (cache writes) are kept.
+
+        linear_3 = aten.linear(x, w)      # unused
+      ->  (erased)
+    """
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    result = PassResult(changed=False)
+    result.count("dead node", before - len(gm.graph.nodes))
+    return result
+
+
+@graph_pass()
+def remove_noop_views(gm: GraphModule) -> PassResult:
+    """A view, reshape or expand to the shape its input already has is its input.
+
+        view = aten.view(x, [T, 48])      # x is [T, 48]
+        y = aten.linear(view, w)
+      ->  y = aten.linear(x, w)
+    """
+    result = PassResult(changed=False)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _VIEW_OPS:
+            continue
+        src = node.args[0]
+        out, inp = node.meta.get("val"), getattr(src, "meta", {}).get("val")
+        if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+            continue
+        if _same_shape(out, inp) and out.dtype == inp.dtype:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            result.count(str(node.target).split(".")[1])
+    return result
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
