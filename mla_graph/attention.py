@@ -135,3 +135,19 @@ def check_call(config: MLAConfig, dtype: torch.dtype, hidden_states: torch.Tenso
         raise ValueError(f"metadata.block_table must be [num_reqs={B}, max_blocks], got {list(metadata.block_table.shape)}")
     if metadata.query_start_loc.shape != (B + 1,):
         raise ValueError(f"metadata.query_start_loc must be [num_reqs + 1 = {B + 1}], got {list(metadata.query_start_loc.shape)}")
+
+
+def shard_state_dict(state_dict: dict[str, torch.Tensor], config: MLAConfig, tp_size: int,
+                     tp_rank: int) -> dict[str, torch.Tensor]:
+    """This rank's share of a full (Hugging Face) state dict, sharded by heads as vLLM does."""
+    n = config.heads_per_rank(tp_size)
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
+    lo, hi = tp_rank * n, (tp_rank + 1) * n
+    out = dict(state_dict)
+    q_key = "q_proj.weight" if config.q_lora_rank is None else "q_b_proj.weight"
+    out[q_key] = state_dict[q_key].view(config.num_heads, config.qk_head_dim, -1)[lo:hi].reshape(n * config.qk_head_dim, -1)
+    kv_width = config.qk_nope_head_dim + config.v_head_dim
+    out["kv_b_proj.weight"] = state_dict["kv_b_proj.weight"].view(config.num_heads, kv_width, -1)[lo:hi].reshape(n * kv_width, -1)
+    out["o_proj.weight"] = state_dict["o_proj.weight"][:, lo * config.v_head_dim: hi * config.v_head_dim]
+    return {k: v.contiguous() for k, v in out.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import torch
 from torch.fx import GraphModule, Node
 
 
@@ -53,9 +54,8 @@ def pass_name(fn: GraphPass) -> str:
 
 def op_name(target: object) -> str:
     """'aten.linear.default', 'mla.rope.default', 'getitem', ..."""
-    name = getattr(target, "_name", None)  # OpOverload: 'aten::linear' + overload
-    if name is not None and hasattr(target, "_overloadname"):
-        return f"{name.replace('::', '.')}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
     return getattr(target, "__name__", str(target))
 
 
