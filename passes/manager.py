@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+import torch
 from torch.fx import GraphModule
 
 from .base import GraphPass, PassResult, Violation, pass_name
@@ -89,6 +90,7 @@ class PassManager:
         if self.verify:
             for inv in getattr(fn, "requires", ()):
                 self._raise_first(name, [(n, f"requires '{inv}': {m}") for n, m in inv.check(gm)])
+        versions = _weight_versions(gm)
         before_nodes = set(gm.graph.nodes)
         before_text = str(gm.graph)
         before_dump = format_graph(gm) if self.dump_dir is not None else None
@@ -97,6 +99,10 @@ class PassManager:
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {name!r} returned {type(result).__name__}; a pass returns a PassResult")
+        for attr, (tensor, version) in versions.items():
+            if tensor._version != version:
+                raise PassVerificationError(name, None, f"wrote to weight {attr!r} in place; a pass must "
+                                                        f"leave weights as they are and make new tensors")
         graph_changed = str(gm.graph) != before_text
         if graph_changed and not result.changed:
             raise PassVerificationError(name, None, "the graph changed but the pass reported changed=False")
@@ -129,6 +135,20 @@ class PassManager:
             node, message = violations[0]
             more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
             raise PassVerificationError(name, node, message + more)
+
+
+def _weight_versions(gm: GraphModule) -> dict:
+    """Version counters of the tensors get_attr nodes read: an in-place write bumps them."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                value = gm.get_parameter(node.target)
+            except AttributeError:
+                value = getattr(gm, node.target, None) if "." not in node.target else gm.get_buffer(node.target)
+            if isinstance(value, torch.Tensor):
+                out[node.target] = (value, value._version)
+    return out
 
 
 def op_histogram(gm: GraphModule) -> dict[str, int]:

@@ -1,0 +1,83 @@
+"""lower(): same call signature, equal numerics, and the user's module is never touched."""
+import os
+
+import pytest
+import torch
+from conftest import V3_TINY, randomize
+
+from mla_graph import MLAAttention, LoweringError, lower
+from mla_graph.checking import compare_with_plain, random_batch
+from mla_graph.targets import TARGETS, Target
+from passes import PassResult
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode", "mixed"])
+def test_reference_target_equals_plain(config, phase):
+    layer = randomize(MLAAttention(config))
+    lowered = lower(layer, "reference", [phase], block_size=16)
+    result = compare_with_plain(layer, lowered, phase)
+    assert result.ok, result
+
+
+def test_phase_dispatch_and_missing_phase():
+    layer = randomize(MLAAttention(V3_TINY))
+    lowered = lower(layer, phases=["decode"], block_size=16)
+    batch = random_batch(layer, [(5, 0)], block_size=16)
+    with pytest.raises(LoweringError, match="this batch is a prefill batch but only \\['decode'\\] were lowered"):
+        lowered(batch.hidden_states, batch.positions, batch.cache, batch.metadata)
+    with pytest.raises(ValueError, match="lowered for block_size 16; lower again with block_size=128"):
+        other = random_batch(layer, [(1, 3)], block_size=128)
+        lowered(other.hidden_states, other.positions, other.cache, other.metadata)
+
+
+def test_bad_target_and_phase():
+    layer = MLAAttention(V3_TINY)
+    with pytest.raises(ValueError, match="unknown target 'gpu'; expected one of reference"):
+        lower(layer, "gpu")
+    with pytest.raises(ValueError, match="unknown phase"):
+        lower(layer, phases=["decoding"])
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}, [id(p) for p in module.parameters()]
+
+
+def test_lowering_never_mutates_the_layer():
+    layer = randomize(MLAAttention(V3_TINY))
+    state, ids = _snapshot(layer)
+    lower(layer, block_size=16)
+    after, after_ids = _snapshot(layer)
+    assert ids == after_ids and all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_failed_lowering_leaves_layer_untouched(monkeypatch):
+    def scribble_then_fail(gm):
+        # a pass that corrupts a weight it was handed and then crashes
+        gm.kv_b_proj.weight = torch.nn.Parameter(torch.zeros_like(gm.kv_b_proj.weight))
+        raise RuntimeError("pass crashed")
+
+    monkeypatch.setitem(TARGETS, "broken", Target("broken", "test", lambda phase: [scribble_then_fail]))
+    layer = randomize(MLAAttention(V3_TINY))
+    state, ids = _snapshot(layer)
+    with pytest.raises(RuntimeError, match="pass crashed"):
+        lower(layer, "broken", block_size=16)
+    after, after_ids = _snapshot(layer)
+    assert ids == after_ids and all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_dump_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_GRAPH_DUMP", str(tmp_path))
+    lower(MLAAttention(V3_TINY), phases=["decode"], block_size=16)
+    assert sorted(os.listdir(tmp_path / "decode")) == ["00-capture.txt", "summary.json"]
+
+
+def test_pass_writing_a_weight_in_place_is_named(monkeypatch):
+    from passes import PassVerificationError
+
+    def scales_weight(gm):
+        gm.o_proj.weight.mul_(2)
+        return PassResult(changed=False)
+
+    monkeypatch.setitem(TARGETS, "inplace", Target("inplace", "test", lambda phase: [scales_weight]))
+    with pytest.raises(PassVerificationError, match="'scales_weight': wrote to weight 'o_proj.weight' in place"):
+        lower(MLAAttention(V3_TINY).requires_grad_(False), "inplace", phases=["decode"], block_size=16)

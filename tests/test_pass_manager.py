@@ -1,0 +1,112 @@
+"""The pass manager: dumps only on change, provenance, the verifier names a broken pass."""
+import json
+
+import pytest
+import torch
+from conftest import V3_TINY
+
+from mla_graph import MLAAttention, capture
+from passes import (PassManager, PassResult, PassVerificationError, eliminate_dead_code, graph_pass,
+                    has_ops, no_namespace)
+from passes.graph_utils import call
+
+aten, mla = torch.ops.aten, torch.ops.mla
+
+
+def _graph():
+    return capture(MLAAttention(V3_TINY), "decode", block_size=16)
+
+
+def nothing(gm):
+    return PassResult(changed=False)
+
+
+def double_output(gm):
+    """Multiplies the output by 2: a real change that creates one node."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    with gm.graph.inserting_before(out):
+        doubled = call(gm.graph, aten.mul.Tensor, value, 2.0)
+    out.args = (doubled,)
+    result = PassResult(changed=False)
+    result.count("double")
+    return result
+
+
+def test_dumps_only_on_change_and_provenance(tmp_path):
+    gm = _graph()
+    report = PassManager([nothing, double_output, eliminate_dead_code], dump_dir=tmp_path).run(gm)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["00-capture.txt", "02-double_output.after.txt", "02-double_output.before.txt", "summary.json"]
+    after = (tmp_path / "02-double_output.after.txt").read_text()
+    assert "aten.mul.Tensor" in after and "aten.mul.Tensor" not in (tmp_path / "02-double_output.before.txt").read_text()
+    assert [(r.name, r.changed, r.matches, r.created) for r in report.records] == [
+        ("nothing", False, 0, 0), ("double_output", True, 1, 1), ("eliminate_dead_code", False, 0, 0)]
+    made = [n for n in gm.graph.nodes if n.meta.get("mla_pass") == "double_output"]
+    assert [n.target for n in made] == [aten.mul.Tensor]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["name"] for p in summary["passes"]] == ["nothing", "double_output", "eliminate_dead_code"]
+    assert "double_output" in report.table()
+
+
+def broken_shape(gm):
+    """Swaps an attention's value input for its query: the recorded fake value is now wrong."""
+    node = next(n for n in gm.graph.nodes if n.target is mla.attention.default)
+    q = node.args[0]
+    node.args = (q, node.args[1], q, *node.args[3:])
+    return PassResult(changed=True, matches=1)
+
+
+def test_verifier_names_the_broken_pass_and_node():
+    with pytest.raises(PassVerificationError) as info:
+        PassManager([nothing, broken_shape]).run(_graph())
+    err = info.value
+    assert err.pass_name == "broken_shape" and err.node.name == "attention"
+    assert "after pass 'broken_shape'" in str(err) and "meta['val']" in str(err)
+
+
+def forgets_fake_value(gm):
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        node = gm.graph.call_function(aten.neg.default, (out.args[0],))
+    out.args = (node,)
+    return PassResult(changed=True)
+
+
+def test_verifier_requires_fake_values():
+    with pytest.raises(PassVerificationError, match="after pass 'forgets_fake_value': has no meta\\['val'\\].*neg"):
+        PassManager([forgets_fake_value]).run(_graph())
+
+
+def lies_about_change(gm):
+    double_output(gm)
+    return PassResult(changed=False)
+
+
+def test_pass_that_hides_a_change_is_caught():
+    with pytest.raises(PassVerificationError, match="'lies_about_change': the graph changed but the pass reported changed=False"):
+        PassManager([lies_about_change]).run(_graph())
+
+
+@graph_pass(ensures=[no_namespace("mla")])
+def claims_full_lowering(gm):
+    return PassResult(changed=False)
+
+
+@graph_pass(requires=[has_ops(aten.bmm.default)])
+def needs_bmm(gm):
+    return PassResult(changed=False)
+
+
+def test_requires_and_ensures_are_checked():
+    with pytest.raises(PassVerificationError, match="'claims_full_lowering': ensures 'no mla:: op': mla.rms_norm.default is still"):
+        PassManager([claims_full_lowering]).run(_graph())
+    with pytest.raises(PassVerificationError, match="'needs_bmm': requires .*aten.bmm.default is required but absent"):
+        PassManager([needs_bmm]).run(_graph())
+
+
+def test_a_pass_must_return_a_pass_result():
+    with pytest.raises(TypeError, match="pass 'returns_bool' returned bool; a pass returns a PassResult"):
+        def returns_bool(gm):
+            return True
+        PassManager([returns_bool]).run(_graph())
