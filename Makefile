@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mla-graph lower --preset deepseek-v3 --phase all --dump dumps/deepseek-v3 --verify
+	$(BIN)/mla-graph lower --preset deepseek-v3 --target npu --phase all --dump dumps/deepseek-v3 --verify
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -45,8 +45,23 @@ GRAPH_INPUTS: dict[str, Callable[[Call], object]] = {
     "block_table": lambda c: c.metadata.block_table,
     "seq_lens": lambda c: c.metadata.seq_lens,
     "query_start_loc": lambda c: c.metadata.query_start_loc,
+    # host-side forms for kernels that take lengths as lists (torch_npu's SymInt[] arguments)
+    "seq_lens_list": lambda c: c.metadata.seq_lens.tolist(),
+    "query_ends_list": lambda c: c.metadata.query_start_loc[1:].tolist(),
+    "context_ends_list": lambda c: c.metadata.seq_lens.cumsum(0).tolist(),
+    # the cache slot of every context token, request by request: [sum(seq_lens)]
+    "context_slots": lambda c: context_slots(c.metadata, c.kv_cache.block_size),
 }
-_CAPTURED_INPUTS = list(GRAPH_INPUTS)
+
+
+def context_slots(metadata: MLAMetadata, block_size: int) -> torch.Tensor:
+    """Flat cache slots of each request's context tokens 0..seq_len-1, concatenated."""
+    offsets = torch.arange(block_size, device=metadata.block_table.device)
+    rows = []
+    for b, seq_len in enumerate(metadata.seq_lens.tolist()):
+        blocks = metadata.block_table[b, : -(-seq_len // block_size)].long()
+        rows.append((blocks[:, None] * block_size + offsets).flatten()[:seq_len])
+    return torch.cat(rows) if rows else metadata.slot_mapping.new_empty(0)
 
 
 def graph_inputs(gm: GraphModule, call: Call) -> list[object]:
@@ -100,7 +115,9 @@ def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphM
     with torch.no_grad():
         traced_gm = make_fx(traced, tracing_mode="symbolic", pre_dispatch=True)(
             *fake_weights, *fake_inputs.values())
-    return _finish(traced_gm, layer, weight_names, list(fake_inputs), phase, block_size, symbols)
+    gm = _finish(traced_gm, layer, weight_names, list(fake_inputs), phase, block_size, symbols)
+    gm.meta["mla_fake_mode"] = fake_mode
+    return gm
 
 
 class _PlainForward(torch.nn.Module):
@@ -133,6 +150,7 @@ def _finish(traced: GraphModule, layer: MLAAttention, weight_names: list[str], i
         node.meta["mla_pass"] = "capture"
     gm = GraphModule(layer, graph, class_name=f"MLA_{phase}")
     gm.meta.update(mla_phase=phase, mla_inputs=input_names, mla_block_size=block_size,
-                   mla_symbols=symbols, mla_num_heads=layer.num_heads)
+                   mla_symbols=symbols, mla_num_heads=layer.num_heads, mla_config=layer.config,
+                   mla_dtype=layer.dtype)
     gm.recompile()
     return gm

@@ -9,6 +9,9 @@ Kept to five. Everything else in the definition is aten.
 - `mla::gather_paged(cache, block_table)`   [B, max_blocks*block_size, D] view of each request
 - `mla::attention(q, k, v, query_start_loc, seq_lens, scale)`
                                             ragged attention, causal within the new tokens
+- `mla::paged_attention(q, q_rope, latent_cache, rope_cache, block_table, query_start_loc, seq_lens, scale)`
+                                            latent-space MQA read straight from the paged cache
+                                            (v = latent); made by the absorb and page passes
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ _lib.define("cache_write(Tensor latent, Tensor k_pe, Tensor(a!) latent_cache, Te
 _lib.define("gather_paged(Tensor cache, Tensor block_table) -> Tensor")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor query_start_loc, Tensor seq_lens, "
             "float scale) -> Tensor")
+
+
+_lib.define("paged_attention(Tensor q, Tensor q_rope, Tensor latent_cache, Tensor rope_cache, "
+            "Tensor block_table, Tensor query_start_loc, Tensor seq_lens, float scale) -> Tensor")
 
 
 def _impl(name: str):
@@ -128,6 +135,37 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start
 @_fake("attention")
 def _attention_fake(q, k, v, query_start_loc, seq_lens, scale):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+# ---- paged_attention -----------------------------------------------------------------------
+@_impl("paged_attention")
+def paged_attention_ref(q: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
+                        rope_cache: torch.Tensor, block_table: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, N, L], q_rope [T, N, R]; one latent head: score = scale*(q.c + q_rope.k_pe), out = p.c.
+    Reads only each request's own blocks. Causal within the new tokens, as mla::attention."""
+    out = q.new_zeros(q.shape)
+    bs, width = latent_cache.shape[1], latent_cache.shape[-1]
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        t0, t1 = starts[b], starts[b + 1]
+        if t1 == t0:
+            continue
+        blocks = block_table[b, : -(-seq_len // bs)].long()
+        c = latent_cache[blocks].reshape(-1, width)[:seq_len].float()
+        kr = rope_cache[blocks].reshape(-1, rope_cache.shape[-1])[:seq_len].float()
+        scores = (torch.einsum("tnl,sl->nts", q[t0:t1].float(), c)
+                  + torch.einsum("tnr,sr->nts", q_rope[t0:t1].float(), kr)) * scale
+        t = t1 - t0
+        causal = torch.arange(seq_len).unsqueeze(0) > torch.arange(t).unsqueeze(1) + (seq_len - t)
+        scores.masked_fill_(causal, float("-inf"))
+        out[t0:t1] = torch.einsum("nts,sl->tnl", torch.softmax(scores, -1), c).to(out.dtype)
+    return out
+
+
+@_fake("paged_attention")
+def _paged_attention_fake(q, q_rope, latent_cache, rope_cache, block_table, query_start_loc, seq_lens, scale):
+    return torch.empty_like(q)
 
 
 ops = torch.ops.mla

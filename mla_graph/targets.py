@@ -7,8 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from passes import eliminate_dead_code, remove_noop_views
-from passes.base import GraphPass
+from passes import eliminate_dead_code, no_namespace, remove_noop_views
+from passes.absorb import absorb_kv_weights
+from passes.base import GraphPass, graph_pass
+from passes.cost_model import choose_attention_form
+from passes.npu_lower import (fuse_kv_rmsnorm_rope_cache, lower_context_attention, lower_paged_attention,
+                              lower_rms_norm, lower_rope)
+from passes.page import page_latent_attention
+
+from .npu import ensure_npu_ops
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,32 @@ def _reference_pipeline(phase: str) -> list[GraphPass]:
     ]
 
 
+@graph_pass(ensures=[no_namespace("mla")])
+def check_fully_lowered(gm):
+    """No mla:: primitive is left for the NPU to run (checked by the manager, changes nothing)."""
+    from passes import PassResult
+    return PassResult(changed=False)
+
+
+def _npu_pipeline(phase: str) -> list[GraphPass]:
+    return [
+        remove_noop_views,            # capture leaves reshapes to the shape a tensor already has
+        choose_attention_form,        # cost model: absorbed or decompressed, per phase
+        absorb_kv_weights,            # only where absorbed won; folds W_UK / W_UV once, here
+        page_latent_attention,        # after absorb: the latent gathers it removes exist only then
+        fuse_kv_rmsnorm_rope_cache,   # before the single-op lowerings: it consumes rms_norm and rope
+        lower_rope,                   # the q rope left after the fusion
+        lower_rms_norm,               # q_a_layernorm (kv_a_layernorm went into the fusion)
+        lower_paged_attention,        # latent attention -> FIA BNSD / TND over the paged cache
+        lower_context_attention,      # decompressed attention -> FIA TND over the ragged context
+        eliminate_dead_code,          # gathers and splits the rewrites orphaned
+        check_fully_lowered,          # last: nothing mla:: may reach the device
+    ]
+
+
 TARGETS: dict[str, Target] = {
     "reference": Target("reference", "mla:: primitives run as plain PyTorch (the golden)",
                         _reference_pipeline),
+    "npu": Target("npu", "eager torch_npu kernels (emulated with exact schemas where torch_npu is absent)",
+                  _npu_pipeline, prepare=ensure_npu_ops),
 }

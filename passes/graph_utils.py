@@ -38,3 +38,42 @@ def users_of(node: Node, target: Any) -> list[Node]:
 def _tensors(tree: Any) -> list[torch.Tensor]:
     flat, _ = torch.utils._pytree.tree_flatten(tree)
     return [x for x in flat if isinstance(x, torch.Tensor)]
+
+
+def add_input(gm, name: str, val: Any) -> Node:
+    """A new graph input `name` (the caller provides it by that name), after the existing ones."""
+    existing = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    if name in existing:
+        return existing[name]
+    last = list(existing.values())[-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = val
+    gm.meta["mla_inputs"] = list(gm.meta["mla_inputs"]) + [name]
+    return node
+
+
+def new_symbol(gm, name: str, hint: int) -> torch.SymInt:
+    """A fresh size symbol in the graph's shape environment (named in dumps as `name`)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    shape_env = gm.meta["mla_fake_mode"].shape_env
+    source = ConstantSource(name)
+    sym = shape_env.create_symbol(hint, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    gm.meta.setdefault("mla_symbols", {})[str(sym)] = name
+    return shape_env.create_symintnode(sym, hint=hint, source=source)
+
+
+def add_constant(gm, name: str, value: torch.Tensor, before: Node) -> Node:
+    """Register `value` on gm (a new tensor, folded at lowering time) and read it with get_attr."""
+    gm.register_buffer(name, value, persistent=False)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = gm.meta["mla_fake_mode"].from_tensor(value, static_shapes=True)
+    return node
+
+
+def first_user_position(gm) -> Node:
+    """The first node that is neither a placeholder nor a get_attr: where constants go."""
+    return next(n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr"))

@@ -1,0 +1,68 @@
+"""absorb_kv_weights: attention over decompressed K/V becomes attention in latent space."""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from .base import PassResult, graph_pass
+from .graph_utils import add_constant, call, first_user_position
+from .mla_patterns import match_decompressed_attention, val
+
+aten, mla = torch.ops.aten, torch.ops.mla
+
+
+@graph_pass()
+def absorb_kv_weights(gm: GraphModule) -> PassResult:
+    """Fold kv_b_proj into the query and output (DeepSeek's weight absorption).
+
+        lin = aten.linear(gather_paged(latent_cache, bt), kv_b_proj_weight)    # [B, S, N*(P+V)]
+        k = cat(k_nope, expand(k_pe)); v = split(lin)[1]
+        out = mla.attention(cat(q_nope, q_pe), k, v, qsl, seq_lens, scale)     # [T, N, V]
+      ->
+        ql = aten.bmm(q_nope^T, w_uk)                                           # [N, T, L]
+        o = mla.attention(cat(ql^T, q_pe), cat(latent, k_pe)[B,S,1,L+R], latent[B,S,1,L], ...)
+        out = aten.bmm(o^T, w_uv)^T                                             # [T, N, V]
+
+    W_UK [N, P, L] and W_UV [N, L, V] are new tensors cut from kv_b_proj's weight once, here;
+    the weight itself is not touched. Fires only where the cost model chose 'absorbed'.
+    """
+    result = PassResult(changed=False)
+    if gm.meta.get("mla_attention_form", "absorbed") != "absorbed":
+        result.notes.append(f"attention form is {gm.meta['mla_attention_form']!r}: nothing to absorb")
+        return result
+    g = gm.graph
+    for node in list(g.nodes):
+        m = match_decompressed_attention(node)
+        if m is None:
+            continue
+        weight = gm.get_parameter(m.w_kv_b.target) if m.w_kv_b.op == "get_attr" else None
+        if weight is None:
+            result.notes.append(f"{node.name}: kv_b_proj weight is not a constant; not absorbed")
+            continue
+        q_nope = val(m.q_nope)
+        T, N, P = q_nope.shape
+        L, V = val(m.latent_cache).shape[-1], m.v_dim
+        with torch.no_grad():
+            w = weight.detach().view(N, P + V, L)
+            w_uk = w[:, :P, :].clone()                        # [N, P, L]
+            w_uv = w[:, P:, :].transpose(1, 2).contiguous()   # [N, L, V]
+        anchor = first_user_position(gm)
+        w_uk_node = add_constant(gm, f"{node.name}_w_uk", w_uk, anchor)
+        w_uv_node = add_constant(gm, f"{node.name}_w_uv", w_uv, anchor)
+        with g.inserting_before(node):
+            lat = call(g, mla.gather_paged.default, m.latent_cache, m.block_table)      # [B, S, L]
+            rope = call(g, mla.gather_paged.default, m.rope_cache, m.block_table)       # [B, S, R]
+            B, S, _ = val(lat).shape
+            k = call(g, aten.unsqueeze.default, call(g, aten.cat.default, [lat, rope], -1), 2)
+            v = call(g, aten.unsqueeze.default, lat, 2)
+            ql = call(g, aten.bmm.default, call(g, aten.permute.default, m.q_nope, [1, 0, 2]), w_uk_node)
+            q = call(g, aten.cat.default, [call(g, aten.permute.default, ql, [1, 0, 2]), m.q_pe], -1)
+            o = call(g, mla.attention.default, q, k, v, m.query_start_loc, m.seq_lens, m.scale)
+            out = call(g, aten.bmm.default, call(g, aten.permute.default, o, [1, 0, 2]), w_uv_node)
+            out = call(g, aten.permute.default, out, [1, 0, 2])
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        result.count("absorb decompressed attention")
+    if result.changed:
+        g.eliminate_dead_code()
+    return result

@@ -1,0 +1,89 @@
+"""Which attention form a phase gets, from a small cost model (FLOPs and bytes moved).
+
+decompressed: kv_b_proj expands every context token to per-head K and V, then attention with
+              head dim P+R (values V).
+absorbed:     q_nope @ W_UK, MQA over the latent cache (head dim L+R, values L), then @ W_UV.
+
+Each phase is costed at a representative batch; the form with the lower estimated time
+(max of compute time and memory time, roofline style) wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from .base import PassResult, graph_pass
+from .mla_patterns import match_decompressed_attention, val
+
+# Representative batches: (requests, new tokens per request, context tokens per request).
+REPRESENTATIVE = {
+    "decode": (32, 1, 4096),
+    "prefill": (4, 2048, 2048),
+    "mixed": (32, 16, 2048),    # chunked prefill: short chunks riding along with decodes
+}
+PEAK_FLOPS = 300e12     # bf16 matmul, Ascend 910B class
+BANDWIDTH = 1.6e12      # HBM bytes/s
+
+
+@dataclass(frozen=True)
+class Dims:
+    heads: int
+    qk_nope: int
+    rope: int
+    latent: int
+    v: int
+    dtype_bytes: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.flops / PEAK_FLOPS, self.bytes / BANDWIDTH)
+
+
+def attention_costs(d: Dims, requests: int, new: int, context: int) -> dict[str, Cost]:
+    T, C = requests * new, requests * context
+    pairs = requests * new * context  # query-key pairs (upper bound; causal halves prefill)
+    b = d.dtype_bytes
+    n = d.heads
+    decompressed = Cost(
+        flops=2 * C * d.latent * n * (d.qk_nope + d.v) + 2 * pairs * n * (d.qk_nope + d.rope + d.v),
+        bytes=b * (C * (d.latent + d.rope) + 2 * C * n * (d.qk_nope + d.rope + d.v)
+                   + d.latent * n * (d.qk_nope + d.v)),
+    )
+    absorbed = Cost(
+        flops=2 * T * n * d.qk_nope * d.latent + 2 * pairs * n * (d.latent + d.rope + d.latent)
+        + 2 * T * n * d.latent * d.v,
+        bytes=b * (C * (d.latent + d.rope) + d.latent * n * (d.qk_nope + d.v) + 2 * T * n * d.latent),
+    )
+    return {"decompressed": decompressed, "absorbed": absorbed}
+
+
+@graph_pass()
+def choose_attention_form(gm: GraphModule) -> PassResult:
+    """Records gm.meta['mla_attention_form'] for the absorb pass; the graph is not changed.
+
+        attention(cat(q_nope, q_pe), cat(k_nope, k_pe), v)     # decompressed, as captured
+      ->  (same graph; meta: mla_attention_form = 'absorbed' | 'decompressed')
+    """
+    result = PassResult(changed=False)
+    for node in gm.graph.nodes:
+        m = match_decompressed_attention(node)
+        if m is None:
+            continue
+        q = val(m.q_nope)
+        dims = Dims(heads=q.shape[1], qk_nope=m.qk_nope, rope=val(m.q_pe).shape[-1],
+                    latent=val(m.latent_cache).shape[-1], v=m.v_dim, dtype_bytes=q.element_size())
+        phase = gm.meta.get("mla_phase", "mixed")
+        costs = attention_costs(dims, *REPRESENTATIVE[phase])
+        form = min(costs, key=lambda f: costs[f].seconds)
+        gm.meta["mla_attention_form"] = form
+        result.notes.append(f"{phase}: " + ", ".join(
+            f"{f} {c.flops / 1e9:.1f} GFLOP {c.bytes / 1e6:.1f} MB ~{c.seconds * 1e6:.1f} us"
+            for f, c in costs.items()) + f" -> {form}")
+    return result

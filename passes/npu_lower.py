@@ -1,0 +1,234 @@
+"""Lowering to torch_npu kernels (emulated on hosts without an NPU; same schemas).
+
+Order matters: the cache-write fusion must see mla.rms_norm and mla.rope before they are
+lowered one by one, so it runs first.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .base import PassResult, graph_pass
+from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
+from .mla_patterns import _is, _split_part, match_decompressed_attention, val
+
+aten, mla = torch.ops.aten, torch.ops.mla
+MASK_SIZE = 2048  # FIA sparse modes 2-4 take a compressed 2048 x 2048 triu(1) mask
+
+
+def _npu():
+    return torch.ops.npu
+
+
+def _rope_cos_sin(gm: GraphModule, positions: Node, table: Node) -> tuple[Node, Node]:
+    """cos, sin [T, 1, 1, R] as the NPU rope kernels take them: each half-table repeated twice.
+    Built once per graph and shared by every rope that reads the same positions."""
+    cached = gm.meta.setdefault("_npu_cos_sin", {})
+    if positions in cached:
+        return cached[positions]
+    g = gm.graph
+    R = val(table).shape[-1]
+    first = next(n for n in g.nodes if n.op not in ("placeholder", "get_attr"))
+    with g.inserting_before(first):
+        rows = call(g, aten.index.Tensor, table, [positions])                     # [T, R]
+        halves = call(g, aten.split.Tensor, rows, R // 2, -1)
+        out = []
+        for i in range(2):
+            half = call(g, operator.getitem, halves, i)
+            full = call(g, aten.cat.default, [half, half], -1)
+            out.append(call(g, aten.unsqueeze.default, call(g, aten.unsqueeze.default, full, 1), 1))
+    cached[positions] = (out[0], out[1])
+    return cached[positions]
+
+
+@graph_pass()
+def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
+    """rms_norm + rope + cache write of the latent -> one npu_kv_rmsnorm_rope_cache_v2 (PA).
+
+        c, k = split(kv, [L, R]); c = mla.rms_norm(c, g, eps); k = mla.rope(k, pos, table)
+        mla.cache_write(c, k, latent_cache, rope_cache, slots)
+      ->
+        npu.npu_kv_rmsnorm_rope_cache_v2(kv[T,1,1,L+R], g, cos, sin, slots, rope_cache, latent_cache,
+                                         epsilon=eps, cache_mode='PA')     # writes both caches
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if not _is(node, mla.cache_write.default):
+            continue
+        normed, roped, latent_cache, rope_cache, slots = node.args
+        if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
+            continue
+        c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
+        if c_part is None or k_part is None or c_part[0] is not k_part[0] or (c_part[1], k_part[1]) != (0, 1):
+            continue
+        if any(u is not node for u in list(normed.users) + list(roped.users)):
+            result.notes.append(f"{node.name}: the normed latent or roped key has other users; not fused")
+            continue
+        kv = c_part[0].args[0]
+        width = val(kv).shape[-1]
+        cos, sin = _rope_cos_sin(gm, roped.args[1], roped.args[2])
+        with g.inserting_before(node):
+            kv4 = call(g, aten.view.default, kv, [-1, 1, 1, width])
+            call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, normed.args[1], cos, sin, slots,
+                 rope_cache, latent_cache, epsilon=normed.args[2], cache_mode="PA")
+        g.erase_node(node)
+        result.count("rmsnorm+rope+cache write")
+    if result.changed:
+        g.eliminate_dead_code()
+    return result
+
+
+@graph_pass()
+def lower_rope(gm: GraphModule) -> PassResult:
+    """mla.rope on per-head q -> npu_interleave_rope.
+
+        q_pe = mla.rope(x[T, N, R], positions, table)
+      ->  q_pe = view(npu.npu_interleave_rope(view(x, [T, N, 1, R]), cos, sin), [T, N, R])
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if not _is(node, mla.rope.default) or val(node).dim() != 3:
+            continue
+        x, positions, table = node.args
+        T, N, R = val(x).shape
+        cos, sin = _rope_cos_sin(gm, positions, table)
+        with g.inserting_before(node):
+            x4 = call(g, aten.view.default, call(g, aten.clone.default, x), [-1, N, 1, R])
+            y = call(g, _npu().npu_interleave_rope.default, x4, cos, sin)
+            out = call(g, aten.view.default, y, [-1, N, R])
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        result.count("q rope")
+    return result
+
+
+@graph_pass()
+def lower_rms_norm(gm: GraphModule) -> PassResult:
+    """mla.rms_norm(x, g, eps) -> npu.npu_rms_norm(x, g, eps)[0]."""
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if not _is(node, mla.rms_norm.default):
+            continue
+        with g.inserting_before(node):
+            both = call(g, _npu().npu_rms_norm.default, *node.args)
+            y = call(g, operator.getitem, both, 0)
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        result.count("rms_norm")
+    return result
+
+
+def _mask(gm: GraphModule) -> Node:
+    existing = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "fia_causal_mask"), None)
+    if existing is not None:
+        return existing
+    mask = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool).triu(1)
+    return add_constant(gm, "fia_causal_mask", mask, first_user_position(gm))
+
+
+def _host_list(gm: GraphModule, name: str) -> Node:
+    node = add_input(gm, name, [])
+    node.meta["mla_host_list"] = True
+    return node
+
+
+@graph_pass()
+def lower_paged_attention(gm: GraphModule) -> PassResult:
+    """mla.paged_attention -> npu_fused_infer_attention_score in MLA mode over the paged cache.
+
+    One new token per request (q rows = requests): BNSD, sparse_mode 0.
+        o = mla.paged_attention(ql[T,N,L], q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, s)
+      ->  o = view(npu.npu_fused_infer_attention_score(view(ql,[T,N,1,L]), view(latent_cache,[NB,1,BS,L]),
+              ..., query_rope=.., key_rope=.., block_table=bt, actual_seq_lengths_kv=seq_lens_list,
+              num_heads=N, num_key_value_heads=1, input_layout='BNSD', block_size=BS)[0], [T,N,L])
+    Otherwise: TND with cumulative query ends, sparse_mode 3 (causal within the new tokens).
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if not _is(node, mla.paged_attention.default):
+            continue
+        ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = node.args
+        T, N, L = val(ql).shape
+        R = val(q_pe).shape[-1]
+        BS = val(latent_cache).shape[1]
+        one_token_per_request = str(T) == str(val(bt).shape[0])
+        kv_lens = _host_list(gm, "seq_lens_list")
+        mask = None if one_token_per_request else _mask(gm)
+        q_ends = None if one_token_per_request else _host_list(gm, "query_ends_list")
+        with g.inserting_before(node):
+            k = call(g, aten.view.default, latent_cache, [-1, 1, BS, L])
+            kr = call(g, aten.view.default, rope_cache, [-1, 1, BS, R])
+            if one_token_per_request:
+                q = call(g, aten.view.default, ql, [-1, N, 1, L])
+                qr = call(g, aten.view.default, q_pe, [-1, N, 1, R])
+                layout, sparse = "BNSD", 0
+            else:
+                q, qr, layout, sparse = ql, q_pe, "TND", 3
+            fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, k, query_rope=qr, key_rope=kr,
+                       atten_mask=mask, actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_lens, block_table=bt,
+                       num_heads=N, scale=scale, input_layout=layout, num_key_value_heads=1,
+                       sparse_mode=sparse, block_size=BS)
+            out = call(g, operator.getitem, fia, 0)
+            if one_token_per_request:
+                out = call(g, aten.view.default, out, [-1, N, L])
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        result.count(f"paged latent attention ({layout})")
+    return result
+
+
+@graph_pass()
+def lower_context_attention(gm: GraphModule) -> PassResult:
+    """Decompressed attention over each request's whole context -> FIA TND, sparse_mode 3.
+
+        lin = aten.linear(mla.gather_paged(latent_cache, bt), w)  ->  K/V [B, S, N, .] (padded)
+        o = mla.attention(q, k, v, qsl, seq_lens, s)
+      ->
+        ctx = aten.index_select(view(latent_cache, [-1, L]), 0, context_slots)   # [C, L] ragged
+        o = npu.npu_fused_infer_attention_score(q[T,N,P+R], k[C,N,P+R], v[C,N,V], atten_mask,
+              actual_seq_lengths=query_ends_list, actual_seq_lengths_kv=context_ends_list,
+              input_layout='TND', sparse_mode=3)[0]
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        m = match_decompressed_attention(node)
+        if m is None:
+            continue
+        T, N, P = val(m.q_nope).shape
+        L, R = val(m.latent_cache).shape[-1], val(m.rope_cache).shape[-1]
+        existing = next((n for n in g.nodes if n.op == "placeholder" and n.name == "context_slots"), None)
+        slots = existing or add_input(gm, "context_slots", _fake_slots(gm))
+        mask = _mask(gm)
+        q_ends, kv_ends = _host_list(gm, "query_ends_list"), _host_list(gm, "context_ends_list")
+        with g.inserting_before(node):
+            lat = call(g, aten.index_select.default, call(g, aten.view.default, m.latent_cache, [-1, L]), 0, slots)
+            rope = call(g, aten.index_select.default, call(g, aten.view.default, m.rope_cache, [-1, R]), 0, slots)
+            kv = call(g, aten.view.default, call(g, aten.linear.default, lat, m.w_kv_b), [-1, N, P + m.v_dim])
+            parts = call(g, aten.split_with_sizes.default, kv, [P, m.v_dim], -1)
+            k_nope, v = call(g, operator.getitem, parts, 0), call(g, operator.getitem, parts, 1)
+            k_pe = call(g, aten.expand.default, call(g, aten.view.default, rope, [-1, 1, R]), [-1, N, R])
+            k = call(g, aten.cat.default, [k_nope, k_pe], -1)
+            q = call(g, aten.cat.default, [m.q_nope, m.q_pe], -1)
+            fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, v, atten_mask=mask,
+                       actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_ends, num_heads=N, scale=m.scale,
+                       input_layout="TND", num_key_value_heads=N, sparse_mode=3)
+            out = call(g, operator.getitem, fia, 0)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        result.count("decompressed context attention (TND)")
+    if result.changed:
+        g.eliminate_dead_code()
+    return result
+
+
+def _fake_slots(gm: GraphModule) -> torch.Tensor:
+    C = new_symbol(gm, "C", 29)
+    with gm.meta["mla_fake_mode"]:
+        return torch.empty(C, dtype=torch.int64)
