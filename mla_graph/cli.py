@@ -68,6 +68,9 @@ def cmd_lower(args: argparse.Namespace) -> int:
           f"q_lora {config.q_lora_rank}, kv_lora {config.kv_lora_rank}, {args.dtype}; "
           f"weights built in {time.perf_counter() - start:.1f}s")
     phases = _phases(args.phase)
+    if args.target == "npu":
+        from .npu import npu_backend
+        print(f"npu kernels: {npu_backend()} ({'real torch_npu' if npu_backend() == 'torch_npu' else 'plain-PyTorch emulation with torch-npu 2.13.0 schemas'})")
     lowered = lower(layer, args.target, phases, block_size=args.block_size, dump_dir=args.dump)
     for phase in phases:
         report = lowered.reports[phase]

@@ -19,6 +19,9 @@ from mla_graph.npu.softmax import attend
 MAX_TOKENS = 2147483647
 SPARSE_MODES = (0, 1, 2, 3, 4)
 MAX_GQA_RATIO = 64
+# MLA mode (query_rope/key_rope) runs one latent KV head for up to 128 query heads (DeepSeek-V3
+# at TP 1: CANN's MLA documentation lists query heads 1..128); the 64 cap is for plain GQA.
+MAX_MLA_RATIO = 128
 MAX_BLOCK_SIZE = 512
 
 
@@ -59,8 +62,9 @@ def validate(c: FiaCall) -> tuple[L.Layout, int]:
     nkv = c.num_kv_heads or c.num_heads
     require(nkv > 0 and c.num_heads % nkv == 0, c.op, "num_key_value_heads", c.num_kv_heads,
             f"0 or a divisor of {c.name('num_heads')}={c.num_heads}")
-    require(c.num_heads // nkv <= MAX_GQA_RATIO, c.op, "num_key_value_heads", c.num_kv_heads,
-            f"a value giving {c.name('num_heads')}/num_key_value_heads <= {MAX_GQA_RATIO}")
+    max_ratio = MAX_MLA_RATIO if c.query_rope is not None else MAX_GQA_RATIO
+    require(c.num_heads // nkv <= max_ratio, c.op, "num_key_value_heads", c.num_kv_heads,
+            f"a value giving {c.name('num_heads')}/num_key_value_heads <= {max_ratio}")
     if not layout.token_major and layout.query != "BSH":
         heads = L.query_bsnd(c.query, layout.query, c.num_heads)[2]
         require(heads == c.num_heads, c.op, c.name("num_heads"), c.num_heads,
