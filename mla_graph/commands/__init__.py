@@ -1,0 +1,1 @@
+"""Subcommands of `mla-graph`, one module each (register + run)."""
