@@ -32,6 +32,7 @@ class Call:
     positions: torch.Tensor
     kv_cache: PagedLatentCache
     metadata: MLAMetadata
+    cos_sin: torch.Tensor | None = None   # the layer's rope table, for inputs derived from it
 
 
 # Every graph input a pass may ask for, and how a call provides it. Passes that need another
@@ -49,9 +50,21 @@ GRAPH_INPUTS: dict[str, Callable[[Call], object]] = {
     "seq_lens_list": lambda c: c.metadata.seq_lens.tolist(),
     "query_ends_list": lambda c: c.metadata.query_start_loc[1:].tolist(),
     "context_ends_list": lambda c: c.metadata.seq_lens.cumsum(0).tolist(),
+    # rope cos / sin rows of each token in the layout the NPU rope kernels take: [T, 1, 1, R],
+    # each half-table repeated (computed once per call, outside the graph, as vllm-ascend does)
+    "rope_cos": lambda c: _rope_rows(c, 0),
+    "rope_sin": lambda c: _rope_rows(c, 1),
     # the cache slot of every context token, request by request: [sum(seq_lens)]
     "context_slots": lambda c: context_slots(c.metadata, c.kv_cache.block_size),
 }
+
+
+def _rope_rows(call: Call, which: int) -> torch.Tensor:
+    if call.cos_sin is None:
+        raise ValueError("this graph reads rope cos/sin rows: the call must carry the layer's cos_sin table")
+    half = call.cos_sin.shape[-1] // 2
+    rows = call.cos_sin[call.positions.long(), which * half:(which + 1) * half]
+    return torch.cat([rows, rows], dim=-1).to(call.hidden_states.dtype)[:, None, None, :]
 
 
 def context_slots(metadata: MLAMetadata, block_size: int) -> torch.Tensor:

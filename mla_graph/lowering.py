@@ -38,6 +38,7 @@ class LoweredMLA(nn.Module):
         self.graphs = nn.ModuleDict(graphs)
         self.reports = reports
         self._dtype = layer.dtype
+        self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
 
     @property
     def phases(self) -> list[str]:
@@ -59,7 +60,7 @@ class LoweredMLA(nn.Module):
                              f"for block_size {self.block_size}; lower again with block_size="
                              f"{kv_cache.block_size}")
         gm = self.graph_for(metadata.phase)
-        call = Call(hidden_states, positions, kv_cache, metadata)
+        call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
         with torch.no_grad():
             return gm(*graph_inputs(gm, call))
 

@@ -23,26 +23,14 @@ def _npu():
 
 
 def _rope_cos_sin(gm: GraphModule, positions: Node, table: Node) -> tuple[Node, Node]:
-    """cos, sin [T, 1, 1, R] as the NPU rope kernels take them: each half-table repeated twice.
-    Built once per graph and shared by every rope that reads the same positions (found again
-    through a node.meta tag, so the graph stays copyable)."""
-    tag = ("rope_cos_sin", positions.name, table.name)
-    found = {n.meta["mla_rope_table"]: n for n in gm.graph.nodes if n.meta.get("mla_rope_table", (None,))[:3] == tag}
-    if len(found) == 2:
-        return found[tag + ("cos",)], found[tag + ("sin",)]
-    g = gm.graph
+    """cos, sin [T, 1, 1, R] as the NPU rope kernels take them (each half-table repeated twice).
+    They are graph inputs computed once per call outside the graph (as vllm-ascend builds them once
+    per step), not per-layer kernels; every rope in the graph shares them."""
+    T = val(positions).shape[0]
     R = val(table).shape[-1]
-    first = next(n for n in g.nodes if n.op not in ("placeholder", "get_attr"))
-    with g.inserting_before(first):
-        rows = call(g, aten.index.Tensor, table, [positions])                     # [T, R]
-        halves = call(g, aten.split.Tensor, rows, R // 2, -1)
-        out = []
-        for i, which in enumerate(("cos", "sin")):
-            half = call(g, operator.getitem, halves, i)
-            full = call(g, aten.cat.default, [half, half], -1)
-            out.append(call(g, aten.unsqueeze.default, call(g, aten.unsqueeze.default, full, 1), 1))
-            out[-1].meta["mla_rope_table"] = tag + (which,)
-    return out[0], out[1]
+    with gm.meta["mla_fake_mode"]:
+        fake = torch.empty(T, 1, 1, R, dtype=gm.meta["mla_dtype"])
+    return add_input(gm, "rope_cos", fake), add_input(gm, "rope_sin", fake)
 
 
 @graph_pass()

@@ -100,7 +100,8 @@ def _run(gm, layer, phase: str, seed: int):
     batch = random_batch(layer, REQUESTS[phase], block_size=BLOCK, seed=seed)
     cache = batch.cache.clone()
     with torch.no_grad():
-        out = gm(*graph_inputs(gm, Call(batch.hidden_states, batch.positions, cache, batch.metadata)))
+        call = Call(batch.hidden_states, batch.positions, cache, batch.metadata, layer.cos_sin)
+        out = gm(*graph_inputs(gm, call))
     return out, cache
 
 
