@@ -29,7 +29,8 @@ class LoweredMLA(nn.Module):
     """
 
     def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
-                 reports: dict[str, PipelineReport], block_size: int) -> None:
+                 reports: dict[str, PipelineReport], block_size: int,
+                 runners: dict[str, Callable] | None = None) -> None:
         super().__init__()
         self.config = layer.config
         self.num_heads = layer.num_heads
@@ -39,6 +40,7 @@ class LoweredMLA(nn.Module):
         self.reports = reports
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
+        self.runners = runners or {}  # phase -> graph-mode runner (torchair decode)
 
     @property
     def phases(self) -> list[str]:
@@ -61,13 +63,15 @@ class LoweredMLA(nn.Module):
                              f"{kv_cache.block_size}")
         gm = self.graph_for(metadata.phase)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
+        runner = self.runners.get(metadata.phase)
         with torch.no_grad():
-            return gm(*graph_inputs(gm, call))
+            return runner(call) if runner is not None else gm(*graph_inputs(gm, call))
 
 
 def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,
           block_size: int = 128, dump_dir: str | os.PathLike | None = None, verify: bool = True,
-          on_pass: Callable[[str, PassRecord], None] | None = None) -> LoweredMLA:
+          on_pass: Callable[[str, PassRecord], None] | None = None,
+          target_options: dict | None = None) -> LoweredMLA:
     """Lower `layer` for `target`. Never mutates `layer` or its weights; derived weights are new
     tensors held by the lowered graphs. With `dump_dir`, writes `<dump_dir>/<phase>/NN-<pass>.*`.
     `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set."""
@@ -80,6 +84,9 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     if dump_dir is None and os.environ.get("MLA_GRAPH_DUMP"):
         dump_dir = os.environ["MLA_GRAPH_DUMP"]
     spec = TARGETS[target]
+    unknown = sorted(set(target_options or {}) - set(spec.options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for target {target!r}; valid: {', '.join(spec.options) or 'none'}")
     spec.prepare()
     graphs, reports = {}, {}
     for phase in phases:
@@ -93,4 +100,6 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
         reports[phase] = manager.run(gm)
         gm.meta["mla_target"] = target
         graphs[phase] = gm
-    return LoweredMLA(layer, spec, graphs, reports, block_size)
+    runners = {phase: spec.runtimes[phase](graphs[phase], target_options, layer.config, block_size)
+               for phase in graphs if phase in spec.runtimes}
+    return LoweredMLA(layer, spec, graphs, reports, block_size, runners)

@@ -14,6 +14,7 @@ from passes.cost_model import choose_attention_form
 from passes.npu_lower import (fuse_kv_rmsnorm_rope_cache, lower_context_attention, lower_paged_attention,
                               lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
+from passes.torchair_lower import decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog
 
 from .npu import ensure_npu_ops
 
@@ -24,6 +25,10 @@ class Target:
     description: str
     pipeline: Callable[[str], Sequence[GraphPass]]
     prepare: Callable[[], object] = field(default=lambda: None)
+    # phase -> factory(gm, options dict, config, block_size) of a callable that runs that phase
+    # (e.g. graph mode for decode); phases without one run the lowered graph eagerly
+    runtimes: dict[str, Callable] = field(default_factory=dict)
+    options: tuple[str, ...] = ()   # keys `lower(..., target_options=)` accepts
 
 
 def _reference_pipeline(phase: str) -> list[GraphPass]:
@@ -56,9 +61,43 @@ def _npu_pipeline(phase: str) -> list[GraphPass]:
     ]
 
 
+def _bucketed_decode(gm, options, config, block_size):
+    from .torchair_runtime import BucketedDecode, TorchairOptions
+    return BucketedDecode(gm, TorchairOptions.from_dict(options), config, block_size)
+
+
+def _torchair_option_names() -> tuple[str, ...]:
+    import dataclasses
+    from .torchair_runtime import TorchairOptions
+    return tuple(f.name for f in dataclasses.fields(TorchairOptions))
+
+
+def _torchair_pipeline(phase: str) -> list[GraphPass]:
+    if phase != "decode":
+        return _npu_pipeline(phase)   # graph mode is for decode; other batches run the eager kernels
+    return [
+        remove_noop_views,                       # as for npu
+        choose_attention_form,                   # decode: absorbed (the cost model decides)
+        absorb_kv_weights,                       # W_UK / W_UV folded once
+        page_latent_attention,                   # attention reads the paged cache
+        fuse_mla_prolog,                         # q_lora configs: whole prolog -> npu_mla_prolog_v3_functional
+        fuse_kv_rmsnorm_rope_cache_functional,   # otherwise: the functional (converter-backed) cache writer
+        lower_rope,                              # q rope left when the prolog did not fuse
+        lower_rms_norm,                          # likewise for a leftover norm
+        lower_paged_attention,                   # FIA BNSD over the updated caches
+        decompose_linear,                        # GE has no aten.linear converter: mm + t
+        eliminate_dead_code,
+        check_fully_lowered,                     # no mla:: op may reach GE
+    ]
+
+
 TARGETS: dict[str, Target] = {
     "reference": Target("reference", "mla:: primitives run as plain PyTorch (the golden)",
                         _reference_pipeline),
     "npu": Target("npu", "eager torch_npu kernels (emulated with exact schemas where torch_npu is absent)",
                   _npu_pipeline, prepare=ensure_npu_ops),
+    "torchair": Target("torchair", "decode as one static-shape graph of GE-convertible kernels per batch "
+                       "bucket (torchair on Ascend; torch.compile stand-in elsewhere); other phases as npu",
+                       _torchair_pipeline, prepare=ensure_npu_ops,
+                       runtimes={"decode": _bucketed_decode}, options=_torchair_option_names()),
 }

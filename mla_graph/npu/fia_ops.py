@@ -67,7 +67,8 @@ def _v2_call(query, key, value, *, query_rope=None, key_rope=None, pse_shift=Non
 
 
 def _ints(lens: Lens) -> list[int] | None:
-    return None if lens is None else [int(n) for n in lens]
+    # SymInts stay symbolic: under torch.compile the lengths are data, not values to guard on.
+    return None if lens is None else [n if isinstance(n, torch.SymInt) else int(n) for n in lens]
 
 
 def _reject_quantised_query(op: str, query: torch.Tensor) -> None:

@@ -1,0 +1,136 @@
+"""Graph-mode decode: static batch buckets, one compiled graph per bucket.
+
+On an Ascend host the lowered decode graph is compiled by torchair
+(`torchair.get_npu_backend(compiler_config=...)`). Elsewhere the same graph goes through
+`torch.compile(..., fullgraph=True, dynamic=False)` with a stand-in backend that records each
+compiled graph (so tests can prove one graph per bucket, no graph breaks, no recompilation when
+a bucket is reused) and then runs it through the emulated kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule
+
+from .capture import Call, graph_inputs
+from .metadata import MLAMetadata
+
+# Host-side lists a graph takes, and the tensor each one is read from inside the compiled region
+# (as unbacked SymInts: no value guards, so new lengths never recompile).
+_HOST_LISTS = {"seq_lens_list": "seq_lens"}
+
+
+@dataclass(frozen=True)
+class TorchairOptions:
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    max_blocks_per_req: int | None = None   # block-table width compiled in; default: max positions / block
+    mode: str = "max-autotune"              # torchair CompilerConfig.mode (GE graph); or "reduce-overhead"
+    frozen_parameter: bool = True
+    tiling_schedule_optimize: bool = True
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> "TorchairOptions":
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown torchair option(s) {unknown}; valid options: {', '.join(valid)}")
+        if "graph_batch_sizes" in options:
+            sizes = tuple(sorted(set(options["graph_batch_sizes"])))
+            if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+                raise ValueError(f"graph_batch_sizes must be positive ints, got {options['graph_batch_sizes']!r}")
+            options["graph_batch_sizes"] = sizes
+        if options.get("mode", "max-autotune") not in ("max-autotune", "reduce-overhead"):
+            raise ValueError(f"mode must be 'max-autotune' or 'reduce-overhead', got {options['mode']!r}")
+        return cls(**options)
+
+
+@dataclass
+class StandInBackend:
+    """Records every graph torch.compile hands over, then runs it eagerly (emulated kernels)."""
+
+    graphs: list[GraphModule] = field(default_factory=list)
+
+    def __call__(self, gm: GraphModule, example_inputs: list) -> Callable:
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def _torchair_backend(options: TorchairOptions) -> Callable:
+    import torchair  # only on Ascend hosts (ships inside torch_npu)
+
+    config = torchair.CompilerConfig()
+    config.mode = options.mode
+    config.experimental_config.frozen_parameter = options.frozen_parameter
+    config.experimental_config.tiling_schedule_optimize = options.tiling_schedule_optimize
+    return torchair.get_npu_backend(compiler_config=config)
+
+
+class BucketedDecode:
+    """Runs a decode graph at the smallest configured batch size that fits, padding the batch:
+    padded tokens write nothing (slot -1), see no context (seq_len 0), and are dropped."""
+
+    def __init__(self, gm: GraphModule, options: TorchairOptions, config, block_size: int) -> None:
+        from .npu import npu_backend
+
+        self.gm = gm
+        self.options = options
+        self.block_size = block_size
+        self.width = options.max_blocks_per_req or -(-config.max_position_embeddings // block_size)
+        self.names = list(gm.meta["mla_inputs"])
+        self.tensor_names = [n for n in self.names if n not in _HOST_LISTS]
+        self.on_npu = npu_backend() == "torch_npu"
+        self.backend = _torchair_backend(options) if self.on_npu else StandInBackend()
+        self.buckets_run: list[int] = []
+        self._compiled = torch.compile(self._step, backend=self.backend, fullgraph=True, dynamic=False)
+        limit = len(options.graph_batch_sizes) + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
+
+    def _step(self, *tensors: torch.Tensor) -> torch.Tensor:
+        values = dict(zip(self.tensor_names, tensors))
+        args = [values[_HOST_LISTS[n]].tolist() if n in _HOST_LISTS else values[n] for n in self.names]
+        return self.gm(*args)
+
+    def bucket_for(self, num_reqs: int) -> int:
+        for size in self.options.graph_batch_sizes:
+            if size >= num_reqs:
+                return size
+        raise ValueError(f"decode batch of {num_reqs} requests exceeds the largest graph batch size "
+                         f"{self.options.graph_batch_sizes[-1]}; add a larger size to graph_batch_sizes")
+
+    def __call__(self, call: Call) -> torch.Tensor:
+        md = call.metadata
+        B = md.num_reqs
+        size = self.bucket_for(B)
+        if md.block_table.shape[1] > self.width:
+            raise ValueError(f"block_table has {md.block_table.shape[1]} columns but the graph was built for "
+                             f"max_blocks_per_req={self.width}; raise the max_blocks_per_req option")
+        padded = Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
+                      _pad_metadata(md, size, self.width), call.cos_sin)
+        tensors = [x for name, x in zip(self.names, graph_inputs(self.gm, padded)) if name not in _HOST_LISTS]
+        self.buckets_run.append(size)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            out = self._compiled(*tensors)
+        return out[:B]
+
+
+def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:
+    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), value)
+    return torch.cat([x, pad])
+
+
+def _pad_metadata(md: MLAMetadata, size: int, width: int) -> MLAMetadata:
+    table = md.block_table.new_zeros(size, width)
+    table[: md.num_reqs, : md.block_table.shape[1]] = md.block_table
+    return MLAMetadata(
+        slot_mapping=_pad_rows(md.slot_mapping, size, -1),
+        block_table=table,
+        seq_lens=_pad_rows(md.seq_lens, size, 0),
+        query_start_loc=torch.arange(size + 1, dtype=md.query_start_loc.dtype),
+        num_decodes=size, num_decode_tokens=size, num_prefills=0,
+    )

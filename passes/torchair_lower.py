@@ -1,0 +1,186 @@
+"""Passes for the torchair (GE graph mode) decode target: converter-backed, functional cache updates.
+
+GE takes cache updates only in functional form: a kernel returns the updated cache and a final
+`aten.copy_` into the graph input becomes an Assign/ref output. So the fused writers here are
+the functional variants, later readers are redirected to their outputs, and the copies back are
+added at the end.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .base import PassResult, graph_pass
+from .graph_utils import add_constant, call, first_user_position
+from .mla_patterns import _is, _split_part, val
+from .npu_lower import _rope_cos_sin
+
+aten, mla = torch.ops.aten, torch.ops.mla
+
+
+def _npu():
+    return torch.ops.npu
+
+
+def _linear_of(node: object) -> tuple[Node, Node] | None:
+    if _is(node, aten.linear.default) and len(node.args) == 2 and node.args[1].op == "get_attr":
+        return node.args[0], node.args[1]
+    return None
+
+
+def _writeback(gm: GraphModule, cache: Node, updated: Node, after: Node) -> None:
+    """Nodes after `after` read `updated` instead of `cache`; `cache` gets `updated` copied in last."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for user in list(cache.users):
+        if order[user] > order[after]:
+            user.replace_input_with(cache, updated)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        call(gm.graph, aten.copy_.default, cache, updated)
+
+
+def _match_prolog(attn: Node) -> dict | None:
+    """The decode prolog feeding an absorbed mla.paged_attention, or None (check_mla_prolog)."""
+    ql, q_pe, latent_cache, rope_cache = attn.args[:4]
+    if not (_is(ql, aten.permute.default) and _is(ql.args[0], aten.bmm.default)):
+        return None
+    bmm = ql.args[0]
+    if not (_is(bmm.args[0], aten.permute.default) and bmm.args[1].op == "get_attr"):
+        return None
+    nope = _split_part(bmm.args[0].args[0])
+    if not _is(q_pe, mla.rope.default) or nope is None or nope[1] != 0:
+        return None
+    pe = _split_part(q_pe.args[0])
+    if pe is None or pe[0] is not nope[0] or pe[1] != 1:
+        return None
+    q_b = _linear_of(nope[0].args[0].args[0]) if _is(nope[0].args[0], aten.view.default) else None
+    if q_b is None or not _is(q_b[0], mla.rms_norm.default):
+        return None
+    q_a = _linear_of(q_b[0].args[0])
+    writes = [u for u in latent_cache.users if _is(u, mla.cache_write.default) and u.args[3] is rope_cache]
+    if q_a is None or len(writes) != 1:
+        return None
+    write = writes[0]
+    normed, roped, slots = write.args[0], write.args[1], write.args[4]
+    if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
+        return None
+    c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
+    if c_part is None or k_part is None or c_part[0] is not k_part[0]:
+        return None
+    kv_a = _linear_of(c_part[0].args[0])
+    if kv_a is None or kv_a[0] is not q_a[0] or roped.args[1] is not q_pe.args[1]:
+        return None
+    return dict(hidden=q_a[0], w_qa=q_a[1], q_norm=q_b[0], w_qb=q_b[1], w_uk=bmm.args[1], w_kva=kv_a[1],
+                kv_norm=normed, positions=q_pe.args[1], table=q_pe.args[2], write=write, slots=slots)
+
+
+@graph_pass()
+def fuse_mla_prolog(gm: GraphModule) -> PassResult:
+    """The whole absorbed decode prolog -> npu_mla_prolog_v3_functional (configs with q_lora).
+
+        q = linear(rms_norm(linear(h, q_a)), q_b) -> split -> bmm(q_nope, w_uk), mla.rope(q_pe)
+        c, k = split(linear(h, kv_a)); mla.cache_write(rms_norm(c), mla.rope(k), latent, rope, slots)
+        o = mla.paged_attention(ql, q_pe, latent, rope, ...)
+      ->
+        p = npu.npu_mla_prolog_v3_functional(h, w_dq, w_uq_qr, w_uk, w_dkv_kr, g_cq, g_ckv, sin, cos,
+                                             latent, rope, cache_index=slots, cache_mode='PA_BSND')
+        o = mla.paged_attention(p[0], p[1], p[5], p[6], ...); copy_(latent, p[5]); copy_(rope, p[6])
+
+    Weights are handed over as [in, out] constants cut once here (the user's weights are not touched).
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for attn in list(g.nodes):
+        if not _is(attn, mla.paged_attention.default):
+            continue
+        m = _match_prolog(attn)
+        if m is None:
+            result.notes.append(f"{attn.name}: no full q_lora prolog in front (e.g. q_proj config); not fused")
+            continue
+        anchor = first_user_position(gm)
+        consts = {}
+        for key, name in (("w_qa", "prolog_w_dq"), ("w_qb", "prolog_w_uq_qr"), ("w_kva", "prolog_w_dkv_kr")):
+            weight = gm.get_parameter(m[key].target)
+            with torch.no_grad():
+                consts[key] = add_constant(gm, f"{attn.name}_{name}", weight.detach().t().contiguous(), anchor)
+        cos, sin = _rope_cos_sin(gm, m["positions"], m["table"])
+        latent_cache, rope_cache = attn.args[2], attn.args[3]
+        dtype = val(attn).dtype
+        with g.inserting_before(attn):
+            R = val(m["table"]).shape[-1]
+            cos2, sin2 = (call(g, aten.view.default, t, [-1, R]) for t in (cos, sin))
+            prolog = call(g, _npu().npu_mla_prolog_v3_functional.default, m["hidden"], consts["w_qa"],
+                          consts["w_qb"], m["w_uk"], consts["w_kva"], m["q_norm"].args[1], m["kv_norm"].args[1],
+                          sin2, cos2, latent_cache, rope_cache, cache_index=m["slots"],
+                          rmsnorm_epsilon_cq=m["q_norm"].args[2], rmsnorm_epsilon_ckv=m["kv_norm"].args[2],
+                          cache_mode="PA_BSND")
+            query, query_rope, kv_out, kr_out = (call(g, operator.getitem, prolog, i) for i in (0, 1, 5, 6))
+            if val(query).dtype != dtype:  # the kernel emits bf16 queries; match the model dtype
+                query = call(g, aten._to_copy.default, query, dtype=dtype)
+                query_rope = call(g, aten._to_copy.default, query_rope, dtype=dtype)
+        attn.args = (query, query_rope, *attn.args[2:])
+        g.erase_node(m["write"])
+        _writeback(gm, latent_cache, kv_out, prolog)
+        _writeback(gm, rope_cache, kr_out, prolog)
+        result.count("mla prolog")
+    if result.changed:
+        g.eliminate_dead_code()
+    return result
+
+
+@graph_pass()
+def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
+    """rms_norm + rope + cache write -> npu_kv_rmsnorm_rope_cache (v1: returns the updated caches).
+
+        mla.cache_write(mla.rms_norm(c), mla.rope(k), latent, rope, slots)
+      ->
+        r = npu.npu_kv_rmsnorm_rope_cache(kv[T,1,1,L+R], g, cos, sin, slots, rope, latent, cache_mode='PA')
+        (later readers use r[1] / r[0]); copy_(latent, r[1]); copy_(rope, r[0])
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if not _is(node, mla.cache_write.default):
+            continue
+        normed, roped, latent_cache, rope_cache, slots = node.args
+        if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
+            continue
+        c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
+        if c_part is None or k_part is None or c_part[0] is not k_part[0] or len(normed.users) + len(roped.users) != 2:
+            continue
+        kv = c_part[0].args[0]
+        cos, sin = _rope_cos_sin(gm, roped.args[1], roped.args[2])
+        with g.inserting_before(node):
+            kv4 = call(g, aten.view.default, kv, [-1, 1, 1, val(kv).shape[-1]])
+            fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, normed.args[1], cos, sin, slots,
+                         rope_cache, latent_cache, epsilon=normed.args[2], cache_mode="PA")
+            k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
+        g.erase_node(node)
+        _writeback(gm, latent_cache, c_new, c_new)
+        _writeback(gm, rope_cache, k_new, k_new)
+        result.count("rmsnorm+rope+cache write (functional)")
+    if result.changed:
+        g.eliminate_dead_code()
+    return result
+
+
+@graph_pass()
+def decompose_linear(gm: GraphModule) -> PassResult:
+    """aten.linear has no GE converter (torchair's AOT step would decompose it): mm with the
+    transposed weight (a view, no kernel).
+
+        y = aten.linear(x[T, K], w[N, K])  ->  y = aten.mm(x, aten.t(w))
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if not _is(node, aten.linear.default) or len(node.args) != 2 or val(node.args[0]).dim() != 2:
+            continue
+        with g.inserting_before(node):
+            mm = call(g, aten.mm.default, node.args[0], call(g, aten.t.default, node.args[1]))
+        node.replace_all_uses_with(mm)
+        g.erase_node(node)
+        result.count("linear -> mm")
+    return result
