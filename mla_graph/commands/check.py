@@ -1,0 +1,112 @@
+"""mla-graph check: would torchair's GE graph mode accept this graph? Exit 0 clean, 1 findings, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+
+import torch
+from torch.fx import GraphModule
+
+from ..capture import PHASES
+from ..config import MLAConfig, preset_names
+from ..targets import TARGETS
+from ._common import DTYPES
+
+HELP = "check a lowered graph against torchair's GE converters"
+DEFAULT_TARGET = "torchair" if "torchair" in TARGETS else "npu"
+
+DESCRIPTION = """\
+Check an FX graph against torchair's GE graph mode (torch-npu 2.13.0): every op needs a real GE
+converter (no stub or partial one), no atb:: ops, no index_put, scope_enter/scope_exit paired,
+static input sizes. Prints one row per finding with a suggested replacement.
+
+TARGET_SPEC is one of:
+  a preset name (%(presets)s): build the layer with random weights, lower
+      --phase for --target and check that graph;
+  a Hugging Face config.json (or its folder): the same, from that config;
+  a Python file (.py) defining build_graph() -> torch.fx.GraphModule: check the graph it returns
+      (--target, --phase, --dtype, --tp-size and --block-size do not apply).
+
+Exit status: 0 clean, 1 findings, 2 bad input."""
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("check", help=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=DESCRIPTION % {"presets": ", ".join(preset_names())})
+    p.add_argument("spec", metavar="TARGET_SPEC", help="preset name, config.json path, or .py file with build_graph()")
+    p.add_argument("--target", choices=sorted(TARGETS), default=DEFAULT_TARGET,
+                   help=f"lowering target for a preset or config (default {DEFAULT_TARGET})")
+    p.add_argument("--phase", choices=list(PHASES), default="decode", help="phase to lower and check (default decode)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel size: the layer holds num_heads/tp_size heads")
+    p.add_argument("--block-size", type=int, default=128, help="paged cache block size (default 128)")
+    p.add_argument("--no-static-dims", dest="static_dims", action="store_false",
+                   help="accept symbolic input sizes (a dynamic GE graph) instead of reporting them")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..torchair_compat import check_torchair
+
+    gm, what = _graph(args)
+    report = check_torchair(gm, static_dims=args.static_dims)
+    if args.json:
+        print(json.dumps({"graph": what, **report.to_json()}, indent=2))
+    else:
+        print(f"{what}:")
+        print(report.table())
+    return 0 if report.ok else 1
+
+
+def _graph(args: argparse.Namespace) -> tuple[GraphModule, str]:
+    """Raises ValueError (exit 2 through the CLI) for a spec that is none of the accepted kinds."""
+    path = pathlib.Path(args.spec)
+    if path.suffix == ".py":
+        return _graph_from_file(path), f"{path.name}: build_graph()"
+    if path.suffix == ".json" or path.is_dir():
+        config = MLAConfig.from_hf(path)
+    else:
+        try:
+            config = MLAConfig.preset(args.spec)
+        except ValueError:
+            raise ValueError(f"TARGET_SPEC {args.spec!r} is not a preset ({', '.join(preset_names())}), a "
+                             "config.json or a .py file defining build_graph()") from None
+    return _lowered_graph(config, args), f"{config.name} / {args.target} / {args.phase}"
+
+
+def _graph_from_file(path: pathlib.Path) -> GraphModule:
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r}: no such file; expected a .py file defining build_graph()")
+    spec = importlib.util.spec_from_file_location(f"_mla_graph_check_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:   # the user's file: any failure is bad input, said plainly
+        raise ValueError(f"{str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    build = getattr(module, "build_graph", None)
+    if not callable(build):
+        raise ValueError(f"{str(path)!r} defines no build_graph(); expected a function returning a "
+                         "torch.fx.GraphModule")
+    try:
+        gm = build()
+    except Exception as exc:
+        raise ValueError(f"build_graph() in {str(path)!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(gm, GraphModule):
+        raise ValueError(f"build_graph() in {str(path)!r} returned {type(gm).__name__}; expected a "
+                         "torch.fx.GraphModule")
+    return gm
+
+
+def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> GraphModule:
+    from ..attention import MLAAttention
+    from ..lowering import lower
+
+    # Only the graph is checked: random weights at the model's dimensions, no numerics run.
+    layer = MLAAttention(config, dtype=DTYPES[args.dtype], tp_size=args.tp_size).requires_grad_(False)
+    with torch.no_grad():
+        lowered = lower(layer, args.target, [args.phase], block_size=args.block_size)
+    return lowered.graph_for(args.phase)
