@@ -14,6 +14,7 @@ from passes.cost_model import choose_attention_form
 from passes.npu_lower import (fuse_kv_rmsnorm_rope_cache, lower_context_attention, lower_paged_attention,
                               lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
+from passes.multistream import insert_multistream_scopes
 from passes.torchair_lower import decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog
 
 from .npu import ensure_npu_ops
@@ -75,6 +76,24 @@ def _torchair_option_names() -> tuple[str, ...]:
 def _torchair_pipeline(phase: str) -> list[GraphPass]:
     if phase != "decode":
         return _npu_pipeline(phase)   # graph mode is for decode; other batches run the eager kernels
+    return _torchair_decode_passes()
+
+
+def _torchair_multistream_pipeline(phase: str) -> list[GraphPass]:
+    if phase != "decode":
+        return _npu_pipeline(phase)
+    return _torchair_decode_passes() + [
+        insert_multistream_scopes,               # last: it reorders the finished graph into stream scopes
+    ]
+
+
+def _prepare_torchair():
+    from .torchair_compat.air_ops import ensure_air_ops
+    ensure_npu_ops()
+    ensure_air_ops()
+
+
+def _torchair_decode_passes() -> list[GraphPass]:
     return [
         remove_noop_views,                       # as for npu
         choose_attention_form,                   # decode: absorbed (the cost model decides)
@@ -98,6 +117,10 @@ TARGETS: dict[str, Target] = {
                   _npu_pipeline, prepare=ensure_npu_ops),
     "torchair": Target("torchair", "decode as one static-shape graph of GE-convertible kernels per batch "
                        "bucket (torchair on Ascend; torch.compile stand-in elsewhere); other phases as npu",
-                       _torchair_pipeline, prepare=ensure_npu_ops,
+                       _torchair_pipeline, prepare=_prepare_torchair,
                        runtimes={"decode": _bucketed_decode}, options=_torchair_option_names()),
+    "torchair-multistream": Target("torchair-multistream", "torchair, with independent decode branches in a "
+                                   "secondary-stream scope (npu_stream_switch / npu_wait_tensor)",
+                                   _torchair_multistream_pipeline, prepare=_prepare_torchair,
+                                   runtimes={"decode": _bucketed_decode}, options=_torchair_option_names()),
 }

@@ -9,6 +9,7 @@ a bucket is reused) and then runs it through the emulated kernels.
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -85,11 +86,22 @@ class BucketedDecode:
         self.on_npu = npu_backend() == "torch_npu"
         self.backend = _torchair_backend(options) if self.on_npu else StandInBackend()
         self.buckets_run: list[int] = []
-        self._compiled = torch.compile(self._step, backend=self.backend, fullgraph=True, dynamic=False)
+        self._compiled = torch.compile(self._own_code(self._step), backend=self.backend, fullgraph=True,
+                                       dynamic=False)
         limit = len(options.graph_batch_sizes) + 1
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
+
+    @staticmethod
+    def _own_code(method: Callable) -> Callable:
+        """The step with a code object of its own: Dynamo caches compiled graphs per code object, so
+        every runner (every layer) gets its own cache and recompile budget (vllm-ascend's torchair
+        runner cloned `forward.__code__` for the same reason)."""
+        fn = method.__func__
+        clone = types.FunctionType(fn.__code__.replace(co_name=f"mla_decode_step_{id(method.__self__):x}"),
+                                   fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        return types.MethodType(clone, method.__self__)
 
     def _step(self, *tensors: torch.Tensor) -> torch.Tensor:
         values = dict(zip(self.tensor_names, tensors))

@@ -1,6 +1,8 @@
 """PassResult, the `graph_pass` decorator and invariants a pass requires or ensures."""
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -21,6 +23,15 @@ class PassResult:
         self.matches_by_rule[rule] = self.matches_by_rule.get(rule, 0) + n
         self.changed = self.changed or n > 0
 
+
+# Shape-only ops: a view of the same storage on the device, no kernel launch.
+VIEW_OPS = frozenset({
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.t.default,
+    torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.expand.default,
+    torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.slice.Tensor,
+    torch.ops.aten.select.int, torch.ops.aten.alias.default, torch.ops.aten.sym_size.int, operator.getitem,
+})
 
 Violation = tuple["Node | None", str]
 

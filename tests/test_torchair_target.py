@@ -1,0 +1,103 @@
+"""Target "torchair": static-bucket decode graphs, equal to the reference target, within budget."""
+import pytest
+import torch
+from conftest import TOL, V2_LITE_TINY, V3_TINY, randomize
+
+from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower, positions_for
+from mla_graph.kernels import device_kernels
+
+BS = 16
+# (config, dtype): the fused prolog emits bf16 queries (its META), so V3 runs in bf16 as on device
+CASES = [(V3_TINY, torch.bfloat16), (V2_LITE_TINY, torch.float32), (V2_LITE_TINY, torch.bfloat16)]
+
+
+def _run_steps(layer, lowered_a, lowered_b, dtype, batch_plan):
+    """A prefill of 5 requests, then decode steps with the given numbers of live requests."""
+    config = layer.config
+    caches = [PagedLatentCache.allocate(config, 48, BS, dtype=dtype, shuffle_blocks=True, seed=2) for _ in range(2)]
+    prompts = [3, 17, 9, 30, 5]
+    rows = [[] for _ in prompts]
+    gen = torch.Generator().manual_seed(5)
+    outputs = []
+    for step, live in enumerate(batch_plan):
+        requests = [(p, 0) for p in prompts] if step == 0 else [(1, prompts[i] + step - 1) for i in range(live)]
+        for row, (n, c) in zip(rows, requests):
+            caches[0].allocator.grow(row, n + c, BS)
+        md = build_metadata(requests, rows[: len(requests)], BS)
+        x = torch.randn(md.num_tokens, config.hidden_size, generator=gen).to(dtype)
+        pos = positions_for(requests)
+        outputs.append((lowered_a(x, pos, caches[0], md), lowered_b(x, pos, caches[1], md)))
+    return outputs, caches
+
+
+@pytest.mark.parametrize("config, dtype", CASES)
+@pytest.mark.parametrize("target", ["torchair", "torchair-multistream"])
+def test_torchair_decode_equals_reference_across_buckets(config, dtype, target):
+    layer = randomize(MLAAttention(config, dtype=dtype))
+    ref = lower(layer, "reference", block_size=BS)
+    graph = lower(layer, target, block_size=BS, target_options={"graph_batch_sizes": [2, 4, 8]})
+    plan = [5, 5, 3, 3, 5, 2, 1, 4]          # 5 and 3 need padding (to 8 and 4)
+    outputs, caches = _run_steps(layer, ref, graph, dtype, plan)
+    rtol, atol = TOL[torch.bfloat16] if config is V3_TINY or dtype is torch.bfloat16 else TOL[dtype]
+    for expected, actual in outputs:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    for part in ("latent", "rope"):
+        torch.testing.assert_close(getattr(caches[1], part), getattr(caches[0], part), rtol=rtol, atol=atol)
+    runner = graph.runners["decode"]
+    # step 0 is the prefill (eager); decodes of 5, 3, 3, 5, 2, 1, 4 requests ran in buckets
+    # 8, 4, 4, 8, 2, 2, 4: three graphs, none compiled twice
+    assert runner.buckets_run == [8, 4, 4, 8, 2, 2, 4]
+    assert len(runner.backend.graphs) == 3
+    for compiled in runner.backend.graphs:   # static shapes: every placeholder size is a plain int
+        for node in compiled.graph.nodes:
+            if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor):
+                assert all(isinstance(s, int) for s in node.meta["example_value"].shape)
+
+
+def test_v3_decode_layer_is_four_kernels():
+    layer = MLAAttention(V3_TINY, dtype=torch.bfloat16)
+    gm = lower(layer, "torchair", ["decode"], block_size=BS).graph_for("decode")
+    assert device_kernels(gm) == ["npu.npu_mla_prolog_v3_functional.default",
+                                  "npu.npu_fused_infer_attention_score.default",
+                                  "aten.bmm.default", "aten.mm.default"]
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not any(op.startswith(("mla.", "atb.")) or "index_put" in op for op in ops)
+
+
+def test_without_q_lora_falls_back_to_separate_kernels():
+    layer = MLAAttention(V2_LITE_TINY)
+    gm = lower(layer, "torchair", ["decode"], block_size=BS).graph_for("decode")
+    kernels = device_kernels(gm)
+    assert "npu.npu_kv_rmsnorm_rope_cache.default" in kernels and "npu.npu_interleave_rope.default" in kernels
+    assert not any("mla_prolog" in k for k in kernels)
+
+
+def test_multistream_scopes_pair_and_hold_the_kv_branch():
+    layer = MLAAttention(V2_LITE_TINY)
+    gm = lower(layer, "torchair-multistream", ["decode"], block_size=BS).graph_for("decode")
+    nodes = list(gm.graph.nodes)
+    enters = [i for i, n in enumerate(nodes) if n.target is torch.ops.air.scope_enter.default]
+    exits = [i for i, n in enumerate(nodes) if n.target is torch.ops.air.scope_exit.default]
+    assert len(enters) == len(exits) == 1 and enters[0] < exits[0]
+    inside = [str(n.target) for n in nodes[enters[0] + 1: exits[0]] if n.op == "call_function"]
+    assert "npu.npu_kv_rmsnorm_rope_cache.default" in inside
+    assert not any("interleave_rope" in op or "fused_infer" in op for op in inside)
+    fia = next(n for n in nodes if n.target is torch.ops.npu.npu_fused_infer_attention_score.default)
+    assert fia.args[0].target is torch.ops.air.wait_tensor.default
+    # the fused prolog leaves one producer chain: nothing to overlap, no scopes
+    v3 = lower(MLAAttention(V3_TINY, dtype=torch.bfloat16), "torchair-multistream", ["decode"], block_size=BS)
+    assert not any(str(n.target).startswith("air.scope") for n in v3.graph_for("decode").graph.nodes)
+
+
+def test_bad_options_and_oversized_batches():
+    layer = MLAAttention(V3_TINY, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['buckets'\\] for target 'torchair'; valid: graph_batch_sizes"):
+        lower(layer, "torchair", ["decode"], block_size=BS, target_options={"buckets": [1]})
+    with pytest.raises(ValueError, match="graph_batch_sizes must be positive ints"):
+        lower(layer, "torchair", ["decode"], block_size=BS, target_options={"graph_batch_sizes": [0]})
+    graph = lower(layer, "torchair", ["decode"], block_size=BS, target_options={"graph_batch_sizes": [2]})
+    cache = PagedLatentCache.allocate(V3_TINY, 8, BS, dtype=torch.bfloat16)
+    requests = [(1, 3)] * 3
+    md = build_metadata(requests, [cache.allocator.grow([], 4, BS) for _ in requests], BS)
+    with pytest.raises(ValueError, match="decode batch of 3 requests exceeds the largest graph batch size 2"):
+        graph(torch.randn(3, V3_TINY.hidden_size).bfloat16(), positions_for(requests), cache, md)
