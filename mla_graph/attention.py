@@ -69,6 +69,12 @@ class MLAAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
                 kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
         check_call(self.config, self.dtype, hidden_states, positions, kv_cache, metadata)
+        if torch.compiler.is_compiling():
+            # torch.compile: the whole layer becomes one opaque mla::layer node, so the "mla_graph"
+            # backend can find it and lower it (other backends run it eagerly). Imported here, not
+            # at the top: the backend imports lowering, which imports this module.
+            from .compile_backend.layer_op import call_layer
+            return call_layer(self, hidden_states, positions, kv_cache, metadata)
         return self.plain_forward(hidden_states, positions, kv_cache.latent, kv_cache.rope,
                                   metadata.slot_mapping, metadata.block_table, metadata.seq_lens,
                                   metadata.query_start_loc)

@@ -1,0 +1,207 @@
+"""The "mla_graph" torch.compile backend: MLA layers through their lowering, the rest to a normal backend.
+
+    torch.compile(model, backend="mla_graph",
+                  options={"target": "npu", "dump_dir": "dumps", "inner_backend": "inductor"})
+
+Dynamo's graph holds one `mla::layer` node per MLAAttention call (see layer_op). The graph is
+split at those nodes (torch.fx.passes.split_module, as vLLM's split_graph does): every piece
+between them is compiled by the inner backend; every MLA piece runs the layer's LoweredMLA for
+the target, outside the inner backend, so the paged caches are written in place and never
+copied by functionalization.
+
+Lowering is lazy and cached per (layer, target, block size, phase, dump dir): a layer is
+lowered for the phase of the first batch that needs it ("decode", "prefill" or "mixed"), and
+dumped to `<dump_dir>/<layer path>/<phase>/`.
+
+Batch composition: `num_decodes` and `num_prefills` are Python ints on MLAMetadata and reach
+the graph as arguments of mla::layer. Dynamo first specialises them (and the token and request
+counts) to the first batch's values; the first batch that differs recompiles once with them
+symbolic (automatic dynamic shapes), and a change in the number of requests may recompile once
+more. After that every composition reuses the graph: the phase is chosen per call, at run time.
+Recompiles re-split the graph but reuse the cached lowerings.
+
+Inference only: the lowered layers run under no_grad and mla::layer has no autograd formula.
+"""
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.passes.split_module import split_module
+
+from ..lowering import LoweredMLA, lower
+from ..targets import TARGETS
+from .layer_op import registered_layer, unflatten
+
+BACKEND_NAME = "mla_graph"
+# Dynamo records the op packet; graphs made by make_fx / AOT record the overload
+LAYER_OPS = (torch.ops.mla.layer, torch.ops.mla.layer.default)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    target: str = "npu"                       # a key of mla_graph.targets.TARGETS
+    dump_dir: str | None = None               # per-layer lowering dumps: <dump_dir>/<layer>/<phase>/
+    inner_backend: str = "inductor"           # compiles everything that is not an MLA layer
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
+        options = dict(options or {})
+        valid = list(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {BACKEND_NAME} option(s) {unknown}; valid options: {', '.join(valid)}")
+        parsed = cls(**options)
+        if parsed.target not in TARGETS:
+            raise ValueError(f"unknown {BACKEND_NAME} target {parsed.target!r}; valid targets: {', '.join(TARGETS)}")
+        if parsed.dump_dir is not None and not isinstance(parsed.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"{BACKEND_NAME} option dump_dir must be a path, got {parsed.dump_dir!r}")
+        if not isinstance(parsed.inner_backend, str) or parsed.inner_backend == BACKEND_NAME:
+            raise ValueError(f"{BACKEND_NAME} option inner_backend must name another torch.compile backend, "
+                             f"got {parsed.inner_backend!r}; valid: {', '.join(_inner_backends())}")
+        parsed.inner_compiler()   # fails now, with the valid names, on a backend that does not exist
+        return parsed
+
+    def inner_compiler(self) -> Callable:
+        try:
+            return torch._dynamo.lookup_backend(self.inner_backend)
+        except torch._dynamo.exc.InvalidBackend:
+            raise ValueError(f"{BACKEND_NAME} option inner_backend={self.inner_backend!r} is not a torch.compile "
+                             f"backend; valid: {', '.join(_inner_backends())}") from None
+
+
+def _inner_backends() -> list[str]:
+    return [b for b in torch._dynamo.list_backends(exclude_tags=()) if b != BACKEND_NAME]
+
+
+def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
+                      options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable:
+    """torch.compile backend (entry point `mla_graph`); `options` as torch.compile(options=...) passes them."""
+    if mode is not None:
+        raise ValueError(f"{BACKEND_NAME} takes no mode (got {mode!r}); pass options="
+                         f"{{'inner_backend': ...}} to choose how non-MLA code is compiled")
+    opts = BackendOptions.parse(options)
+    inner = opts.inner_compiler()
+    mla_nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
+    if not mla_nodes:
+        return inner(gm, example_inputs)
+
+    split = _split_at_layers(gm, mla_nodes)
+    mla_pieces = {name for name, piece in split.named_children()
+                  if any(map(_is_layer_op, piece.graph.nodes))}
+    _compile_pieces(split, gm, example_inputs, mla_pieces, inner)
+    for name in mla_pieces:
+        _run_lowered_in(getattr(split, name), opts)
+    return split
+
+
+def _is_layer_op(node: Node) -> bool:
+    return node.op == "call_function" and node.target in LAYER_OPS
+
+
+def _split_at_layers(gm: GraphModule, mla_nodes: list[Node]) -> GraphModule:
+    """Each mla::layer node in a piece of its own; the code between them in pieces in between."""
+    partition, current = {}, 0
+    layers = set(mla_nodes)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node in layers:
+            partition[node.name] = current + 1
+            current += 2
+        else:
+            partition[node.name] = current
+    return split_module(gm, None, lambda node: partition[node.name], keep_original_order=True)
+
+
+def _compile_pieces(split: GraphModule, gm: GraphModule, example_inputs: Sequence[Any], mla_pieces: set[str],
+                    inner: Callable) -> None:
+    """Compile every non-MLA piece with `inner`, on the fake values that reach it.
+
+    The inputs are Dynamo's own fake values (node.meta["example_value"]) moved into the fake mode
+    Dynamo hands to backends (the same ShapeEnv), so pieces see the symbolic shapes Dynamo
+    guarded on."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_inputs = []
+    for node, real in zip(placeholders, example_inputs):
+        value = node.meta.get("example_value", real)
+        fake_inputs.append(fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value)
+
+    class CompilePieces(Interpreter):
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if target not in mla_pieces:
+                # a plain attribute, not a submodule: the compiled callable need not be an nn.Module
+                split.__dict__[target] = _compile_piece(self.fetch_attr(target), list(args), inner)
+            return out
+
+    with fake_mode:
+        CompilePieces(split).run(*fake_inputs)
+
+
+def _compile_piece(piece: GraphModule, args: list[Any], inner: Callable) -> Callable:
+    """Backends (AOT's) want a graph that returns a tuple; split pieces with one output return it bare."""
+    (output,) = [n for n in piece.graph.nodes if n.op == "output"]
+    if isinstance(output.args[0], (tuple, list)):
+        return inner(piece, args)
+    output.args = ((output.args[0],),)
+    piece.recompile()
+    compiled = inner(piece, args)
+    return lambda *inputs: compiled(*inputs)[0]
+
+
+def _layer_path(node: Node) -> str:
+    """The layer's module path in the compiled model (from Dynamo's nn_module_stack), as a folder name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else node.name
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", re.sub(r"\['?([^]']+)'?\]", r".\1", path)).strip("._") or node.name
+
+
+def _run_lowered_in(piece: GraphModule, options: BackendOptions) -> None:
+    """Rewire a piece's mla::layer node to call the layer's lowered module (same arguments)."""
+    (node,) = [n for n in piece.graph.nodes if _is_layer_op(n)]
+    base = options.dump_dir or os.environ.get("MLA_GRAPH_DUMP")   # as lower() falls back to it
+    dump_dir = os.path.join(os.fspath(base), _layer_path(node)) if base else None
+    piece.add_submodule("run_lowered", _RunLowered(options.target, dump_dir))
+    node.op, node.target = "call_module", "run_lowered"
+    piece.recompile()
+
+
+# (layer) -> {(target, block_size, phase, dump_dir): LoweredMLA}. A LoweredMLA holds the layer's
+# tensors, not the layer, so the weak key does not keep layers alive.
+_LOWERED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, LoweredMLA]]" = weakref.WeakKeyDictionary()
+
+
+def lowered_for(layer: nn.Module, target: str, block_size: int, phase: str, dump_dir: str | None) -> LoweredMLA:
+    """The layer lowered for `target` and one phase; lowered on first use, then cached."""
+    cache = _LOWERED.setdefault(layer, {})
+    key = (target, block_size, phase, dump_dir)
+    if key not in cache:
+        cache[key] = lower(layer, target, [phase], block_size=block_size, dump_dir=dump_dir)
+    return cache[key]
+
+
+class _RunLowered(nn.Module):
+    """Same arguments as mla::layer; runs the layer's LoweredMLA for this batch's phase."""
+
+    def __init__(self, target: str, dump_dir: str | None) -> None:
+        super().__init__()
+        self.target, self.dump_dir = target, dump_dir
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor,
+                rope_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, layer_key: int, num_decodes: int,
+                num_prefills: int) -> torch.Tensor:
+        kv_cache, metadata = unflatten(latent_cache, rope_cache, slot_mapping, block_table, seq_lens,
+                                       query_start_loc, int(num_decodes), int(num_prefills))
+        lowered = lowered_for(registered_layer(layer_key), self.target, kv_cache.block_size, metadata.phase,
+                              self.dump_dir)
+        return lowered(hidden_states, positions, kv_cache, metadata)

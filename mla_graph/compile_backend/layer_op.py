@@ -1,0 +1,78 @@
+"""`mla::layer`: one whole MLAAttention call as one opaque op, so torch.compile can see layers.
+
+Dynamo inlines module forwards into one flat graph; inside it an MLA layer would be dozens of
+nodes with no boundary. Under torch.compile `MLAAttention.forward` calls `call_layer` instead,
+which records a single `mla::layer` node. The "mla_graph" backend finds those nodes and runs
+each through the layer's lowered module; any other backend just runs the op, whose kernel is
+the eager layer.
+
+The layer itself cannot be an op argument, so the node carries an int key into `_LAYERS`, a
+weak registry filled at trace time. `layer_key` is `assume_constant_result`: Dynamo calls it
+while tracing, bakes the key into the graph and guards on the layer's identity, so a compiled
+graph never runs with another instance's key.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..cache import PagedLatentCache
+from ..metadata import MLAMetadata
+
+_lib = torch.library.Library("mla", "FRAGMENT")
+_lib.define(
+    "layer(Tensor hidden_states, Tensor positions, Tensor(a!) latent_cache, Tensor(b!) rope_cache, "
+    "Tensor slot_mapping, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, int layer_key, "
+    "SymInt num_decodes, SymInt num_prefills) -> Tensor")
+
+_LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+@torch._dynamo.assume_constant_result
+def layer_key(layer: torch.nn.Module) -> int:
+    """The key `mla::layer` nodes use for `layer`; registers it (weakly)."""
+    _LAYERS[id(layer)] = layer
+    return id(layer)
+
+
+def registered_layer(key: int) -> torch.nn.Module:
+    layer = _LAYERS.get(key)
+    if layer is None:
+        raise LookupError(f"mla::layer refers to layer key {key}, which is not (or no longer) registered: "
+                          f"the MLAAttention module it was compiled for has been freed")
+    return layer
+
+
+def call_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, positions: torch.Tensor,
+               kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
+    """What `MLAAttention.forward` does under torch.compile: one `mla::layer` node."""
+    return torch.ops.mla.layer(hidden_states, positions, kv_cache.latent, kv_cache.rope,
+                               metadata.slot_mapping, metadata.block_table, metadata.seq_lens,
+                               metadata.query_start_loc, layer_key(layer), metadata.num_decodes,
+                               metadata.num_prefills)
+
+
+def unflatten(latent_cache: torch.Tensor, rope_cache: torch.Tensor, slot_mapping: torch.Tensor,
+              block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+              num_decodes: int, num_prefills: int) -> tuple[PagedLatentCache, MLAMetadata]:
+    """The op's flat arguments back as the cache and metadata objects layers take."""
+    metadata = MLAMetadata(slot_mapping, block_table, seq_lens, query_start_loc,
+                           num_decodes=num_decodes, num_decode_tokens=num_decodes, num_prefills=num_prefills)
+    return PagedLatentCache(latent_cache, rope_cache), metadata
+
+
+def _layer_eager(hidden_states, positions, latent_cache, rope_cache, slot_mapping, block_table, seq_lens,
+                 query_start_loc, layer_key, num_decodes, num_prefills):
+    kv_cache, metadata = unflatten(latent_cache, rope_cache, slot_mapping, block_table, seq_lens,
+                                   query_start_loc, num_decodes, num_prefills)
+    return registered_layer(layer_key)(hidden_states, positions, kv_cache, metadata)
+
+
+def _layer_fake(hidden_states, positions, latent_cache, rope_cache, slot_mapping, block_table, seq_lens,
+                query_start_loc, layer_key, num_decodes, num_prefills):
+    return torch.empty_like(hidden_states)   # o_proj maps back to hidden_size: [T, hidden]
+
+
+_lib.impl("layer", _layer_eager, "CompositeExplicitAutograd")
+torch.library.register_fake("mla::layer", _layer_fake, lib=_lib)
