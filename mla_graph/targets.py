@@ -15,7 +15,7 @@ from passes.npu_lower import (fuse_kv_rmsnorm_rope_cache, lower_context_attentio
                               lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
 from passes.multistream import insert_multistream_scopes
-from passes.torchair_lower import decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog
+from passes.torchair_lower import decompose_linear, lengths_as_tensors, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog
 
 from .npu import ensure_npu_ops
 
@@ -104,6 +104,7 @@ def _torchair_decode_passes() -> list[GraphPass]:
         lower_rope,                              # q rope left when the prolog did not fuse
         lower_rms_norm,                          # likewise for a leftover norm
         lower_paged_attention,                   # FIA BNSD over the updated caches
+        lengths_as_tensors,                      # after it: FIA takes the lengths as device tensors (air::)
         decompose_linear,                        # GE has no aten.linear converter: mm + t
         eliminate_dead_code,
         check_fully_lowered,                     # no mla:: op may reach GE

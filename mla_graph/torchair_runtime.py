@@ -19,10 +19,6 @@ from torch.fx import GraphModule
 from .capture import Call, graph_inputs
 from .metadata import MLAMetadata
 
-# Host-side lists a graph takes, and the tensor each one is read from inside the compiled region
-# (as unbacked SymInts: no value guards, so new lengths never recompile).
-_HOST_LISTS = {"seq_lens_list": "seq_lens"}
-
 
 @dataclass(frozen=True)
 class TorchairOptions:
@@ -51,13 +47,21 @@ class TorchairOptions:
 
 @dataclass
 class StandInBackend:
-    """Records every graph torch.compile hands over, then runs it eagerly (emulated kernels)."""
+    """Does what torchair's backend does before GE, then records instead of compiling: an AOT trace
+    to a functionalized aten graph (input mutations kept as copy_ into the inputs), which is what
+    torchair's converters see. Runs that graph eagerly through the emulated kernels."""
 
     graphs: list[GraphModule] = field(default_factory=list)
 
     def __call__(self, gm: GraphModule, example_inputs: list) -> Callable:
-        self.graphs.append(gm)
-        return gm.forward
+        from functorch.compile import make_boxed_func
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def record(aten_graph: GraphModule, inputs: list) -> Callable:
+            self.graphs.append(aten_graph)
+            return make_boxed_func(aten_graph.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, keep_inference_input_mutations=True)
 
 
 def _torchair_backend(options: TorchairOptions) -> Callable:
@@ -81,8 +85,9 @@ class BucketedDecode:
         self.options = options
         self.block_size = block_size
         self.width = options.max_blocks_per_req or -(-config.max_position_embeddings // block_size)
-        self.names = list(gm.meta["mla_inputs"])
-        self.tensor_names = [n for n in self.names if n not in _HOST_LISTS]
+        lists = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("mla_host_list")]
+        if lists:
+            raise ValueError(f"graph mode needs every input as a tensor; this graph takes host lists {lists}")
         self.on_npu = npu_backend() == "torch_npu"
         self.backend = _torchair_backend(options) if self.on_npu else StandInBackend()
         self.buckets_run: list[int] = []
@@ -104,9 +109,7 @@ class BucketedDecode:
         return types.MethodType(clone, method.__self__)
 
     def _step(self, *tensors: torch.Tensor) -> torch.Tensor:
-        values = dict(zip(self.tensor_names, tensors))
-        args = [values[_HOST_LISTS[n]].tolist() if n in _HOST_LISTS else values[n] for n in self.names]
-        return self.gm(*args)
+        return self.gm(*tensors)
 
     def bucket_for(self, num_reqs: int) -> int:
         for size in self.options.graph_batch_sizes:
@@ -114,6 +117,27 @@ class BucketedDecode:
                 return size
         raise ValueError(f"decode batch of {num_reqs} requests exceeds the largest graph batch size "
                          f"{self.options.graph_batch_sizes[-1]}; add a larger size to graph_batch_sizes")
+
+    def warmup(self, kv_cache, cos_sin: torch.Tensor, sizes: tuple[int, ...] | None = None) -> list[GraphModule]:
+        """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
+        request is padding (slot -1, seq_len 0: nothing is written). Returns the graphs handed to
+        the compiler (the stand-in records them; on Ascend, torchair does not expose them)."""
+        config_hidden = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"].shape[1]
+        dtype = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"].dtype
+        empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
+                            block_table=torch.zeros(0, 1, dtype=torch.int32),
+                            seq_lens=torch.empty(0, dtype=torch.int32),
+                            query_start_loc=torch.zeros(1, dtype=torch.int32),
+                            num_decodes=0, num_decode_tokens=0, num_prefills=0)
+        graphs = []
+        for size in sizes or self.options.graph_batch_sizes:
+            padded = Call(torch.zeros(size, config_hidden, dtype=dtype), torch.zeros(size, dtype=torch.int64),
+                          kv_cache, _pad_metadata(empty, size, self.width), cos_sin)
+            before = len(getattr(self.backend, "graphs", []))
+            with torch.no_grad():
+                self._compiled(*graph_inputs(self.gm, padded))
+            graphs += list(getattr(self.backend, "graphs", []))[before:]
+        return graphs
 
     def __call__(self, call: Call) -> torch.Tensor:
         md = call.metadata
@@ -124,11 +148,8 @@ class BucketedDecode:
                              f"max_blocks_per_req={self.width}; raise the max_blocks_per_req option")
         padded = Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
                       _pad_metadata(md, size, self.width), call.cos_sin)
-        tensors = [x for name, x in zip(self.names, graph_inputs(self.gm, padded)) if name not in _HOST_LISTS]
         self.buckets_run.append(size)
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            out = self._compiled(*tensors)
-        return out[:B]
+        return self._compiled(*graph_inputs(self.gm, padded))[:B]
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:

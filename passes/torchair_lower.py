@@ -184,3 +184,42 @@ def decompose_linear(gm: GraphModule) -> PassResult:
         g.erase_node(node)
         result.count("linear -> mm")
     return result
+
+
+# host-list graph input -> the device tensor it is read from
+_LENGTH_TENSORS = {"seq_lens_list": "seq_lens"}
+
+
+@graph_pass()
+def lengths_as_tensors(gm: GraphModule) -> PassResult:
+    """FIA with host-list lengths -> torchair's air FIA, which takes them as device tensors: a
+    list of ints in a compiled graph is either a value guard (recompiles every step) or a
+    data-dependent read (no GE converter); the tensor form is what GE graph mode runs.
+
+        o = npu.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens_list, ...)
+      ->  o = air.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens, ...)
+    """
+    result = PassResult(changed=False)
+    g = gm.graph
+    inputs = {n.name: n for n in g.nodes if n.op == "placeholder"}
+    for node in list(g.nodes):
+        if not _is(node, _npu().npu_fused_infer_attention_score.default):
+            continue
+        kwargs = dict(node.kwargs)
+        lengths = [k for k in ("actual_seq_lengths", "actual_seq_lengths_kv")
+                   if isinstance(kwargs.get(k), Node) and kwargs[k].name in _LENGTH_TENSORS]
+        if len(lengths) != sum(kwargs.get(k) is not None for k in ("actual_seq_lengths", "actual_seq_lengths_kv")):
+            result.notes.append(f"{node.name}: a length list with no tensor form; left as is")
+            continue
+        for key in lengths:
+            kwargs[key] = inputs[_LENGTH_TENSORS[kwargs[key].name]]
+        with g.inserting_before(node):
+            air = call(g, torch.ops.air.npu_fused_infer_attention_score.default, *node.args, **kwargs)
+        node.replace_all_uses_with(air)
+        g.erase_node(node)
+        result.count("FIA lengths as tensors")
+    for name in _LENGTH_TENSORS:
+        if name in inputs and not inputs[name].users:
+            g.erase_node(inputs[name])
+            gm.meta["mla_inputs"] = [n for n in gm.meta["mla_inputs"] if n != name]
+    return result

@@ -58,7 +58,7 @@ def test_v3_decode_layer_is_four_kernels():
     layer = MLAAttention(V3_TINY, dtype=torch.bfloat16)
     gm = lower(layer, "torchair", ["decode"], block_size=BS).graph_for("decode")
     assert device_kernels(gm) == ["npu.npu_mla_prolog_v3_functional.default",
-                                  "npu.npu_fused_infer_attention_score.default",
+                                  "air.npu_fused_infer_attention_score.default",
                                   "aten.bmm.default", "aten.mm.default"]
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert not any(op.startswith(("mla.", "atb.")) or "index_put" in op for op in ops)
@@ -82,7 +82,7 @@ def test_multistream_scopes_pair_and_hold_the_kv_branch():
     inside = [str(n.target) for n in nodes[enters[0] + 1: exits[0]] if n.op == "call_function"]
     assert "npu.npu_kv_rmsnorm_rope_cache.default" in inside
     assert not any("interleave_rope" in op or "fused_infer" in op for op in inside)
-    fia = next(n for n in nodes if n.target is torch.ops.npu.npu_fused_infer_attention_score.default)
+    fia = next(n for n in nodes if n.target is torch.ops.air.npu_fused_infer_attention_score.default)
     assert fia.args[0].target is torch.ops.air.wait_tensor.default
     # the fused prolog leaves one producer chain: nothing to overlap, no scopes
     v3 = lower(MLAAttention(V3_TINY, dtype=torch.bfloat16), "torchair-multistream", ["decode"], block_size=BS)
@@ -101,3 +101,24 @@ def test_bad_options_and_oversized_batches():
     md = build_metadata(requests, [cache.allocator.grow([], 4, BS) for _ in requests], BS)
     with pytest.raises(ValueError, match="decode batch of 3 requests exceeds the largest graph batch size 2"):
         graph(torch.randn(3, V3_TINY.hidden_size).bfloat16(), positions_for(requests), cache, md)
+
+
+@pytest.mark.parametrize("config, dtype", [(V3_TINY, torch.bfloat16), (V2_LITE_TINY, torch.float32)])
+def test_bucket_graphs_pass_the_torchair_check(config, dtype):
+    """What the compiler is handed for each bucket (an AOT-traced, static-shape aten graph) has
+    only ops with real GE converters, no index_put or atb::, paired scopes, static sizes."""
+    from mla_graph.torchair_compat import check_torchair
+
+    layer = MLAAttention(config, dtype=dtype)
+    for target in ("torchair", "torchair-multistream"):
+        graph = lower(layer, target, ["decode"], block_size=BS, target_options={"graph_batch_sizes": [1, 4]})
+        cache = PagedLatentCache.allocate(config, 4, BS, dtype=dtype)
+        before = cache.latent.clone()
+        compiled = graph.runners["decode"].warmup(cache, layer.cos_sin)
+        assert len(compiled) == 2
+        assert torch.equal(cache.latent, before)   # the dummy batch is all padding: nothing written
+        for gm in compiled:
+            report = check_torchair(gm, static_dims=True)
+            assert report.ok, report.table()
+            ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            assert "air.npu_fused_infer_attention_score.default" in ops

@@ -109,4 +109,11 @@ def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> GraphModule:
     layer = MLAAttention(config, dtype=DTYPES[args.dtype], tp_size=args.tp_size).requires_grad_(False)
     with torch.no_grad():
         lowered = lower(layer, args.target, [args.phase], block_size=args.block_size)
-    return lowered.graph_for(args.phase)
+    runner = lowered.runners.get(args.phase)
+    if runner is None or not hasattr(runner, "warmup") or runner.on_npu:
+        return lowered.graph_for(args.phase)
+    # A graph-mode target compiles one static graph per batch bucket: check what the compiler is
+    # handed for the smallest bucket (an AOT-traced aten graph), not the symbolic lowered graph.
+    from ..cache import PagedLatentCache
+    cache = PagedLatentCache.allocate(config, 2, args.block_size, dtype=layer.dtype)
+    return runner.warmup(cache, layer.cos_sin, sizes=runner.options.graph_batch_sizes[:1])[0]
