@@ -90,8 +90,12 @@ class PagedLatentCache:
             if tensor.dim() != 4 or tensor.shape[2] != 1 or tensor.shape[3] != width:
                 raise ValueError(f"kv_cache.{name} must be [num_blocks, block_size, 1, {width}], "
                                  f"got {list(tensor.shape)}")
-            if not tensor.is_contiguous():
-                raise ValueError(f"kv_cache.{name} must be contiguous")
+            # Rows may be strided (vLLM keeps latent and rope side by side in one 576-wide cache;
+            # these are views of it), but [num_blocks, block_size] must flatten to slots.
+            if tensor.stride(-1) != 1 or tensor.stride(0) != tensor.shape[1] * tensor.stride(1):
+                raise ValueError(f"kv_cache.{name} must be viewable as [num_blocks * block_size, {width}] "
+                                 f"(unit stride in the last dim, blocks of consecutive rows), "
+                                 f"got strides {tensor.stride()}")
         if self.latent.shape[:2] != self.rope.shape[:2]:
             raise ValueError(f"kv_cache.latent {list(self.latent.shape)} and kv_cache.rope "
                              f"{list(self.rope.shape)} disagree on [num_blocks, block_size]")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from passes import PassManager, PassRecord, PipelineReport
+from passes.dump import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call
 from .cache import PagedLatentCache
@@ -71,10 +72,11 @@ class LoweredMLA(nn.Module):
 def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,
           block_size: int = 128, dump_dir: str | os.PathLike | None = None, verify: bool = True,
           on_pass: Callable[[str, PassRecord], None] | None = None,
-          target_options: dict | None = None) -> LoweredMLA:
+          target_options: dict | None = None, dump_formats: Iterable[str] | None = None) -> LoweredMLA:
     """Lower `layer` for `target`. Never mutates `layer` or its weights; derived weights are new
     tensors held by the lowered graphs. With `dump_dir`, writes `<dump_dir>/<phase>/NN-<pass>.*`.
-    `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set."""
+    `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set; `dump_formats` (txt, dot, svg, html) to
+    $MLA_GRAPH_DUMP_FORMAT, else txt. With html, `<dump_dir>/report.html` is written too."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     phases = list(dict.fromkeys(phases))
@@ -95,11 +97,15 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
             spec.pipeline(phase),
             dump_dir=os.path.join(os.fspath(dump_dir), phase) if dump_dir is not None else None,
             verify=verify,
+            formats=dump_formats,
             on_pass=(lambda record, phase=phase: on_pass(phase, record)) if on_pass else None,
         )
         reports[phase] = manager.run(gm)
         gm.meta["mla_target"] = target
         graphs[phase] = gm
+    if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
+        from .dumptool import write_report
+        write_report(dump_dir)
     runners = {phase: spec.runtimes[phase](graphs[phase], target_options, layer.config, block_size)
                for phase in graphs if phase in spec.runtimes}
     return LoweredMLA(layer, spec, graphs, reports, block_size, runners)

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.fx import GraphModule
 
 from .base import GraphPass, PassResult, Violation, pass_name
-from .dump import format_graph
+from .dump import FORMATS_ENV, PASS_FORMATS, format_graph, node_rows, parse_formats, render_svg, require_dot, to_dot
 from .verifier import PassVerificationError, verify_graph
+
+# Files the manager writes into a dump folder (see _remove_stale_dumps).
+_DUMP_FILE = re.compile(r"^(00-capture|\d\d-\w+\.(before|after))\.(txt|dot|svg)$|^summary\.json$")
 
 
 @dataclass
@@ -26,21 +30,27 @@ class PassRecord:
     created: int
     erased: int
     notes: list[str] = field(default_factory=list)
+    created_nodes: list[str] = field(default_factory=list)
+    erased_nodes: list[str] = field(default_factory=list)
+    ops_after: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class PipelineReport:
     records: list[PassRecord]
     final_ops: dict[str, int]
+    capture_ops: dict[str, int] = field(default_factory=dict)
+    stopped_after: str | None = None
 
     @property
     def seconds(self) -> float:
         return sum(r.seconds for r in self.records)
 
-    def table(self) -> str:
+    def table(self, only_changed: bool = False) -> str:
         rows = [("#", "pass", "time ms", "changed", "matches", "+nodes", "-nodes")]
         rows += [(f"{r.index:02d}", r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "-",
-                  str(r.matches), str(r.created), str(r.erased)) for r in self.records]
+                  str(r.matches), str(r.created), str(r.erased)) for r in self.records
+                 if r.changed or not only_changed]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -48,30 +58,53 @@ class PipelineReport:
 
     def to_json(self) -> dict:
         return {"passes": [asdict(r) for r in self.records], "final_ops": self.final_ops,
-                "seconds": self.seconds}
+                "capture_ops": self.capture_ops, "stopped_after": self.stopped_after, "seconds": self.seconds}
 
 
 class PassManager:
     """Runs `pipeline` in order on a GraphModule, in place.
 
-    Per pass: time; created/erased node counts; node.meta['mla_pass'] on every node the pass
-    created (provenance); numbered dumps `NN-<pass>.before.txt` / `.after.txt` in `dump_dir`,
-    written only when the pass changed the graph; then the verifier (lint, fake values) and the
-    pass's own `ensures`. A pass's `requires` are checked before it runs. A broken invariant
-    raises PassVerificationError naming the pass and the node.
+    Per pass: time; created/erased nodes; node.meta['mla_pass'] on every node the pass created
+    (provenance); numbered dumps `NN-<pass>.before.*` / `.after.*` in `dump_dir`, written only
+    when the pass changed the graph; then the verifier (lint, fake values) and the pass's own
+    `ensures`. A pass's `requires` are checked before it runs. A broken invariant raises
+    PassVerificationError naming the pass and the node.
+
+    `formats` picks the per-pass files: "txt" (FX code + node table), "dot", "svg" (drawings in
+    which the pass's new nodes are filled; svg needs Graphviz); "html" implies "txt"; default
+    $MLA_GRAPH_DUMP_FORMAT or "txt". `stop_after` ends the pipeline after that pass. `inspect(record, gm)` is called
+    after every pass with the graph as the pass left it (e.g. to print it).
     """
 
     def __init__(self, pipeline: Sequence[GraphPass], *, dump_dir: str | os.PathLike | None = None,
-                 verify: bool = True, on_pass: Callable[[PassRecord], None] | None = None) -> None:
+                 verify: bool = True, on_pass: Callable[[PassRecord], None] | None = None,
+                 formats: Iterable[str] | None = None, stop_after: str | None = None,
+                 inspect: Callable[[PassRecord, GraphModule], None] | None = None) -> None:
         self.pipeline = list(pipeline)
+        self.stop_after = stop_after
+        if stop_after is not None:
+            names = [pass_name(fn) for fn in self.pipeline]
+            if stop_after not in names:
+                raise ValueError(f"stop_after names pass {stop_after!r}, which is not in this pipeline; "
+                                 f"passes: {', '.join(names)}")
+            self.pipeline = self.pipeline[:names.index(stop_after) + 1]
         self.dump_dir = os.fspath(dump_dir) if dump_dir is not None else None
+        chosen = parse_formats(formats if formats is not None else os.environ.get(FORMATS_ENV) or "txt")
+        if "html" in chosen:   # the report (written over the whole dump) is built from the txt dumps
+            chosen += ("txt",)
+        self.formats = tuple(f for f in PASS_FORMATS if f in chosen)
+        if self.dump_dir is not None and "svg" in self.formats:
+            require_dot()
         self.verify = verify
         self.on_pass = on_pass
+        self.inspect = inspect
 
     def run(self, gm: GraphModule) -> PipelineReport:
+        capture_ops = op_histogram(gm)
         if self.dump_dir is not None:
             os.makedirs(self.dump_dir, exist_ok=True)
-            self._write("00-capture.txt", format_graph(gm))
+            self._remove_stale_dumps()
+            self._dump("00-capture", format_graph(gm), node_rows(gm), f"{gm.meta.get('mla_phase', '?')}: capture")
         if self.verify:
             self._raise_first("capture", verify_graph(gm))
         records = []
@@ -80,9 +113,13 @@ class PassManager:
             records.append(record)
             if self.on_pass is not None:
                 self.on_pass(record)
-        report = PipelineReport(records, op_histogram(gm))
+            if self.inspect is not None:
+                self.inspect(record, gm)
+        report = PipelineReport(records, op_histogram(gm), capture_ops, self.stop_after)
         if self.dump_dir is not None:
-            self._write("summary.json", json.dumps(report.to_json(), indent=2))
+            summary = {"phase": gm.meta.get("mla_phase"), **report.to_json(), "formats": list(self.formats),
+                       "nodes": node_rows(gm)}
+            self._write("summary.json", json.dumps(summary, indent=2))
         return report
 
     def _run_one(self, index: int, fn: GraphPass, gm: GraphModule) -> PassRecord:
@@ -93,7 +130,8 @@ class PassManager:
         versions = _weight_versions(gm)
         before_nodes = set(gm.graph.nodes)
         before_text = str(gm.graph)
-        before_dump = format_graph(gm) if self.dump_dir is not None else None
+        # rendered now: the pass may erase nodes the "before" dumps must still show
+        before = (format_graph(gm), node_rows(gm)) if self.dump_dir is not None else None
         start = time.perf_counter()
         result = fn(gm)
         seconds = time.perf_counter() - start
@@ -108,19 +146,42 @@ class PassManager:
             raise PassVerificationError(name, None, "the graph changed but the pass reported changed=False")
         after_nodes = set(gm.graph.nodes)
         created = [n for n in gm.graph.nodes if n not in before_nodes]
+        erased = [n.name for n in before_nodes - after_nodes]
         for node in created:
             node.meta.setdefault("mla_pass", name)
         if result.changed:
             gm.recompile()
-            if self.dump_dir is not None:
-                self._write(f"{index:02d}-{name}.before.txt", before_dump)
-                self._write(f"{index:02d}-{name}.after.txt", format_graph(gm))
+            if before is not None:
+                stem = f"{index:02d}-{name}"
+                title = f"{gm.meta.get('mla_phase', '?')}: {stem}"
+                self._dump(f"{stem}.before", *before, f"{title} (before)", erased=erased, pass_=name)
+                self._dump(f"{stem}.after", format_graph(gm), node_rows(gm), f"{title} (after)",
+                           created=[n.name for n in created], pass_=name)
         if self.verify:
             self._raise_first(name, verify_graph(gm))
             for inv in getattr(fn, "ensures", ()):
                 self._raise_first(name, [(n, f"ensures '{inv}': {m}") for n, m in inv.check(gm)])
         return PassRecord(index, name, seconds, result.changed, result.matches, dict(result.matches_by_rule),
-                          len(created), len(before_nodes - after_nodes), list(result.notes))
+                          len(created), len(erased), list(result.notes), [n.name for n in created],
+                          sorted(erased), op_histogram(gm))
+
+    def _dump(self, stem: str, text: str, rows: list[dict], title: str, *, created: Sequence[str] = (),
+              erased: Sequence[str] = (), pass_: str = "") -> None:
+        if "txt" in self.formats:
+            self._write(f"{stem}.txt", text)
+        if "dot" in self.formats or "svg" in self.formats:
+            dot = to_dot(rows, title, created=set(created), erased=set(erased), pass_name=pass_)
+            if "dot" in self.formats:
+                self._write(f"{stem}.dot", dot)
+            if "svg" in self.formats:
+                self._write(f"{stem}.svg", render_svg(dot))
+
+    def _remove_stale_dumps(self) -> None:
+        """A pass that changed nothing writes nothing, so files of an earlier run into the same folder
+        would pass for this run's: remove the manager's own files (and nothing else) first."""
+        for filename in os.listdir(self.dump_dir):
+            if _DUMP_FILE.match(filename):
+                os.remove(os.path.join(self.dump_dir, filename))
 
     def _write(self, filename: str, text: str) -> None:
         path = os.path.join(self.dump_dir, filename)

@@ -81,3 +81,11 @@ def test_pass_writing_a_weight_in_place_is_named(monkeypatch):
     monkeypatch.setitem(TARGETS, "inplace", Target("inplace", "test", lambda phase: [scales_weight]))
     with pytest.raises(PassVerificationError, match="'scales_weight': wrote to weight 'o_proj.weight' in place"):
         lower(MLAAttention(V3_TINY).requires_grad_(False), "inplace", phases=["decode"], block_size=16)
+
+
+def test_html_report_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_GRAPH_DUMP", str(tmp_path))
+    monkeypatch.setenv("MLA_GRAPH_DUMP_FORMAT", "txt,html")
+    lower(MLAAttention(V3_TINY), "npu", phases=["decode"], block_size=16)
+    html = (tmp_path / "report.html").read_text()
+    assert "absorb_kv_weights" in html and "http://" not in html and "https://" not in html

@@ -1,0 +1,199 @@
+"""mla-graph dump: lower one (or N) MLA layers and write pass-by-pass dumps and an HTML report."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..capture import PHASES
+from ..targets import TARGETS
+from ._common import DTYPES, add_model_args, config_from, phases
+
+HELP = "write pass-by-pass dumps (txt, dot, svg) and an HTML report of a lowering"
+
+EXAMPLES = """examples:
+  mla-graph dump --preset deepseek-v3 --target npu --phase decode --out dumps/v3 --format txt,svg,html
+  mla-graph dump --hf-config config.json --target npu --out d --print-after absorb_kv_weights \
+      --stop-after page_latent_attention
+  mla-graph dump --preset deepseek-v3 --target npu --phase decode --check-torchair --out d   # would GE accept it?
+  mla-graph dump --preset deepseek-v3 --target npu --layers 61 --out d      # progress on stderr, summary at the end
+  mla-graph diff dumps/reference dumps/npu                                   # compare two dumps pass by pass
+
+files, per phase in OUT/<phase>/: 00-capture.*, NN-<pass>.before.* / .after.* for every pass that changed
+the graph (txt: FX code and a node table with shapes, dtypes and the pass that made each node; dot/svg:
+drawings with the pass's new nodes filled orange and its erased nodes red), summary.json; OUT/report.html
+(self-contained: open it from disk) and OUT/dump.json. Code that calls lower() itself dumps the same per-pass
+files with MLA_GRAPH_DUMP=DIR (formats from MLA_GRAPH_DUMP_FORMAT, default txt)."""
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    from passes.dump import parse_formats
+    try:
+        return parse_formats(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("dump", help=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Lower MLA layers (random weights at the model's dimensions) for a target and "
+                                   "write, per phase, numbered dumps of every pass that changed the graph, plus "
+                                   "one self-contained HTML report: the pipeline as a timeline, a before/after "
+                                   "diff per pass, op histograms per stage, the final kernels with shapes and "
+                                   "which pass created every node.")
+    add_model_args(p)
+    p.add_argument("--target", choices=sorted(TARGETS), default="reference", help="lowering target (default reference)")
+    p.add_argument("--phase", action="append", choices=list(PHASES) + ["all"],
+                   help="phase to lower; repeat for several (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the dumps (created; earlier dumps "
+                                                                  "of the same phases are replaced)")
+    p.add_argument("--format", type=_formats, default=("txt", "html"), metavar="LIST",
+                   help="comma-separated: txt, dot, svg (needs Graphviz's `dot`), html (implies txt); "
+                        "default txt,html")
+    p.add_argument("--print-after", action="append", metavar="PASS", default=[],
+                   help="print the graph after PASS to stdout; repeat for several, or 'all'")
+    p.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after PASS: later passes neither "
+                                                        "run nor write dumps")
+    p.add_argument("--only-changed", action="store_true",
+                   help="list, print (--print-after) and show in the report only passes that changed the graph")
+    p.add_argument("--check-torchair", action="store_true",
+                   help="check the final graphs against torchair's GE converters (always on for --target "
+                        "torchair): the report names each rejected node and the pass that created it")
+    p.add_argument("--layers", type=_positive, default=1, metavar="N",
+                   help="lower N layers (each with its own random weights; dumps are of the first), showing "
+                        "progress on stderr and a summary table at the end (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights (layer i uses seed + i)")
+    return p
+
+
+def _check_pass_names(args: argparse.Namespace, pipelines: dict[str, list[str]]) -> None:
+    known = list(dict.fromkeys(n for names in pipelines.values() for n in names))
+    if args.stop_after is not None:
+        for phase, names in pipelines.items():
+            if args.stop_after not in names:
+                raise ValueError(f"--stop-after {args.stop_after!r} is not a pass of the {args.target} pipeline "
+                                 f"for phase {phase}; valid passes: {', '.join(names)}")
+    bad = [p for p in args.print_after if p != "all" and p not in known]
+    if bad:
+        raise ValueError(f"--print-after {bad[0]!r} is not a pass of the {args.target} pipeline; valid passes: "
+                         f"all, {', '.join(known)}")
+
+
+def _printer(args: argparse.Namespace, phase: str):
+    from passes.dump import format_graph
+    wanted = set(args.print_after)
+
+    def inspect(record, gm) -> None:
+        if ("all" in wanted or record.name in wanted) and (record.changed or not args.only_changed):
+            note = "" if record.changed else " (no change)"
+            print(f"// ----- {phase}: after {record.index:02d}-{record.name}{note} -----")
+            print(format_graph(gm), flush=True)
+    return inspect if wanted else None
+
+
+def _torchair_report(gm, phase_dir: Path) -> str | None:
+    """Check the final graph against torchair's GE converters and write torchair.json; None when
+    mla_graph.torchair_compat is not available in this installation."""
+    try:
+        from ..torchair_compat import check_torchair
+    except ImportError:
+        return None
+    # The dump captures one graph per phase with symbolic sizes; torchair compiles one static graph
+    # per batch bucket, so symbolic sizes here are expected and not reported.
+    report = check_torchair(gm, static_dims=False)
+    data = {**report.to_json(), "note": "sizes are symbolic in a dump (torchair compiles one static graph "
+                                        "per bucket); dynamic dims are not reported"}
+    (phase_dir / "torchair.json").write_text(json.dumps(data, indent=2))
+    return report.table()
+
+
+def run(args: argparse.Namespace) -> int:
+    from passes import PassManager, PassVerificationError, pass_name
+    from passes.dump import GraphvizNotFound, require_dot
+
+    from ..attention import MLAAttention
+    from ..capture import capture
+    from ..dumptool import REPORT_NAME, write_report
+    from ..dumptool.progress import PhaseTotals, Progress, summary_table
+
+    if "svg" in args.format:
+        try:
+            require_dot()
+        except GraphvizNotFound as exc:
+            print(f"mla-graph: error: {exc}", file=sys.stderr)
+            return 2
+    config = config_from(args)
+    spec = TARGETS[args.target]
+    selected = phases(args.phase)
+    pipelines = {phase: [pass_name(fn) for fn in spec.pipeline(phase)] for phase in selected}
+    _check_pass_names(args, pipelines)
+    spec.prepare()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[args.dtype]
+    totals = {phase: PhaseTotals(phase) for phase in selected}
+    graphs = {}
+    progress = Progress(args.layers) if args.layers > 1 else None
+    start = time.perf_counter()
+    for index in range(args.layers):
+        torch.manual_seed(args.seed + index)
+        layer = MLAAttention(config, dtype=dtype, tp_size=args.tp_size).requires_grad_(False)
+        first = index == 0
+        for phase in selected:
+            if progress is not None:
+                progress.update(index + 1, f"({phase}) ...")
+            gm = capture(layer, phase, block_size=args.block_size)
+            manager = PassManager(spec.pipeline(phase), dump_dir=out / phase if first else None,
+                                  formats=args.format, stop_after=args.stop_after,
+                                  inspect=_printer(args, phase) if first else None)
+            try:
+                totals[phase].reports.append(manager.run(gm))
+            except PassVerificationError as exc:
+                if progress is not None:
+                    progress.close()
+                print(f"mla-graph: error: {exc}\ndumps up to that pass are in {out / phase}", file=sys.stderr)
+                return 1
+            if first:
+                gm.meta["mla_target"] = args.target
+                graphs[phase] = gm
+    if progress is not None:
+        progress.close()
+
+    print(f"{config.name} -> {args.target}: {args.layers} layer(s), {', '.join(selected)}, "
+          f"{time.perf_counter() - start:.1f}s")
+    for phase in selected:
+        report = totals[phase].reports[0]
+        (out / phase / "torchair.json").unlink(missing_ok=True)
+        print(f"\n[{args.target} / {phase}] {len(report.records)} passes"
+              f"{f' (stopped after {args.stop_after})' if args.stop_after else ''}, {report.seconds * 1e3:.1f} ms")
+        print(report.table(only_changed=args.only_changed))
+        print("ops: " + ", ".join(f"{op} x{n}" for op, n in report.final_ops.items()))
+        if args.check_torchair or args.target == "torchair":
+            table = _torchair_report(graphs[phase], out / phase)
+            print(table if table is not None else "torchair check: mla_graph.torchair_compat is not available")
+    meta = {"model": config.name, "target": args.target, "phases": selected, "dtype": args.dtype,
+            "block_size": args.block_size, "tp_size": args.tp_size, "layers": args.layers,
+            "formats": list(args.format), "stop_after": args.stop_after}
+    (out / "dump.json").write_text(json.dumps(meta, indent=2))
+    print("\nsummary")
+    print(summary_table(list(totals.values())))
+    print(f"\ndumps: {out}/<phase>/")
+    if "html" in args.format:
+        print(f"report: {write_report(out, only_changed=args.only_changed)}")
+    else:
+        (out / REPORT_NAME).unlink(missing_ok=True)   # it would describe an earlier run
+    return 0
