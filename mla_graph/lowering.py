@@ -31,7 +31,7 @@ class LoweredMLA(nn.Module):
 
     def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
                  reports: dict[str, PipelineReport], block_size: int,
-                 runners: dict[str, Callable] | None = None) -> None:
+                 target_options: dict | None = None) -> None:
         super().__init__()
         self.config = layer.config
         self.num_heads = layer.num_heads
@@ -41,7 +41,10 @@ class LoweredMLA(nn.Module):
         self.reports = reports
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
-        self.runners = runners or {}  # phase -> graph-mode runner (torchair decode)
+        self.target_options = dict(target_options or {})
+        # phase -> graph-mode runner (torchair decode), built over this module's own graphs
+        self.runners = {phase: target.runtimes[phase](gm, self.target_options, layer.config, block_size)
+                        for phase, gm in graphs.items() if phase in target.runtimes}
 
     @property
     def phases(self) -> list[str]:
@@ -106,6 +109,4 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report
         write_report(dump_dir)
-    runners = {phase: spec.runtimes[phase](graphs[phase], target_options, layer.config, block_size)
-               for phase in graphs if phase in spec.runtimes}
-    return LoweredMLA(layer, spec, graphs, reports, block_size, runners)
+    return LoweredMLA(layer, spec, graphs, reports, block_size, target_options)

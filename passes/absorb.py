@@ -1,6 +1,8 @@
 """absorb_kv_weights: attention over decompressed K/V becomes attention in latent space."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.fx import GraphModule
 
@@ -25,6 +27,9 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
 
     W_UK [N, P, L] and W_UV [N, L, V] are new tensors cut from kv_b_proj's weight once, here;
     the weight itself is not touched. Fires only where the cost model chose 'absorbed'.
+    How each is cut is recorded in gm.meta["mla_derived_constants"] as
+    {buffer: (get_attr target of the source weight, function of that weight)}, so a layer of the
+    same shape can reuse this graph with its own weights (mla_graph.model_lowering replays it).
     """
     result = PassResult(changed=False)
     if gm.meta.get("mla_attention_form", "absorbed") != "absorbed":
@@ -42,13 +47,14 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
         q_nope = val(m.q_nope)
         T, N, P = q_nope.shape
         L, V = val(m.latent_cache).shape[-1], m.v_dim
-        with torch.no_grad():
-            w = weight.detach().view(N, P + V, L)
-            w_uk = w[:, :P, :].clone()                        # [N, P, L]
-            w_uv = w[:, P:, :].transpose(1, 2).contiguous()   # [N, L, V]
+        cut_uk = partial(cut_w_uk, heads=N, nope_dim=P, v_dim=V)
+        cut_uv = partial(cut_w_uv, heads=N, nope_dim=P, v_dim=V)
         anchor = first_user_position(gm)
-        w_uk_node = add_constant(gm, f"{node.name}_w_uk", w_uk, anchor)
-        w_uv_node = add_constant(gm, f"{node.name}_w_uv", w_uv, anchor)
+        w_uk_node = add_constant(gm, f"{node.name}_w_uk", cut_uk(weight), anchor)
+        w_uv_node = add_constant(gm, f"{node.name}_w_uv", cut_uv(weight), anchor)
+        derived = gm.meta.setdefault("mla_derived_constants", {})
+        derived[w_uk_node.target] = (m.w_kv_b.target, cut_uk)
+        derived[w_uv_node.target] = (m.w_kv_b.target, cut_uv)
         with g.inserting_before(node):
             lat = call(g, mla.gather_paged.default, m.latent_cache, m.block_table)      # [B, S, L]
             rope = call(g, mla.gather_paged.default, m.rope_cache, m.block_table)       # [B, S, R]
@@ -66,3 +72,16 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
     if result.changed:
         g.eliminate_dead_code()
     return result
+
+
+def cut_w_uk(kv_b_weight: torch.Tensor, *, heads: int, nope_dim: int, v_dim: int) -> torch.Tensor:
+    """W_UK [N, P, L]: the key half of kv_b_proj's weight [N*(P+V), L], a new tensor."""
+    with torch.no_grad():
+        return kv_b_weight.detach().view(heads, nope_dim + v_dim, -1)[:, :nope_dim, :].clone()
+
+
+def cut_w_uv(kv_b_weight: torch.Tensor, *, heads: int, nope_dim: int, v_dim: int) -> torch.Tensor:
+    """W_UV [N, L, V]: the value half of kv_b_proj's weight, transposed, a new tensor."""
+    with torch.no_grad():
+        w = kv_b_weight.detach().view(heads, nope_dim + v_dim, -1)
+        return w[:, nope_dim:, :].transpose(1, 2).contiguous()

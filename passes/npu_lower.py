@@ -118,7 +118,9 @@ def _mask(gm: GraphModule) -> Node:
     if existing is not None:
         return existing
     mask = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool).triu(1)
-    return add_constant(gm, "fia_causal_mask", mask, first_user_position(gm))
+    node = add_constant(gm, "fia_causal_mask", mask, first_user_position(gm))
+    gm.meta.setdefault("mla_derived_constants", {})[node.target] = None   # independent of the weights
+    return node
 
 
 def _host_list(gm: GraphModule, name: str) -> Node:

@@ -76,6 +76,12 @@ def _match_prolog(attn: Node) -> dict | None:
                 kv_norm=normed, positions=q_pe.args[1], table=q_pe.args[2], write=write, slots=slots)
 
 
+def transposed(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] nn.Linear weight -> the [in, out] matrix the prolog kernel takes, a new tensor."""
+    with torch.no_grad():
+        return weight.detach().t().contiguous()
+
+
 @graph_pass()
 def fuse_mla_prolog(gm: GraphModule) -> PassResult:
     """The whole absorbed decode prolog -> npu_mla_prolog_v3_functional (configs with q_lora).
@@ -101,10 +107,11 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
             continue
         anchor = first_user_position(gm)
         consts = {}
+        derived = gm.meta.setdefault("mla_derived_constants", {})
         for key, name in (("w_qa", "prolog_w_dq"), ("w_qb", "prolog_w_uq_qr"), ("w_kva", "prolog_w_dkv_kr")):
             weight = gm.get_parameter(m[key].target)
-            with torch.no_grad():
-                consts[key] = add_constant(gm, f"{attn.name}_{name}", weight.detach().t().contiguous(), anchor)
+            consts[key] = add_constant(gm, f"{attn.name}_{name}", transposed(weight), anchor)
+            derived[consts[key].target] = (m[key].target, transposed)   # replayed per layer by lower_layers
         cos, sin = _rope_cos_sin(gm, m["positions"], m["table"])
         latent_cache, rope_cache = attn.args[2], attn.args[3]
         dtype = val(attn).dtype

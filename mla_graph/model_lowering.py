@@ -1,0 +1,160 @@
+"""lower_layers: lower a model's MLA layers, each distinct shape once, the rest by re-binding.
+
+A model has many MLA layers of one shape (DeepSeek-V3: 61). Capture and the pass pipeline depend
+only on (config, dtype, heads per rank, target, phases, block_size), not on the weights' values, so
+the first layer of each shape is lowered and every further layer gets a copy of its lowered graphs
+whose get_attr nodes read that layer's own tensors (no weight is copied). Constants a pass derived
+from a weight (absorb's W_UK / W_UV) are cut again from the layer's own weight, following the recipe
+the pass left in gm.meta["mla_derived_constants"]:
+
+    {buffer name: (get_attr target of the source weight, fn(weight) -> constant)}
+    {buffer name: None}            a constant that does not depend on the weights (shared)
+
+A graph holding a constant with no recipe cannot be re-bound safely; such a shape is lowered
+layer by layer (`LayerLowering.reused` says which happened).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from .attention import MLAAttention
+from .capture import PHASES
+from .lowering import LoweredMLA, lower
+
+
+@dataclass
+class LayerLowering:
+    """What lower_layers did: one entry per distinct layer shape, in first-seen order."""
+
+    key: tuple
+    layers: list[int] = field(default_factory=list)   # indices into the input list
+    reused: bool = True                                 # False: each layer lowered on its own
+    reason: str = ""                                    # why not reused
+
+
+def shape_key(layer: MLAAttention, target: str, phases: Sequence[str], block_size: int) -> tuple:
+    """Everything capture and the pipelines depend on: equal keys give equal lowered graphs."""
+    return (layer.config, layer.dtype, layer.num_heads, target, tuple(phases), block_size)
+
+
+def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phases: Iterable[str] = PHASES, *,
+                 block_size: int = 128, verify: bool = True, dump_dir: str | os.PathLike | None = None,
+                 summary: list[LayerLowering] | None = None) -> list[LoweredMLA]:
+    """One LoweredMLA per layer, as `lower(layer, ...)` would give, lowering each shape once.
+
+    `dump_dir` dumps the passes of each lowered shape (under `<dump_dir>/shape<i>/`). Pass a list as
+    `summary` to receive one LayerLowering per distinct shape.
+    """
+    layers = list(layers)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, MLAAttention):
+            raise TypeError(f"layers[{i}] is a {type(layer).__name__}; lower_layers expects MLAAttention layers")
+    phases = list(dict.fromkeys(phases))
+    groups: dict[tuple, LayerLowering] = {}
+    for i, layer in enumerate(layers):
+        key = shape_key(layer, target, phases, block_size)
+        groups.setdefault(key, LayerLowering(key)).layers.append(i)
+    out: list[LoweredMLA | None] = [None] * len(layers)
+    for n, group in enumerate(groups.values()):
+        first = group.layers[0]
+        shape_dump = None if dump_dir is None else os.path.join(os.fspath(dump_dir), f"shape{n}")
+        template = lower(layers[first], target, phases, block_size=block_size, verify=verify, dump_dir=shape_dump)
+        out[first] = template
+        group.reason = _why_not_rebindable(template, set(_layer_tensors(layers[first])))
+        group.reused = not group.reason
+        for i in group.layers[1:]:
+            out[i] = (rebind(template, layers[i]) if group.reused
+                      else lower(layers[i], target, phases, block_size=block_size, verify=verify))
+    if summary is not None:
+        summary.extend(groups.values())
+    return out  # type: ignore[return-value]
+
+
+def rebind(template: LoweredMLA, layer: MLAAttention) -> LoweredMLA:
+    """`template`'s lowered graphs reading `layer`'s tensors; derived constants recomputed from them."""
+    if (layer.config, layer.dtype, layer.num_heads) != (template.config, template._dtype, template.num_heads):
+        raise ValueError(f"cannot rebind a lowering of {template.config.name} ({template._dtype}, "
+                         f"{template.num_heads} heads) to a layer of {layer.config.name} ({layer.dtype}, "
+                         f"{layer.num_heads} heads); lower that layer on its own")
+    own = _layer_tensors(layer)
+    reason = _why_not_rebindable(template, set(own))
+    if reason:
+        raise ValueError(f"the lowering cannot be re-bound to another layer: {reason}")
+    derived_cache: dict[tuple, torch.Tensor] = {}   # W_UK of the decode graph serves mixed too
+    graphs = {}
+    for phase, gm in template.graphs.items():
+        tensors = {}
+        recipes = gm.meta.get("mla_derived_constants", {})
+        for target in _get_attr_targets(gm):
+            if target in own:
+                tensors[target] = own[target]
+            elif recipes.get(target) is None:
+                tensors[target] = _fetch(gm, target)            # independent of the weights: shared
+            else:
+                source, derive = recipes[target]
+                key = (source, _recipe_key(derive))
+                if key not in derived_cache:
+                    derived_cache[key] = derive(own[source])
+                tensors[target] = derived_cache[key]
+        graphs[phase] = _graph_module(gm, tensors)
+    return LoweredMLA(layer, template.target, graphs, template.reports, template.block_size,
+                      template.target_options)
+
+
+def _why_not_rebindable(lowered: LoweredMLA, layer_tensors: set[str]) -> str:
+    """'' if every tensor a graph reads is a layer tensor or a recorded constant, else why not."""
+    for phase, gm in lowered.graphs.items():
+        recipes = gm.meta.get("mla_derived_constants", {})
+        for target in _get_attr_targets(gm):
+            if target not in layer_tensors and target not in recipes:
+                return (f"the {phase} graph reads constant {target!r}, which no pass recorded in "
+                        f"gm.meta['mla_derived_constants'] (derived from which weight, or None)")
+    return ""
+
+
+def _layer_tensors(layer: MLAAttention) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = dict(layer.named_parameters())
+    tensors.update(layer.named_buffers())
+    return tensors
+
+
+def _get_attr_targets(gm: GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+
+
+def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _recipe_key(derive: Callable) -> tuple:
+    """functools.partial has no __eq__: compare function and bound arguments."""
+    return (getattr(derive, "func", derive), getattr(derive, "args", ()),
+            tuple(sorted(getattr(derive, "keywords", {}).items())))
+
+
+def _graph_module(template: GraphModule, tensors: dict[str, torch.Tensor]) -> GraphModule:
+    """A GraphModule over a copy of template's graph whose get_attr targets resolve to `tensors`."""
+    root = torch.nn.Module()
+    for target, tensor in tensors.items():
+        *path, name = target.split(".")
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(tensor, torch.nn.Parameter):
+            owner.register_parameter(name, tensor)
+        else:
+            owner.register_buffer(name, tensor, persistent=False)
+    gm = GraphModule(root, copy.deepcopy(template.graph), class_name=type(template).__name__)
+    gm.meta.update(template.meta)
+    return gm

@@ -1,0 +1,130 @@
+"""lower_layers: each layer shape is lowered once, further layers re-bound to their own weights."""
+import pytest
+import torch
+
+import mla_graph.lowering as lowering_module
+import mla_graph.model_lowering as model_lowering
+from mla_graph import MLAAttention, MLAConfig, lower
+from mla_graph.checking import PHASE_BATCHES, compare_with_plain, random_batch
+from mla_graph.model_lowering import LayerLowering, lower_layers, rebind
+
+TINY = MLAConfig.preset("deepseek-v2-lite").replace(
+    hidden_size=64, num_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+BLOCK = 16
+
+
+def make_layers(count, config=TINY, seed=0):
+    torch.manual_seed(seed)
+    return [MLAAttention(config).requires_grad_(False) for _ in range(count)]
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """Counts calls of capture made by lower()."""
+    calls = []
+    real = lowering_module.capture
+
+    def counting(layer, phase, **kwargs):
+        calls.append(phase)
+        return real(layer, phase, **kwargs)
+
+    monkeypatch.setattr(lowering_module, "capture", counting)
+    return calls
+
+
+def test_three_layers_lowered_once_equal_separate_lowering(captures):
+    layers = make_layers(3)
+    summary = []
+    lowered = lower_layers(layers, "npu", ["decode"], block_size=BLOCK, summary=summary)
+    assert captures == ["decode"]
+    assert [(g.layers, g.reused) for g in summary] == [([0, 1, 2], True)]
+    for i, (layer, low) in enumerate(zip(layers, lowered)):
+        assert compare_with_plain(layer, low, "decode", seed=i).ok
+        alone = lower(layer, "npu", ["decode"], block_size=BLOCK)
+        batch = random_batch(layer, PHASE_BATCHES["decode"], block_size=BLOCK, seed=i)
+        a, b = batch.cache.clone(), batch.cache.clone()
+        torch.testing.assert_close(low(batch.hidden_states, batch.positions, a, batch.metadata),
+                                   alone(batch.hidden_states, batch.positions, b, batch.metadata),
+                                   rtol=0, atol=0)
+
+
+def test_rebound_graphs_read_the_layers_own_weights_and_recut_derived_ones():
+    layers = make_layers(2)
+    _, second = lower_layers(layers, "npu", ["decode"], block_size=BLOCK)
+    gm = second.graphs["decode"]
+    own = dict(layers[1].named_parameters())
+    read = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in own]
+    assert "kv_b_proj.weight" not in read and "o_proj.weight" in read   # kv_b_proj is folded away
+    for target in read:
+        assert gm.get_parameter(target) is own[target], target   # the layer's tensor, not a copy
+    P, V, N = TINY.qk_nope_head_dim, TINY.v_head_dim, TINY.num_heads
+    w = layers[1].kv_b_proj.weight.view(N, P + V, TINY.kv_lora_rank)
+    derived = gm.meta["mla_derived_constants"]
+    (uk,) = [t for t in derived if t.endswith("_w_uk")]
+    (uv,) = [t for t in derived if t.endswith("_w_uv")]
+    torch.testing.assert_close(getattr(gm, uk), w[:, :P, :], rtol=0, atol=0)
+    torch.testing.assert_close(getattr(gm, uv), w[:, P:, :].transpose(1, 2), rtol=0, atol=0)
+
+
+def test_all_phases_reference_one_capture_per_phase(captures):
+    layers = make_layers(3, seed=1)
+    lowered = lower_layers(layers, "reference", block_size=BLOCK)
+    assert sorted(captures) == ["decode", "mixed", "prefill"]
+    for layer, low in zip(layers, lowered):
+        for phase in ("prefill", "decode", "mixed"):
+            assert compare_with_plain(layer, low, phase).ok, phase
+
+
+def test_distinct_shapes_lowered_separately(captures):
+    other = TINY.replace(num_heads=2)
+    layers = make_layers(2) + make_layers(1, other) + make_layers(1)
+    summary: list[LayerLowering] = []
+    lowered = lower_layers(layers, "reference", ["decode"], block_size=BLOCK, summary=summary)
+    assert captures == ["decode", "decode"]
+    assert [g.layers for g in summary] == [[0, 1, 3], [2]]
+    assert lowered[2].num_heads == 2
+    assert compare_with_plain(layers[2], lowered[2], "decode").ok
+
+
+def test_unrecorded_constant_falls_back_to_lowering_each_layer(captures, monkeypatch):
+    real_lower = model_lowering.lower
+
+    def lower_forgetting_recipes(*args, **kwargs):
+        low = real_lower(*args, **kwargs)
+        for gm in low.graphs.values():
+            gm.meta.pop("mla_derived_constants", None)
+        return low
+
+    monkeypatch.setattr(model_lowering, "lower", lower_forgetting_recipes)
+    layers = make_layers(2)
+    summary = []
+    lowered = lower_layers(layers, "npu", ["decode"], block_size=BLOCK, summary=summary)
+    assert captures == ["decode", "decode"]
+    assert not summary[0].reused and "_w_uk" in summary[0].reason
+    assert compare_with_plain(layers[1], lowered[1], "decode").ok
+    with pytest.raises(ValueError, match="no pass recorded"):
+        rebind(lowered[0], layers[1])
+
+
+def test_rejects_other_shapes_and_non_layers():
+    low = lower(make_layers(1)[0], "reference", ["decode"], block_size=BLOCK)
+    with pytest.raises(ValueError, match="cannot rebind"):
+        rebind(low, make_layers(1, TINY.replace(num_heads=2))[0])
+    with pytest.raises(TypeError, match=r"layers\[1\] is a Linear"):
+        lower_layers([make_layers(1)[0], torch.nn.Linear(2, 2)], "reference")
+
+
+def test_graph_mode_and_prefill_graphs_are_reused_too(captures):
+    """torchair decode (prolog weights folded per layer, its own bucket runner per layer) and npu
+    prefill (a weight-independent mask constant) are lowered once and re-bound."""
+    config = MLAConfig.preset("deepseek-v3").replace(
+        hidden_size=64, num_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16)
+    torch.manual_seed(1)
+    layers = [MLAAttention(config, dtype=torch.bfloat16).requires_grad_(False) for _ in range(2)]
+    lowered = lower_layers(layers, "torchair", ["decode", "prefill"], block_size=BLOCK)
+    assert sorted(captures) == ["decode", "prefill"]
+    assert lowered[0].runners["decode"] is not lowered[1].runners["decode"]
+    for i, (layer, low) in enumerate(zip(layers, lowered)):
+        for phase in ("decode", "prefill"):
+            assert compare_with_plain(layer, low, phase, seed=i).ok
