@@ -3,40 +3,18 @@ carry them. The wheel is downloaded once (never imported) into $MLA_GRAPH_CACHE 
 ~/.cache/mla-graph/wheels. Without network the test fails, unless
 MLA_GRAPH_OFFLINE=1 says to skip it."""
 import functools
-import os
 import pathlib
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import torch
 import yaml
 
+from wheels import torch_npu_wheel
+
 from mla_graph.npu import EMULATED_SCHEMAS, ensure_npu_ops
 
-TORCH_NPU = "torch-npu==2.13.0"
 YAML_SUFFIX = "csrc/aten/npu_native_functions_by_codegen.yaml"
-
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("MLA_GRAPH_CACHE")
-    return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "mla-graph" / "wheels"
-
-
-@functools.cache
-def _download() -> tuple[pathlib.Path | None, str]:
-    """(wheel path, "") or (None, why not); cached so a missing network costs one attempt."""
-    cache = _cache_dir()
-    wheels = sorted(cache.glob("torch_npu-2.13.0-*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", TORCH_NPU, "-d", str(cache)],
-                              capture_output=True, text=True)
-        wheels = sorted(cache.glob("torch_npu-2.13.0-*.whl"))
-        if done.returncode != 0 or not wheels:
-            return None, f"could not download {TORCH_NPU} into {cache}: {done.stderr.strip()[-500:]}"
-    return wheels[0], ""
 
 
 @functools.cache
@@ -60,11 +38,7 @@ def _wheel_schemas(wheel: pathlib.Path) -> dict[str, str]:
 
 def wheel_yaml() -> dict[str, str]:
     """Schemas of the wheel's YAML by op name; fails (or, offline by request, skips) without the wheel."""
-    wheel, reason = _download()
-    if wheel is None:
-        if os.environ.get("MLA_GRAPH_OFFLINE") == "1":
-            pytest.skip(f"MLA_GRAPH_OFFLINE=1 and {reason}")
-        pytest.fail(f"{reason}\nSet MLA_GRAPH_OFFLINE=1 to skip schema conformance on a host without network.")
+    wheel = torch_npu_wheel()
     return _wheel_schemas(wheel)
 
 
