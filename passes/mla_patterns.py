@@ -72,5 +72,36 @@ def match_decompressed_attention(node: Node) -> DecompressedAttention | None:
                                  latent_gather.args[1], w_kv_b, qsl, seq_lens, scale, qk_nope, v_dim)
 
 
+@dataclass
+class KvCacheWrite:
+    """mla.cache_write(mla.rms_norm(c, gamma, eps), mla.rope(k, positions, table), latent, rope, slots)
+    with c, k = split(kv, [L, R])."""
+
+    write: Node
+    kv: Node
+    gamma: Node
+    eps: float
+    positions: Node
+    table: Node
+    latent_cache: Node
+    rope_cache: Node
+    slots: Node
+    exclusive: bool   # the normed latent and roped key feed nothing but the write
+
+
+def match_kv_cache_write(node: Node) -> KvCacheWrite | None:
+    if not _is(node, mla.cache_write.default):
+        return None
+    normed, roped, latent_cache, rope_cache, slots = node.args
+    if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
+        return None
+    c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
+    if c_part is None or k_part is None or c_part[0] is not k_part[0] or (c_part[1], k_part[1]) != (0, 1):
+        return None
+    exclusive = all(u is node for u in list(normed.users) + list(roped.users))
+    return KvCacheWrite(node, c_part[0].args[0], normed.args[1], normed.args[2], roped.args[1], roped.args[2],
+                        latent_cache, rope_cache, slots, exclusive)
+
+
 def val(node: Node) -> torch.Tensor:
     return node.meta["val"]

@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 
 from .base import PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
-from .mla_patterns import _is, _split_part, match_decompressed_attention, val
+from .mla_patterns import _is, match_decompressed_attention, match_kv_cache_write, val
 
 aten, mla = torch.ops.aten, torch.ops.mla
 MASK_SIZE = 2048  # FIA sparse modes 2-4 take a compressed 2048 x 2048 triu(1) mask
@@ -46,24 +46,17 @@ def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
     result = PassResult(changed=False)
     g = gm.graph
     for node in list(g.nodes):
-        if not _is(node, mla.cache_write.default):
+        m = match_kv_cache_write(node)
+        if m is None:
             continue
-        normed, roped, latent_cache, rope_cache, slots = node.args
-        if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
-            continue
-        c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
-        if c_part is None or k_part is None or c_part[0] is not k_part[0] or (c_part[1], k_part[1]) != (0, 1):
-            continue
-        if any(u is not node for u in list(normed.users) + list(roped.users)):
+        if not m.exclusive:
             result.notes.append(f"{node.name}: the normed latent or roped key has other users; not fused")
             continue
-        kv = c_part[0].args[0]
-        width = val(kv).shape[-1]
-        cos, sin = _rope_cos_sin(gm, roped.args[1], roped.args[2])
+        cos, sin = _rope_cos_sin(gm, m.positions, m.table)
         with g.inserting_before(node):
-            kv4 = call(g, aten.view.default, kv, [-1, 1, 1, width])
-            call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, normed.args[1], cos, sin, slots,
-                 rope_cache, latent_cache, epsilon=normed.args[2], cache_mode="PA")
+            kv4 = call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]])
+            call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, m.gamma, cos, sin, m.slots,
+                 m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
         g.erase_node(node)
         result.count("rmsnorm+rope+cache write")
     if result.changed:

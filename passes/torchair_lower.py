@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 
 from .base import PassResult, graph_pass
 from .graph_utils import add_constant, call, first_user_position
-from .mla_patterns import _is, _split_part, val
+from .mla_patterns import _is, _split_part, match_kv_cache_write, val
 from .npu_lower import _rope_cos_sin
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -42,7 +42,8 @@ def _writeback(gm: GraphModule, cache: Node, updated: Node, after: Node) -> None
 
 
 def _match_prolog(attn: Node) -> dict | None:
-    """The decode prolog feeding an absorbed mla.paged_attention, or None (check_mla_prolog)."""
+    """The decode prolog feeding an absorbed mla.paged_attention (q_a -> norm -> q_b -> W_UK and
+    q rope, and the latent cache write from kv_a of the same hidden states), or None."""
     ql, q_pe, latent_cache, rope_cache = attn.args[:4]
     if not (_is(ql, aten.permute.default) and _is(ql.args[0], aten.bmm.default)):
         return None
@@ -59,21 +60,15 @@ def _match_prolog(attn: Node) -> dict | None:
     if q_b is None or not _is(q_b[0], mla.rms_norm.default):
         return None
     q_a = _linear_of(q_b[0].args[0])
-    writes = [u for u in latent_cache.users if _is(u, mla.cache_write.default) and u.args[3] is rope_cache]
+    writes = [w for w in map(match_kv_cache_write, latent_cache.users) if w is not None and w.rope_cache is rope_cache]
     if q_a is None or len(writes) != 1:
         return None
     write = writes[0]
-    normed, roped, slots = write.args[0], write.args[1], write.args[4]
-    if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
-        return None
-    c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
-    if c_part is None or k_part is None or c_part[0] is not k_part[0]:
-        return None
-    kv_a = _linear_of(c_part[0].args[0])
-    if kv_a is None or kv_a[0] is not q_a[0] or roped.args[1] is not q_pe.args[1]:
+    kv_a = _linear_of(write.kv)
+    if kv_a is None or kv_a[0] is not q_a[0] or write.positions is not q_pe.args[1]:
         return None
     return dict(hidden=q_a[0], w_qa=q_a[1], q_norm=q_b[0], w_qb=q_b[1], w_uk=bmm.args[1], w_kva=kv_a[1],
-                kv_norm=normed, positions=q_pe.args[1], table=q_pe.args[2], write=write, slots=slots)
+                write=write, positions=q_pe.args[1], table=q_pe.args[2])
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
@@ -119,16 +114,16 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
             R = val(m["table"]).shape[-1]
             cos2, sin2 = (call(g, aten.view.default, t, [-1, R]) for t in (cos, sin))
             prolog = call(g, _npu().npu_mla_prolog_v3_functional.default, m["hidden"], consts["w_qa"],
-                          consts["w_qb"], m["w_uk"], consts["w_kva"], m["q_norm"].args[1], m["kv_norm"].args[1],
-                          sin2, cos2, latent_cache, rope_cache, cache_index=m["slots"],
-                          rmsnorm_epsilon_cq=m["q_norm"].args[2], rmsnorm_epsilon_ckv=m["kv_norm"].args[2],
+                          consts["w_qb"], m["w_uk"], consts["w_kva"], m["q_norm"].args[1], m["write"].gamma,
+                          sin2, cos2, latent_cache, rope_cache, cache_index=m["write"].slots,
+                          rmsnorm_epsilon_cq=m["q_norm"].args[2], rmsnorm_epsilon_ckv=m["write"].eps,
                           cache_mode="PA_BSND")
             query, query_rope, kv_out, kr_out = (call(g, operator.getitem, prolog, i) for i in (0, 1, 5, 6))
             if val(query).dtype != dtype:  # the kernel emits bf16 queries; match the model dtype
                 query = call(g, aten._to_copy.default, query, dtype=dtype)
                 query_rope = call(g, aten._to_copy.default, query_rope, dtype=dtype)
         attn.args = (query, query_rope, *attn.args[2:])
-        g.erase_node(m["write"])
+        g.erase_node(m["write"].write)
         _writeback(gm, latent_cache, kv_out, prolog)
         _writeback(gm, rope_cache, kr_out, prolog)
         result.count("mla prolog")
@@ -149,24 +144,18 @@ def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
     result = PassResult(changed=False)
     g = gm.graph
     for node in list(g.nodes):
-        if not _is(node, mla.cache_write.default):
+        m = match_kv_cache_write(node)
+        if m is None or not m.exclusive:
             continue
-        normed, roped, latent_cache, rope_cache, slots = node.args
-        if not (_is(normed, mla.rms_norm.default) and _is(roped, mla.rope.default)):
-            continue
-        c_part, k_part = _split_part(normed.args[0]), _split_part(roped.args[0])
-        if c_part is None or k_part is None or c_part[0] is not k_part[0] or len(normed.users) + len(roped.users) != 2:
-            continue
-        kv = c_part[0].args[0]
-        cos, sin = _rope_cos_sin(gm, roped.args[1], roped.args[2])
+        cos, sin = _rope_cos_sin(gm, m.positions, m.table)
         with g.inserting_before(node):
-            kv4 = call(g, aten.view.default, kv, [-1, 1, 1, val(kv).shape[-1]])
-            fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, normed.args[1], cos, sin, slots,
-                         rope_cache, latent_cache, epsilon=normed.args[2], cache_mode="PA")
+            kv4 = call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]])
+            fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, m.gamma, cos, sin, m.slots,
+                         m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
             k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
         g.erase_node(node)
-        _writeback(gm, latent_cache, c_new, c_new)
-        _writeback(gm, rope_cache, k_new, k_new)
+        _writeback(gm, m.latent_cache, c_new, c_new)
+        _writeback(gm, m.rope_cache, k_new, k_new)
         result.count("rmsnorm+rope+cache write (functional)")
     if result.changed:
         g.eliminate_dead_code()
