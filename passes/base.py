@@ -33,6 +33,18 @@ VIEW_OPS = frozenset({
     torch.ops.aten.select.int, torch.ops.aten.alias.default, torch.ops.aten.sym_size.int, operator.getitem,
 })
 
+_AIR_MARKERS = ("air.scope_enter.default", "air.scope_exit.default", "air.wait_tensor.default")
+
+
+def is_device_kernel(node: Node) -> bool:
+    """A call that launches a kernel on the device: not a view, not one of torchair's air::
+    scope/wait markers (control edges), not the final `copy_` of an updated cache back into its
+    graph input (GE turns those into ref outputs / Assign)."""
+    if node.op != "call_function" or node.target in VIEW_OPS or str(node.target) in _AIR_MARKERS:
+        return False
+    return not (node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder")
+
+
 Violation = tuple["Node | None", str]
 
 

@@ -12,7 +12,7 @@ from typing import Collection, Iterable
 import torch
 from torch.fx import GraphModule
 
-from .base import op_name
+from .base import is_device_kernel, op_name
 
 # Per-pass file formats the manager writes; "html" is a report over a whole dump folder,
 # written by whoever owns that folder (mla_graph.dumptool), and is accepted here so one
@@ -61,7 +61,8 @@ def describe(value: object) -> tuple[str, str]:
 
 
 def node_rows(gm: GraphModule) -> list[dict[str, object]]:
-    """One dict per node: name, op, target, shape, dtype, made_by, inputs (node names)."""
+    """One dict per node: name, op, target, shape, dtype, made_by, inputs (node names), kernel
+    (whether it launches a device kernel: passes.base.is_device_kernel)."""
     symbols = gm.meta.get("mla_symbols", {})
     rows = []
     for node in gm.graph.nodes:
@@ -71,7 +72,7 @@ def node_rows(gm: GraphModule) -> list[dict[str, object]]:
         target = op_name(node.target) if node.op == "call_function" else str(node.target)
         rows.append({"name": node.name, "op": node.op, "target": target, "shape": shape, "dtype": dtype,
                      "made_by": str(node.meta.get("mla_pass", "?")),
-                     "inputs": [n.name for n in node.all_input_nodes]})
+                     "inputs": [n.name for n in node.all_input_nodes], "kernel": is_device_kernel(node)})
     return rows
 
 

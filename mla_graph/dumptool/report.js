@@ -3,7 +3,6 @@
 (function () {
   const data = JSON.parse(document.getElementById("mla-data").textContent);
   const VENDOR = /^(npu|atb|mla)\./;
-  const NOT_KERNELS = new Set(["getitem", "aten.sym_size.int"]);
 
   function el(tag, attrs, children) {
     const node = document.createElement(tag);
@@ -41,7 +40,7 @@
 
   function renderOverview() {
     const rows = data.phases.map(ph => {
-      const kernels = ph.nodes.filter(n => n.op === "call_function" && !NOT_KERNELS.has(n.target));
+      const kernels = ph.nodes.filter(n => n.kernel);
       return {cells: [ph.name, ph.passes.length, ph.passes.filter(p => p.changed).length,
         (ph.passes.reduce((s, p) => s + p.seconds, 0) * 1e3).toFixed(1),
         ph.nodes.length, kernels.length, kernels.filter(n => VENDOR.test(n.target)).length,
@@ -86,7 +85,7 @@
 
   function renderKernels(ph, box) {
     const byName = new Map(ph.nodes.map(n => [n.name, n]));
-    const rows = ph.nodes.filter(n => n.op === "call_function" && !NOT_KERNELS.has(n.target)).map((n, i) => {
+    const rows = ph.nodes.filter(n => n.kernel).map((n, i) => {
       const target = el("span", {class: "mono", text: n.target}, VENDOR.test(n.target) ? [el("span", {class: "badge", text: n.target.split(".")[0]})] : []);
       const inputs = n.inputs.map(x => byName.has(x) ? byName.get(x).shape : "?").join(", ");
       return {cells: [i + 1, nodeLink(n.name), target, inputs, n.shape, n.dtype, n.made_by]};
