@@ -28,7 +28,7 @@ $(TEST_STAMP): $(STAMP)
 # Headless Chromium (the HTML report's browser test) and Graphviz (SVG drawings), from Debian.
 system-deps:
 	@command -v chromium >/dev/null && command -v dot >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium graphviz >/dev/null)
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium graphviz >/dev/null)
 
 demo: $(STAMP)
 	$(BIN)/mla-graph lower --preset deepseek-v3 --target npu --phase all --dump dumps/deepseek-v3 --verify
