@@ -71,6 +71,13 @@ def _match_prolog(attn: Node) -> dict | None:
                 write=write, positions=q_pe.args[1], table=q_pe.args[2])
 
 
+def check_prolog_dtype(m: dict) -> str:
+    """'' when npu_mla_prolog_v3 can run this prolog, else why not: the kernel takes bf16 token_x
+    and returns bf16 queries, so for another model dtype it would silently round the queries."""
+    dtype = val(m["hidden"]).dtype
+    return "" if dtype == torch.bfloat16 else f"npu_mla_prolog_v3 takes bfloat16 tokens, the model is {dtype}"
+
+
 def transposed(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] nn.Linear weight -> the [in, out] matrix the prolog kernel takes, a new tensor."""
     with torch.no_grad():
@@ -100,6 +107,10 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
         if m is None:
             result.notes.append(f"{attn.name}: no full q_lora prolog in front (e.g. q_proj config); not fused")
             continue
+        why_not = check_prolog_dtype(m)
+        if why_not:
+            result.notes.append(f"{attn.name}: {why_not}; not fused")
+            continue
         anchor = first_user_position(gm)
         consts = {}
         derived = gm.meta.setdefault("mla_derived_constants", {})
@@ -109,7 +120,6 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
             derived[consts[key].target] = (m[key].target, transposed)   # replayed per layer by lower_layers
         cos, sin = _rope_cos_sin(gm, m["positions"], m["table"])
         latent_cache, rope_cache = attn.args[2], attn.args[3]
-        dtype = val(attn).dtype
         with g.inserting_before(attn):
             R = val(m["table"]).shape[-1]
             cos2, sin2 = (call(g, aten.view.default, t, [-1, R]) for t in (cos, sin))
@@ -119,9 +129,6 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
                           rmsnorm_epsilon_cq=m["q_norm"].args[2], rmsnorm_epsilon_ckv=m["write"].eps,
                           cache_mode="PA_BSND")
             query, query_rope, kv_out, kr_out = (call(g, operator.getitem, prolog, i) for i in (0, 1, 5, 6))
-            if val(query).dtype != dtype:  # the kernel emits bf16 queries; match the model dtype
-                query = call(g, aten._to_copy.default, query, dtype=dtype)
-                query_rope = call(g, aten._to_copy.default, query_rope, dtype=dtype)
         attn.args = (query, query_rope, *attn.args[2:])
         g.erase_node(m["write"].write)
         _writeback(gm, latent_cache, kv_out, prolog)

@@ -7,8 +7,9 @@ from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower, pos
 from mla_graph.kernels import device_kernels
 
 BS = 16
-# (config, dtype): the fused prolog emits bf16 queries (its META), so V3 runs in bf16 as on device
-CASES = [(V3_TINY, torch.bfloat16), (V2_LITE_TINY, torch.float32), (V2_LITE_TINY, torch.bfloat16)]
+# (config, dtype): the fused prolog is bf16-only (its kernel's dtype); fp32 V3 takes the fallback
+CASES = [(V3_TINY, torch.bfloat16), (V3_TINY, torch.float32), (V2_LITE_TINY, torch.float32),
+         (V2_LITE_TINY, torch.bfloat16)]
 
 
 def _run_steps(layer, lowered_a, lowered_b, dtype, batch_plan):
@@ -38,7 +39,7 @@ def test_torchair_decode_equals_reference_across_buckets(config, dtype, target):
     graph = lower(layer, target, block_size=BS, target_options={"graph_batch_sizes": [2, 4, 8]})
     plan = [5, 5, 3, 3, 5, 2, 1, 4]          # 5 and 3 need padding (to 8 and 4)
     outputs, caches = _run_steps(layer, ref, graph, dtype, plan)
-    rtol, atol = TOL[torch.bfloat16] if config is V3_TINY or dtype is torch.bfloat16 else TOL[dtype]
+    rtol, atol = TOL[dtype]
     for expected, actual in outputs:
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
     for part in ("latent", "rope"):
@@ -64,12 +65,14 @@ def test_v3_decode_layer_is_four_kernels():
     assert not any(op.startswith(("mla.", "atb.")) or "index_put" in op for op in ops)
 
 
-def test_without_q_lora_falls_back_to_separate_kernels():
-    layer = MLAAttention(V2_LITE_TINY)
-    gm = lower(layer, "torchair", ["decode"], block_size=BS).graph_for("decode")
-    kernels = device_kernels(gm)
+@pytest.mark.parametrize("config, dtype", [(V2_LITE_TINY, torch.bfloat16), (V3_TINY, torch.float32)])
+def test_prolog_fallback_without_q_lora_or_bf16(config, dtype):
+    lowered = lower(MLAAttention(config, dtype=dtype), "torchair", ["decode"], block_size=BS)
+    kernels = device_kernels(lowered.graph_for("decode"))
     assert "npu.npu_kv_rmsnorm_rope_cache.default" in kernels and "npu.npu_interleave_rope.default" in kernels
     assert not any("mla_prolog" in k for k in kernels)
+    notes = next(r for r in lowered.reports["decode"].records if r.name == "fuse_mla_prolog").notes
+    assert notes and ("bfloat16" in notes[0] if config is V3_TINY else "q_lora" in notes[0])
 
 
 def test_multistream_scopes_pair_and_hold_the_kv_branch():
