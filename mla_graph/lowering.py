@@ -42,6 +42,7 @@ class LoweredMLA(nn.Module):
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
         self.target_options = dict(target_options or {})
+        self._derived = _derived_constants(graphs)
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
         self.runners = {phase: target.runtimes[phase](gm, self.target_options, layer.config, block_size)
                         for phase, gm in graphs.items() if phase in target.runtimes}
@@ -65,11 +66,38 @@ class LoweredMLA(nn.Module):
             raise ValueError(f"kv_cache has block_size {kv_cache.block_size} but this module was lowered "
                              f"for block_size {self.block_size}; lower again with block_size="
                              f"{kv_cache.block_size}")
+        self.refresh_derived()
         gm = self.graph_for(metadata.phase)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
         runner = self.runners.get(metadata.phase)
         with torch.no_grad():
             return runner(call) if runner is not None else gm(*graph_inputs(gm, call))
+
+
+    def refresh_derived(self) -> int:
+        """Recut the weights passes derived at lowering time (W_UK/W_UV, the prolog's transposed
+        weights) from any source weight written since (a weight reload): in place, so compiled
+        graphs keep their addresses. Called on every forward; a version check per derived tensor."""
+        refreshed = 0
+        for entry in self._derived:
+            gm, buffer, source, derive, version = entry
+            if source._version != version:
+                with torch.no_grad():
+                    getattr(gm, buffer).copy_(derive(source))
+                entry[4] = source._version
+                refreshed += 1
+        return refreshed
+
+
+def _derived_constants(graphs: dict[str, GraphModule]) -> list[list]:
+    """[gm, buffer name, source weight, recipe, source version] for every derived constant."""
+    out = []
+    for gm in graphs.values():
+        for buffer, recipe in gm.meta.get("mla_derived_constants", {}).items():
+            if recipe is not None:
+                source = gm.get_parameter(recipe[0])
+                out.append([gm, buffer, source, recipe[1], source._version])
+    return out
 
 
 def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,

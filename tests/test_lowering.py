@@ -89,3 +89,17 @@ def test_html_report_from_environment(tmp_path, monkeypatch):
     lower(MLAAttention(V3_TINY), "npu", phases=["decode"], block_size=16)
     html = (tmp_path / "report.html").read_text()
     assert "absorb_kv_weights" in html and "http://" not in html and "https://" not in html
+
+
+@pytest.mark.parametrize("target", ["npu", "torchair"])
+def test_weights_written_after_lowering_reach_the_derived_weights(target):
+    """A weight reload in place (as vLLM does) recuts W_UK/W_UV (and the prolog's weights) before
+    the next call: decode (absorbed) and prefill (decompressed) keep agreeing with the layer."""
+    layer = randomize(MLAAttention(V3_TINY, dtype=torch.bfloat16))
+    lowered = lower(layer, target, ["decode", "prefill"], block_size=16)
+    with torch.no_grad():
+        layer.kv_b_proj.weight.mul_(1.5)
+        layer.q_b_proj.weight.mul_(0.5)
+    for phase in ("decode", "prefill"):
+        assert compare_with_plain(layer, lowered, phase).ok, phase
+    assert lowered.refresh_derived() == 0   # the forward already refreshed them
