@@ -52,8 +52,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..torchair_compat import check_torchair
 
-    gm, what = _graph(args)
-    report = check_torchair(gm, static_dims=args.static_dims)
+    gm, what, bucketed = _graph(args)
+    # On an Ascend host torchair compiles the bucketed graph itself and does not hand it back, so
+    # the lowered graph is checked; its batch sizes are symbolic and become static per bucket.
+    report = check_torchair(gm, static_dims=args.static_dims and not bucketed)
     if args.json:
         print(json.dumps({"graph": what, **report.to_json()}, indent=2))
     else:
@@ -62,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _graph(args: argparse.Namespace) -> tuple[GraphModule, str]:
+def _graph(args: argparse.Namespace) -> tuple[GraphModule, str, bool]:
     """Raises ValueError (exit 2 through the CLI) for a spec that is none of the accepted kinds."""
     path = pathlib.Path(args.spec)
     if path.suffix == ".py":
-        return _graph_from_file(path), f"{path.name}: build_graph()"
+        return _graph_from_file(path), f"{path.name}: build_graph()", False
     if path.suffix == ".json" or path.is_dir():
         config = MLAConfig.from_hf(path)
     else:
@@ -75,7 +77,8 @@ def _graph(args: argparse.Namespace) -> tuple[GraphModule, str]:
         except ValueError:
             raise ValueError(f"TARGET_SPEC {args.spec!r} is not a preset ({', '.join(preset_names())}), a "
                              "config.json or a .py file defining build_graph()") from None
-    return _lowered_graph(config, args), f"{config.name} / {args.target} / {args.phase}"
+    gm, bucketed = _lowered_graph(config, args)
+    return gm, f"{config.name} / {args.target} / {args.phase}", bucketed
 
 
 def _graph_from_file(path: pathlib.Path) -> GraphModule:
@@ -101,7 +104,8 @@ def _graph_from_file(path: pathlib.Path) -> GraphModule:
     return gm
 
 
-def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> GraphModule:
+def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> tuple[GraphModule, bool]:
+    """The graph to check, and whether its batch dims are left symbolic for per-bucket compiles."""
     from ..attention import MLAAttention
     from ..lowering import lower
 
@@ -110,10 +114,12 @@ def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> GraphModule:
     with torch.no_grad():
         lowered = lower(layer, args.target, [args.phase], block_size=args.block_size)
     runner = lowered.runners.get(args.phase)
-    if runner is None or not hasattr(runner, "warmup") or runner.on_npu:
-        return lowered.graph_for(args.phase)
+    if runner is None or not hasattr(runner, "warmup"):
+        return lowered.graph_for(args.phase), False
+    if runner.on_npu:
+        return lowered.graph_for(args.phase), True
     # A graph-mode target compiles one static graph per batch bucket: check what the compiler is
     # handed for the smallest bucket (an AOT-traced aten graph), not the symbolic lowered graph.
     from ..cache import PagedLatentCache
     cache = PagedLatentCache.allocate(config, 2, args.block_size, dtype=layer.dtype)
-    return runner.warmup(cache, layer.cos_sin, sizes=runner.options.graph_batch_sizes[:1])[0]
+    return runner.warmup(cache, layer.cos_sin, sizes=runner.options.graph_batch_sizes[:1])[0], False
