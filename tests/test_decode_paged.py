@@ -34,7 +34,8 @@ def test_multi_step_decode_equals_one_prefill(config, dtype, block_size):
                     cache, metadata)
         for b in range(len(prompts)):
             decoded[b].append(out[b])
-    assert any(r != sorted(r) for r in rows) or len({tuple(r) for r in rows}) == len(rows)
+    used = [b for r in rows for b in r]   # the shuffled allocator handed out scattered blocks
+    assert sorted(used) != list(range(len(used)))
 
     rtol, atol = TOL[dtype]
     for b, n in enumerate(total):

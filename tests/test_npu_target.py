@@ -42,6 +42,9 @@ def test_several_decode_steps_and_cache_contents(config, dtype):
         pos = positions_for(requests)
         out_ref = ref(x, pos, caches["ref"], md)
         out_npu = npu(x, pos, caches["npu"], md)
+        # twice the layer tolerance: npu_rms_norm / the fused cache writer round after the gamma
+        # multiply, the reference before it, so cached rows may differ by a bf16 ulp and the
+        # difference carries through later steps (2 ulps at outputs of magnitude 4-8 is 0.0625)
         torch.testing.assert_close(out_npu, out_ref, rtol=rtol, atol=atol * 2)
     for part in ("latent", "rope"):
         torch.testing.assert_close(getattr(caches["npu"], part), getattr(caches["ref"], part), rtol=rtol, atol=atol)
