@@ -31,10 +31,6 @@ def call(graph: Graph, target: Any, *args: Any, **kwargs: Any) -> Node:
     return node
 
 
-def users_of(node: Node, target: Any) -> list[Node]:
-    return [u for u in node.users if u.op == "call_function" and u.target is target]
-
-
 def _tensors(tree: Any) -> list[torch.Tensor]:
     flat, _ = torch.utils._pytree.tree_flatten(tree)
     return [x for x in flat if isinstance(x, torch.Tensor)]

@@ -7,7 +7,7 @@ from conftest import V3_TINY
 
 from mla_graph import MLAAttention, capture
 from passes import (PassManager, PassResult, PassVerificationError, eliminate_dead_code, graph_pass,
-                    has_ops, no_namespace)
+                    has_ops, no_namespace, no_ops)
 from passes.graph_utils import call
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -98,7 +98,14 @@ def needs_bmm(gm):
     return PassResult(changed=False)
 
 
+@graph_pass(ensures=[no_ops(mla.rope.default)])
+def claims_rope_lowered(gm):
+    return PassResult(changed=False)
+
+
 def test_requires_and_ensures_are_checked():
+    with pytest.raises(PassVerificationError, match="'claims_rope_lowered': ensures .*mla.rope.default must not appear"):
+        PassManager([claims_rope_lowered]).run(_graph())
     with pytest.raises(PassVerificationError, match="'claims_full_lowering': ensures 'no mla:: op': mla.rms_norm.default is still"):
         PassManager([claims_full_lowering]).run(_graph())
     with pytest.raises(PassVerificationError, match="'needs_bmm': requires .*aten.bmm.default is required but absent"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 HELP = "measure lowering cost, kernel counts, a CPU decode step and KV cache size"
 
@@ -9,7 +10,8 @@ HELP = "measure lowering cost, kernel counts, a CPU decode step and KV cache siz
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=HELP, description=(
         "Run the benchmarks, print each figure (median and spread) and write OUT/results.json, "
-        "OUT/bench.png and OUT/results.md. Default settings take under 10 minutes on 2 CPU cores."))
+        "OUT/bench.png and OUT/results.md. Default settings take under 10 minutes on 2 CPU cores. "
+        "Needs matplotlib and transformers: pip install 'mla-graph[bench]'."))
     p.add_argument("--quick", action="store_true",
                    help="tiny configurations and contexts, no torch.compile: under a minute")
     p.add_argument("--out", metavar="DIR", default="bench", help="output folder (default: bench)")
@@ -24,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench import Settings, run_benchmarks, write_outputs
 
+    missing = [name for name in ("matplotlib", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:   # checked first: the plot is drawn at the end, after minutes of measuring
+        raise ValueError(f"mla-graph bench needs {', '.join(missing)} (the plot and the Hugging Face "
+                         f"baseline); install them with: pip install 'mla-graph[bench]'")
     settings = Settings.quick_run() if args.quick else Settings.default()
     if args.repeats is not None:
         if args.repeats < 1:

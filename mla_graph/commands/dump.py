@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
               f"{f' (stopped after {args.stop_after})' if args.stop_after else ''}, {report.seconds * 1e3:.1f} ms")
         print(report.table(only_changed=args.only_changed))
         print("ops: " + ", ".join(f"{op} x{n}" for op, n in report.final_ops.items()))
-        if args.check_torchair or args.target == "torchair":
+        if args.check_torchair or args.target.startswith("torchair"):
             table = _torchair_report(graphs[phase], out / phase)
             print(table if table is not None else "torchair check: mla_graph.torchair_compat is not available")
     meta = {"model": config.name, "target": args.target, "phases": selected, "dtype": args.dtype,
