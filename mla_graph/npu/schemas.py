@@ -36,8 +36,18 @@ NPU_SCHEMAS: dict[str, str] = {
         'npu_scatter_nd_update_(Tensor(a!) self, Tensor indices, Tensor updates) -> Tensor(a!)',
 }
 
-# atb:: schemas are compiled into lib/libop_plugin_atb.so, not the YAML; the
-# strings were recovered from that binary. The sync tool keeps them as is.
+# atb:: schemas are not in the YAML; the sync tool carries them over unchanged.
+# Where each comes from in the torch-npu 2.13.0 wheel (tests/npu/
+# test_schema_conformance.py checks all of this against the wheel):
+# - npu_ring_mla: verbatim, as a string in torch_npu/lib/libop_plugin_atb.so.
+# - _npu_reshape_and_cache, _npu_paged_attention_mla: that library holds no
+#   contiguous string; the compiler inlined them as 16-byte constants in its
+#   .rodata.cst16 section, and these strings are those pieces put together
+#   (the pieces do not record their order; the header below confirms it).
+# - all three: argument names, order, types and which tensors are written match
+#   the C++ declarations in torch_npu/include/third_party/op-plugin/op_plugin/
+#   include/AtbOpsInterface.h. C++ has no defaults, keyword-only markers or
+#   alias letters: those rest on the library alone.
 ATB_SCHEMAS: dict[str, str] = {
     '_npu_reshape_and_cache':
         '_npu_reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_indices) -> ()',
