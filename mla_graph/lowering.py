@@ -42,7 +42,7 @@ class LoweredMLA(nn.Module):
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
         self.target_options = dict(target_options or {})
-        self._derived = _derived_constants(graphs)
+        self._derived = _derived_constants(layer, graphs)
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
         self.runners = {phase: target.runtimes[phase](gm, self.target_options, layer.config, block_size)
                         for phase, gm in graphs.items() if phase in target.runtimes}
@@ -89,13 +89,13 @@ class LoweredMLA(nn.Module):
         return refreshed
 
 
-def _derived_constants(graphs: dict[str, GraphModule]) -> list[list]:
-    """[gm, buffer name, source weight, recipe, source version] for every derived constant."""
+def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> list[list]:
+    """[gm, buffer name, source weight (the layer's), recipe, source version] per derived constant."""
     out = []
     for gm in graphs.values():
         for buffer, recipe in gm.meta.get("mla_derived_constants", {}).items():
             if recipe is not None:
-                source = gm.get_parameter(recipe[0])
+                source = layer.get_parameter(recipe[0])
                 out.append([gm, buffer, source, recipe[1], source._version])
     return out
 

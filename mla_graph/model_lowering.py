@@ -45,11 +45,13 @@ def shape_key(layer: MLAAttention, target: str, phases: Sequence[str], block_siz
 
 def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phases: Iterable[str] = PHASES, *,
                  block_size: int = 128, verify: bool = True, dump_dir: str | os.PathLike | None = None,
-                 summary: list[LayerLowering] | None = None) -> list[LoweredMLA]:
+                 summary: list[LayerLowering] | None = None,
+                 target_options: dict | None = None) -> list[LoweredMLA]:
     """One LoweredMLA per layer, as `lower(layer, ...)` would give, lowering each shape once.
 
     `dump_dir` dumps the passes of each lowered shape (under `<dump_dir>/shape<i>/`). Pass a list as
-    `summary` to receive one LayerLowering per distinct shape.
+    `summary` to receive one LayerLowering per distinct shape. `target_options` as for `lower`
+    (e.g. torchair's graph_batch_sizes), the same for every layer.
     """
     layers = list(layers)
     for i, layer in enumerate(layers):
@@ -64,13 +66,15 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
     for n, group in enumerate(groups.values()):
         first = group.layers[0]
         shape_dump = None if dump_dir is None else os.path.join(os.fspath(dump_dir), f"shape{n}")
-        template = lower(layers[first], target, phases, block_size=block_size, verify=verify, dump_dir=shape_dump)
+        template = lower(layers[first], target, phases, block_size=block_size, verify=verify, dump_dir=shape_dump,
+                         target_options=target_options)
         out[first] = template
         group.reason = _why_not_rebindable(template, set(_layer_tensors(layers[first])))
         group.reused = not group.reason
         for i in group.layers[1:]:
             out[i] = (rebind(template, layers[i]) if group.reused
-                      else lower(layers[i], target, phases, block_size=block_size, verify=verify))
+                      else lower(layers[i], target, phases, block_size=block_size, verify=verify,
+                                 target_options=target_options))
     if summary is not None:
         summary.extend(groups.values())
     return out  # type: ignore[return-value]

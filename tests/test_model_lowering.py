@@ -122,9 +122,11 @@ def test_graph_mode_and_prefill_graphs_are_reused_too(captures):
         qk_rope_head_dim=8, v_head_dim=16)
     torch.manual_seed(1)
     layers = [MLAAttention(config, dtype=torch.bfloat16).requires_grad_(False) for _ in range(2)]
-    lowered = lower_layers(layers, "torchair", ["decode", "prefill"], block_size=BLOCK)
+    lowered = lower_layers(layers, "torchair", ["decode", "prefill"], block_size=BLOCK,
+                           target_options={"graph_batch_sizes": [4]})
     assert sorted(captures) == ["decode", "prefill"]
     assert lowered[0].runners["decode"] is not lowered[1].runners["decode"]
+    assert all(low.runners["decode"].options.graph_batch_sizes == (4,) for low in lowered)
     for i, (layer, low) in enumerate(zip(layers, lowered)):
         for phase in ("decode", "prefill"):
             assert compare_with_plain(layer, low, phase, seed=i).ok

@@ -43,3 +43,18 @@ def test_bad_tp_arguments():
         MLAAttention(V3_TINY, tp_size=3)
     with pytest.raises(ValueError, match="tp_rank must be in \\[0, tp_size=2\\), got 2"):
         MLAAttention(V3_TINY, tp_size=2, tp_rank=2)
+
+
+@pytest.mark.parametrize("target, dtype", [("npu", torch.float32), ("torchair", torch.bfloat16)])
+def test_lowered_targets_with_a_share_of_heads(config, target, dtype):
+    """npu and torchair graphs at tp 2 (FIA's head count, the per-rank prolog and absorbed weights)
+    agree with each rank's plain layer, decode and prefill."""
+    from mla_graph.checking import compare_with_plain
+
+    for rank in range(2):
+        layer = randomize(MLAAttention(config, dtype=dtype, tp_size=2, tp_rank=rank), seed=rank)
+        lowered = lower(layer, target, ["decode", "prefill"], block_size=16)
+        fia = [n for n in lowered.graph_for("decode").graph.nodes if "fused_infer_attention" in str(n.target)]
+        assert len(fia) == 1 and fia[0].kwargs["num_heads"] == config.num_heads // 2
+        for phase in ("decode", "prefill"):
+            assert compare_with_plain(layer, lowered, phase, seed=rank).ok, (rank, phase)
