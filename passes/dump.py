@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -58,6 +58,15 @@ def describe(value: object) -> tuple[str, str]:
     if value is None:
         return "-", "-"
     return str(value), type(value).__name__
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
+    """A plain-text table: header, a rule of dashes, one line per row, columns padded."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(indent + line for line in lines)
 
 
 def node_rows(gm: GraphModule) -> list[dict[str, object]]:

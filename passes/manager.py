@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from .base import GraphPass, PassResult, Violation, pass_name
-from .dump import FORMATS_ENV, PASS_FORMATS, format_graph, node_rows, parse_formats, render_svg, require_dot, to_dot
+from .dump import FORMATS_ENV, format_table, PASS_FORMATS, format_graph, node_rows, parse_formats, render_svg, require_dot, to_dot
 from .verifier import PassVerificationError, verify_graph
 
 # Files the manager writes into a dump folder (see _remove_stale_dumps).
@@ -47,14 +47,10 @@ class PipelineReport:
         return sum(r.seconds for r in self.records)
 
     def table(self, only_changed: bool = False) -> str:
-        rows = [("#", "pass", "time ms", "changed", "matches", "+nodes", "-nodes")]
-        rows += [(f"{r.index:02d}", r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "-",
-                  str(r.matches), str(r.created), str(r.erased)) for r in self.records
-                 if r.changed or not only_changed]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        rows = [(f"{r.index:02d}", r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "-",
+                 str(r.matches), str(r.created), str(r.erased)) for r in self.records
+                if r.changed or not only_changed]
+        return format_table(("#", "pass", "time ms", "changed", "matches", "+nodes", "-nodes"), rows)
 
     def to_json(self) -> dict:
         return {"passes": [asdict(r) for r in self.records], "final_ops": self.final_ops,

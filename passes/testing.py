@@ -1,19 +1,43 @@
 """check_pass: the harness for writing a pass test (ours and yours).
 
-    def build(x, w):                       # plain PyTorch, traced with fake tensors
-        return torch.ops.aten.view(x @ w, [4, 8])
+A small graph, traced from plain PyTorch with fake tensors:
+
+    from passes import remove_noop_views
+
+    def build(x, w):
+        return torch.ops.aten.view.default(x @ w, [4, 8])    # already [4, 8]: a no-op view
 
     check_pass(remove_noop_views, build, (torch.randn(4, 6), torch.randn(6, 8)),
                expect_absent=["aten.view.default"], expect_matches=1)
 
-It traces `build` to an FX graph with fake values, runs the pass through a PassManager (so the
-verifier and the pass's requires/ensures apply), then checks structure with FileCheck on
-`gm.code`, the match count, and numerics against the graph before the pass.
+A captured MLA graph, whose passes may add graph inputs and which writes the paged caches: each
+graph gets fresh inputs for its own placeholders, and the caches it wrote are compared too:
+
+    from mla_graph import capture
+    from mla_graph.capture import Call, graph_inputs
+    from mla_graph.checking import random_batch
+    from mla_graph.npu import ensure_npu_ops
+    from passes.npu_lower import lower_rope
+
+    ensure_npu_ops()                                  # the npu:: ops the pass emits (emulated off Ascend)
+
+    def make_inputs(gm):                              # layer: an MLAAttention
+        b = random_batch(layer, [(1, 37), (1, 5)], block_size=16, seed=0)
+        return graph_inputs(gm, Call(b.hidden_states, b.positions, b.cache.clone(), b.metadata, layer.cos_sin))
+
+    gm = capture(layer, "decode", block_size=16)     # plus, in order, any passes the one under test needs
+    check = check_pass(lower_rope, gm, make_inputs=make_inputs, compare_mutated=True,
+                       expect_ops={"npu.npu_interleave_rope.default": 1}, expect_matches=1)   # q rope only
+    assert check.mutated == ["latent_cache", "rope_cache"]
+
+It traces `build` (or takes the GraphModule, rewritten in place), runs the pass through a
+PassManager (so the verifier and the pass's requires/ensures apply), then checks structure with
+FileCheck on `gm.code`, the match count, and numerics against the graph before the pass.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -37,6 +61,8 @@ class PassCheck:
     record: PassRecord
     before: GraphModule
     after: GraphModule
+    # placeholder names whose tensors a run changed and that were compared (compare_mutated)
+    mutated: list[str] = field(default_factory=list)
 
 
 def trace(build: Callable, inputs: Sequence[torch.Tensor]) -> GraphModule:
@@ -45,23 +71,51 @@ def trace(build: Callable, inputs: Sequence[torch.Tensor]) -> GraphModule:
         return make_fx(build, tracing_mode="fake", pre_dispatch=True)(*inputs)
 
 
-def check_pass(pass_fn: GraphPass, build: Callable | GraphModule, inputs: Sequence[torch.Tensor], *,
+def snapshot(gm: GraphModule) -> GraphModule:
+    """An independent copy of `gm`'s graph that shares its weights (a deep copy would duplicate
+    them); `meta` containers are copied one level so a pass editing gm.meta (e.g. adding a graph
+    input to "mla_inputs") leaves the copy's alone."""
+    copied = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copied.meta = {k: v.copy() if isinstance(v, (list, dict, set)) else v for k, v in gm.meta.items()}
+    return copied
+
+
+def check_pass(pass_fn: GraphPass, build: Callable | GraphModule, inputs: Sequence[object] | None = None, *,
                expect_ops: Mapping[str, int] | None = None, expect_absent: Sequence[str] = (),
                expect_matches: int | None = None, expect_changed: bool | None = None,
                compare_numerics: bool = True, tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
-               ) -> PassCheck:
+               make_inputs: Callable[[GraphModule], Sequence[object]] | None = None,
+               compare_mutated: bool = False) -> PassCheck:
     """Run `pass_fn` on the traced `build` and check it. Returns the record and both graphs.
 
-    expect_ops: {"aten.linear.default": 2} exact counts after the pass.
+    expect_ops: {"aten.linear.default": 2} exact counts after the pass (0: absent).
     expect_absent: op names that must not appear after the pass.
-    expect_matches / expect_changed: the pass's own report.
+    expect_matches / expect_changed: the pass's own report. A pass that reports changed=False
+    must also leave gm.code as it was.
+    make_inputs(graph): fresh inputs for that graph's placeholders, called once for the graph
+    before the pass and once for the graph after (a pass may add inputs); otherwise both run on
+    clones of `inputs`.
+    compare_mutated: also compare, by placeholder name, the input tensors either run changed
+    (in-place writes such as cache updates), with the same tolerances as the outputs.
     """
-    gm = build if isinstance(build, GraphModule) else trace(build, inputs)
-    before = copy.deepcopy(gm)
+    if isinstance(build, GraphModule):
+        gm = build
+    elif inputs is None:
+        raise ValueError(f"check_pass: tracing {getattr(build, '__name__', build)!r} needs example `inputs`; "
+                         "got None (pass inputs, or a GraphModule as `build`)")
+    else:
+        gm = trace(build, inputs)
+    if compare_numerics and inputs is None and make_inputs is None:
+        raise ValueError("check_pass: comparing numerics needs `inputs` or `make_inputs`; got neither "
+                         "(or pass compare_numerics=False)")
+    before = snapshot(gm)
     record = PassManager([pass_fn]).run(gm).records[0]
     code = gm.code
     for op, count in (expect_ops or {}).items():
-        FileCheck().check_count(f"torch.ops.{op}(", count, exactly=True).run(code)
+        if count == 0:
+            FileCheck().check_not(f"torch.ops.{op}(").run(code)
+        else:
+            FileCheck().check_count(f"torch.ops.{op}(", count, exactly=True).run(code)
     for op in expect_absent:
         FileCheck().check_not(f"torch.ops.{op}(").run(code)
     if expect_matches is not None and record.matches != expect_matches:
@@ -69,15 +123,42 @@ def check_pass(pass_fn: GraphPass, build: Callable | GraphModule, inputs: Sequen
                              f"({record.matches_by_rule})")
     if expect_changed is not None and record.changed != expect_changed:
         raise AssertionError(f"{record.name}: expected changed={expect_changed}, got {record.changed}")
+    if not record.changed and code != before.code:
+        raise AssertionError(f"{record.name} reported changed=False but rewrote the graph")
+    check = PassCheck(record, before, gm)
     if compare_numerics:
-        tol = dict(TOLERANCES, **(tolerances or {}))
-        expected = before(*[_clone(x) for x in inputs])
-        actual = gm(*[_clone(x) for x in inputs])
-        for e, a in zip(_flat(expected), _flat(actual)):
+        tol = {**TOLERANCES, **(tolerances or {})}
+        expected, expected_in, changed_before = _run(before, make_inputs, inputs)
+        actual, actual_in, changed_after = _run(gm, make_inputs, inputs)
+        pairs = list(zip(_flat(expected), _flat(actual)))
+        if len(_flat(expected)) != len(_flat(actual)):
+            raise AssertionError(f"{record.name} changed the number of output tensors: "
+                                 f"{len(_flat(expected))} -> {len(_flat(actual))}")
+        if compare_mutated:
+            check.mutated = [name for name in expected_in if name in actual_in
+                             and (name in changed_before or name in changed_after)]
+            pairs += [(expected_in[name], actual_in[name]) for name in check.mutated]
+        for e, a in pairs:
             rtol, atol = tol.get(e.dtype, (0.0, 0.0))
             torch.testing.assert_close(a, e, rtol=rtol, atol=atol,
                                        msg=lambda m: f"{record.name} changed the numerics: {m}")
-    return PassCheck(record, before, gm)
+    return check
+
+
+def _run(gm: GraphModule, make_inputs: Callable[[GraphModule], Sequence[object]] | None,
+         inputs: Sequence[object] | None) -> tuple[object, dict[str, torch.Tensor], set[str]]:
+    """gm's output, its tensor inputs by placeholder name after the run, and the names it changed."""
+    args = list(make_inputs(gm)) if make_inputs is not None else [_clone(x) for x in inputs]
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(args) != len(names):
+        raise ValueError(f"check_pass: the graph takes {len(names)} inputs {names}, got {len(args)}")
+    tensors = {name: x for name, x in zip(names, args) if isinstance(x, torch.Tensor)}
+    # compared by value, not by version counter: a write of the same values is no change
+    pristine = {name: x.clone() for name, x in tensors.items()}
+    with torch.no_grad():
+        out = gm(*args)
+    changed = {name for name, x in tensors.items() if not torch.equal(x, pristine[name])}
+    return out, tensors, changed
 
 
 def _clone(x):
@@ -89,4 +170,4 @@ def _flat(value) -> list[torch.Tensor]:
     return [x for x in flat if isinstance(x, torch.Tensor)]
 
 
-__all__ = ["PassCheck", "PassResult", "TOLERANCES", "check_pass", "trace"]
+__all__ = ["PassCheck", "PassResult", "TOLERANCES", "check_pass", "snapshot", "trace"]

@@ -152,7 +152,10 @@ def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
     g = gm.graph
     for node in list(g.nodes):
         m = match_kv_cache_write(node)
-        if m is None or not m.exclusive:
+        if m is None:
+            continue
+        if not m.exclusive:
+            result.notes.append(f"{node.name}: the normed latent or roped key has other users; not fused")
             continue
         cos, sin = _rope_cos_sin(gm, m.positions, m.table)
         with g.inserting_before(node):
@@ -221,8 +224,8 @@ def lengths_as_tensors(gm: GraphModule) -> PassResult:
         node.replace_all_uses_with(air)
         g.erase_node(node)
         result.count("FIA lengths as tensors")
-    for name in _LENGTH_TENSORS:
-        if name in inputs and not inputs[name].users:
+    for name in _LENGTH_TENSORS:   # the host lists the rewrites left unused
+        if result.changed and name in inputs and not inputs[name].users:
             g.erase_node(inputs[name])
             gm.meta["mla_inputs"] = [n for n in gm.meta["mla_inputs"] if n != name]
     return result

@@ -2,8 +2,9 @@
 
 Each pass gets: structure (FileCheck op counts on gm.code), its match count as the PassManager
 records it (the verifier runs too), numerics against the graph before the pass (output and
-both caches), and a case where it must not fire. A pass may add graph inputs, so each graph
-is called with its own inputs via graph_inputs(gm, Call(...)).
+both caches), and a case where it must not fire. All of it goes through the public harness
+passes.testing.check_pass; a pass may add graph inputs, so each graph is called with its own
+inputs via graph_inputs(gm, Call(...)).
 """
 import copy
 import functools
@@ -18,13 +19,14 @@ from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.targets import _npu_pipeline
-from passes import PassManager, remove_noop_views
+from passes import PassManager, PassResult, remove_noop_views
 from passes.absorb import absorb_kv_weights
 from passes.cost_model import Dims, REPRESENTATIVE, attention_costs, choose_attention_form
 from passes.graph_utils import call
 from passes.npu_lower import (fuse_kv_rmsnorm_rope_cache, lower_context_attention, lower_paged_attention,
                               lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
+from passes.testing import PassCheck, check_pass, snapshot
 
 aten, mla = torch.ops.aten, torch.ops.mla
 BLOCK = 16
@@ -60,20 +62,6 @@ def _prepared(layer: MLAAttention, phase: str, upto) -> torch.fx.GraphModule:
     return gm
 
 
-def _apply(gm, pass_fn):
-    """Copy `gm` as `before`, run `pass_fn` on `gm` through a PassManager (verifier on)."""
-    before = _snapshot(gm)
-    record = PassManager([pass_fn]).run(gm).records[0]
-    return before, record
-
-
-def _snapshot(gm):
-    """An independent copy of the graph (sharing the layer's weights) with its own input list."""
-    before = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    before.meta = dict(gm.meta, mla_inputs=list(gm.meta["mla_inputs"]), mla_symbols=dict(gm.meta["mla_symbols"]))
-    return before
-
-
 @functools.lru_cache(maxsize=None)
 def _captured(config: MLAConfig, dtype: torch.dtype, phase: str):
     return capture(_layer(config, dtype), phase, block_size=BLOCK)
@@ -82,7 +70,7 @@ def _captured(config: MLAConfig, dtype: torch.dtype, phase: str):
 def _capture(layer: MLAAttention, phase: str):
     """A fresh copy of the layer's captured graph (one trace per layer and phase, per session)."""
     assert layer is _layer(layer.config, layer.dtype)
-    return _snapshot(_captured(layer.config, layer.dtype, phase))
+    return snapshot(_captured(layer.config, layer.dtype, phase))
 
 
 def _count(gm, op: str, n: int) -> None:
@@ -96,46 +84,54 @@ def _n(gm, target) -> int:
     return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target is target)
 
 
-def _run(gm, layer, phase: str, seed: int):
-    batch = random_batch(layer, REQUESTS[phase], block_size=BLOCK, seed=seed)
-    cache = batch.cache.clone()
-    with torch.no_grad():
-        call = Call(batch.hidden_states, batch.positions, cache, batch.metadata, layer.cos_sin)
-        out = gm(*graph_inputs(gm, call))
-    return out, cache
+def _batch_inputs(layer: MLAAttention, phase: str, seed: int):
+    """make_inputs for check_pass: one fixed random batch of `phase`, fresh (cache cloned) per call."""
+    def make(gm):
+        batch = random_batch(layer, REQUESTS[phase], block_size=BLOCK, seed=seed)
+        return graph_inputs(gm, Call(batch.hidden_states, batch.positions, batch.cache.clone(), batch.metadata,
+                                     layer.cos_sin))
+    return make
 
 
-def _same_numerics(before, after, layer, phase: str, *, seed: int = 0) -> None:
-    expected, ref_cache = _run(before, layer, phase, seed)
-    actual, new_cache = _run(after, layer, phase, seed)
-    rtol, atol = TOL[layer.dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-    torch.testing.assert_close(new_cache.latent, ref_cache.latent, rtol=rtol, atol=atol)
-    torch.testing.assert_close(new_cache.rope, ref_cache.rope, rtol=rtol, atol=atol)
-    # the batch's fresh tokens were written: the caches are not just the untouched random contents
-    untouched = random_batch(layer, REQUESTS[phase], block_size=BLOCK, seed=seed).cache
-    assert not torch.equal(new_cache.latent, untouched.latent)
+def _check(pass_fn, gm, layer, phase: str, *, seed: int, **expect) -> PassCheck:
+    """Run `pass_fn` on `gm` through check_pass: structure/matches as given in `expect`, the output
+    and both caches against the graph before the pass at the layer dtype's tolerance."""
+    check = check_pass(pass_fn, gm, make_inputs=_batch_inputs(layer, phase, seed), compare_mutated=True,
+                       tolerances=TOL, **expect)
+    # the batch's fresh tokens were written, so both caches were compared (not skipped as unchanged)
+    assert check.mutated == ["latent_cache", "rope_cache"]
+    return check
 
 
-def _no_fire(gm, pass_fn) -> None:
-    code = gm.code
-    record = PassManager([pass_fn]).run(gm).records[0]
-    assert (record.changed, record.matches) == (False, 0), record
-    assert gm.code == code
+def _no_fire(gm, pass_fn) -> PassCheck:
+    """The pass reports no change and no match; check_pass also holds it to an unchanged gm.code."""
+    return check_pass(pass_fn, gm, compare_numerics=False, expect_changed=False, expect_matches=0)
 
 
-def test_numerics_helper_catches_a_wrong_rewrite():
-    """The comparison above fails when the graph after a pass computes something else."""
-    layer = _layer(V3_TINY)
-    gm = _capture(layer, "decode")
-    before = _snapshot(gm)
+def _scale_output(gm) -> PassResult:
+    """A wrong rewrite: the output times 1.001."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(out):
         scaled = call(gm.graph, aten.mul.Tensor, out.args[0], 1.001)
     out.args = (scaled,)
-    gm.recompile()
-    with pytest.raises(AssertionError):
-        _same_numerics(before, gm, layer, "decode")
+    return PassResult(changed=True, matches=1)
+
+
+def _scale_latent_cache(gm) -> PassResult:
+    """A wrong rewrite that leaves the output alone: the latent cache times 1.001 at the end."""
+    latent = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "latent_cache")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        call(gm.graph, aten.mul_.Tensor, latent, 1.001)
+    return PassResult(changed=True, matches=1)
+
+
+@pytest.mark.parametrize("wrong", [_scale_output, _scale_latent_cache])
+def test_numerics_check_catches_a_wrong_rewrite(wrong):
+    """The comparison fails when the graph after a pass computes another output or cache."""
+    layer = _layer(V3_TINY)
+    with pytest.raises(AssertionError, match=f"{wrong.__name__} changed the numerics"):
+        _check(wrong, _capture(layer, "decode"), layer, "decode", seed=0)
 
 
 # ---- choose_attention_form ------------------------------------------------------------------
@@ -146,11 +142,11 @@ def test_choose_attention_form_tiny(config, phase, form):
     layer = _layer(config)
     gm = _prepared(layer, phase, choose_attention_form)
     assert "mla_attention_form" not in gm.meta
-    before, record = _apply(gm, choose_attention_form)
+    # meta only: changed=False, and check_pass holds that to an untouched gm.code
+    check = _check(choose_attention_form, gm, layer, phase, seed=1, expect_changed=False)
     assert gm.meta["mla_attention_form"] == form
-    assert record.changed is False and gm.code == before.code   # meta only; the graph is untouched
-    assert any(note.endswith(f"-> {form}") for note in record.notes)
-    _same_numerics(before, gm, layer, phase, seed=1)
+    assert "mla_attention_form" not in check.before.meta
+    assert any(note.endswith(f"-> {form}") for note in check.record.notes)
 
 
 @pytest.fixture(scope="module")
@@ -209,16 +205,13 @@ def test_absorb_kv_weights(config):
     assert gm.meta["mla_attention_form"] == "absorbed"
     assert [u.target for u in _kv_b_users(gm)] == [aten.linear.default]
     linears = _n(gm, aten.linear.default)
-    before, record = _apply(gm, absorb_kv_weights)
-    assert record.matches == 1 and record.changed
     # structure: kv_b_proj's linear is gone, two bmm (q_nope @ W_UK, o @ W_UV) took its place
+    _check(absorb_kv_weights, gm, layer, "decode", seed=2, expect_matches=1, expect_changed=True,
+           expect_ops={"aten.linear.default": linears - 1, "aten.bmm.default": 2, "mla.attention.default": 1})
     assert _kv_b_users(gm) == []
     for node in gm.graph.nodes:
         if node.target is aten.linear.default:
             assert not (node.args[1].op == "get_attr" and node.args[1].target == "kv_b_proj.weight")
-    _count(gm, "aten.linear.default", linears - 1)
-    _count(gm, "aten.bmm.default", 2)
-    _count(gm, "mla.attention.default", 1)
     attention = next(n for n in gm.graph.nodes if n.target is mla.attention.default)
     c = config
     assert attention.args[1].meta["val"].shape[-2:] == (1, c.kv_lora_rank + c.qk_rope_head_dim)  # MQA keys
@@ -237,16 +230,12 @@ def test_absorb_kv_weights(config):
     torch.testing.assert_close(w_uk, w[:, :P], rtol=0, atol=0)
     assert weight._version == version and torch.equal(weight, snapshot)
     assert layer.kv_b_proj.weight is weight
-    _same_numerics(before, gm, layer, "decode", seed=2)
 
 
 def test_absorb_kv_weights_bf16():
     layer = _layer(V3_TINY, torch.bfloat16)
     gm = _prepared(layer, "decode", absorb_kv_weights)
-    before, record = _apply(gm, absorb_kv_weights)
-    assert record.matches == 1
-    _count(gm, "aten.bmm.default", 2)
-    _same_numerics(before, gm, layer, "decode", seed=3)
+    _check(absorb_kv_weights, gm, layer, "decode", seed=3, expect_matches=1, expect_ops={"aten.bmm.default": 2})
 
 
 def test_absorb_kv_weights_does_not_fire_when_decompressed_won():
@@ -268,12 +257,8 @@ def test_page_latent_attention(config, phase):
     layer = _layer(config)
     gm = _prepared(layer, phase, page_latent_attention)
     _count(gm, "mla.gather_paged.default", 2)
-    before, record = _apply(gm, page_latent_attention)
-    assert record.matches == 1
-    _count(gm, "mla.paged_attention.default", 1)
-    _count(gm, "mla.attention.default", 0)
-    _count(gm, "mla.gather_paged.default", 0)
-    _same_numerics(before, gm, layer, phase, seed=4)
+    _check(page_latent_attention, gm, layer, phase, seed=4, expect_matches=1,
+           expect_ops={"mla.paged_attention.default": 1, "mla.attention.default": 0, "mla.gather_paged.default": 0})
 
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
@@ -295,16 +280,12 @@ def test_fuse_kv_rmsnorm_rope_cache(config, phase):
     gm = _prepared(layer, phase, fuse_kv_rmsnorm_rope_cache)
     norms, ropes = _n(gm, mla.rms_norm.default), _n(gm, mla.rope.default)
     assert norms == (2 if config.q_lora_rank else 1) and ropes == 2    # q and kv each
-    before, record = _apply(gm, fuse_kv_rmsnorm_rope_cache)
-    assert record.matches == 1
-    _count(gm, FUSED, 1)
-    _count(gm, "mla.cache_write.default", 0)
-    _count(gm, "mla.rms_norm.default", norms - 1)
-    _count(gm, "mla.rope.default", ropes - 1)
+    _check(fuse_kv_rmsnorm_rope_cache, gm, layer, phase, seed=5, expect_matches=1,
+           expect_ops={FUSED: 1, "mla.cache_write.default": 0, "mla.rms_norm.default": norms - 1,
+                       "mla.rope.default": ropes - 1})
     fused = next(n for n in gm.graph.nodes if n.target is torch.ops.npu.npu_kv_rmsnorm_rope_cache_v2.default)
     assert fused.kwargs["cache_mode"] == "PA"
     assert fused.kwargs["epsilon"] == config.rms_norm_eps
-    _same_numerics(before, gm, layer, phase, seed=5)
 
 
 def test_fuse_kv_rmsnorm_rope_cache_does_not_fire_when_normed_latent_has_another_user():
@@ -315,8 +296,7 @@ def test_fuse_kv_rmsnorm_rope_cache_does_not_fire_when_normed_latent_has_another
     with gm.graph.inserting_after(normed):
         call(gm.graph, aten.neg.default, normed)
     gm.recompile()
-    record = PassManager([fuse_kv_rmsnorm_rope_cache]).run(gm).records[0]
-    assert (record.changed, record.matches) == (False, 0)
+    record = _no_fire(gm, fuse_kv_rmsnorm_rope_cache).record
     assert any("other users" in note for note in record.notes)
     _count(gm, "mla.cache_write.default", 1)
     _count(gm, FUSED, 0)
@@ -338,11 +318,8 @@ def test_lower_rope(config, phase):
     gm = _prepared(layer, phase, lower_rope)
     ropes = _n(gm, mla.rope.default)
     assert ropes == 1                  # the q rope; the k rope went into the cache-write fusion
-    before, record = _apply(gm, lower_rope)
-    assert record.matches == ropes
-    _count(gm, "npu.npu_interleave_rope.default", ropes)
-    _count(gm, "mla.rope.default", 0)
-    _same_numerics(before, gm, layer, phase, seed=6)
+    _check(lower_rope, gm, layer, phase, seed=6, expect_matches=ropes,
+           expect_ops={"npu.npu_interleave_rope.default": ropes, "mla.rope.default": 0})
     _no_fire(gm, lower_rope)
 
 
@@ -357,11 +334,8 @@ def test_lower_rms_norm(config, phase):
         _no_fire(gm, lower_rms_norm)
         _count(gm, "npu.npu_rms_norm.default", 0)
         return
-    before, record = _apply(gm, lower_rms_norm)
-    assert record.matches == norms
-    _count(gm, "npu.npu_rms_norm.default", norms)
-    _count(gm, "mla.rms_norm.default", 0)
-    _same_numerics(before, gm, layer, phase, seed=7)
+    _check(lower_rms_norm, gm, layer, phase, seed=7, expect_matches=norms,
+           expect_ops={"npu.npu_rms_norm.default": norms, "mla.rms_norm.default": 0})
     _no_fire(gm, lower_rms_norm)
 
 
@@ -369,10 +343,8 @@ def test_lower_rms_norm_lowers_every_norm_on_a_raw_capture():
     """Run alone on the captured graph, it lowers q_a_layernorm and kv_a_layernorm both."""
     layer = _layer(V3_TINY)
     gm = _capture(layer, "prefill")
-    before, record = _apply(gm, lower_rms_norm)
-    assert record.matches == 2
-    _count(gm, "npu.npu_rms_norm.default", 2)
-    _same_numerics(before, gm, layer, "prefill", seed=8)
+    _check(lower_rms_norm, gm, layer, "prefill", seed=8, expect_matches=2,
+           expect_ops={"npu.npu_rms_norm.default": 2})
 
 
 # ---- lower_paged_attention ------------------------------------------------------------------
@@ -386,10 +358,8 @@ def test_lower_paged_attention(config, phase, layout, sparse, new_inputs):
     layer = _layer(config)
     gm = _prepared(layer, phase, lower_paged_attention)
     inputs = list(gm.meta["mla_inputs"])
-    before, record = _apply(gm, lower_paged_attention)
-    assert record.matches == 1
-    _count(gm, FIA, 1)
-    _count(gm, "mla.paged_attention.default", 0)
+    _check(lower_paged_attention, gm, layer, phase, seed=9, expect_matches=1,
+           expect_ops={FIA: 1, "mla.paged_attention.default": 0})
     fia = next(n for n in gm.graph.nodes if n.target is torch.ops.npu.npu_fused_infer_attention_score.default)
     assert fia.kwargs["input_layout"] == layout
     assert fia.kwargs["sparse_mode"] == sparse
@@ -399,7 +369,6 @@ def test_lower_paged_attention(config, phase, layout, sparse, new_inputs):
     mask = fia.kwargs["atten_mask"]
     assert (mask is None) == (layout == "BNSD")
     assert gm.meta["mla_inputs"] == inputs + new_inputs
-    _same_numerics(before, gm, layer, phase, seed=9)
 
 
 def test_lower_paged_attention_does_not_fire_without_paged_attention():
@@ -417,27 +386,20 @@ def test_lower_context_attention(config):
     gm = _prepared(layer, "prefill", lower_context_attention)
     assert gm.meta["mla_attention_form"] == "decompressed"
     inputs = list(gm.meta["mla_inputs"])
-    before, record = _apply(gm, lower_context_attention)
-    assert record.matches == 1
-    _count(gm, FIA, 1)
-    _count(gm, "mla.attention.default", 0)
-    _count(gm, "mla.gather_paged.default", 0)
+    _check(lower_context_attention, gm, layer, "prefill", seed=10, expect_matches=1,
+           expect_ops={FIA: 1, "mla.attention.default": 0, "mla.gather_paged.default": 0})
     fia = next(n for n in gm.graph.nodes if n.target is torch.ops.npu.npu_fused_infer_attention_score.default)
     assert (fia.kwargs["input_layout"], fia.kwargs["sparse_mode"]) == ("TND", 3)
     assert fia.kwargs["num_key_value_heads"] == layer.num_heads
     added = gm.meta["mla_inputs"][len(inputs):]
     assert gm.meta["mla_inputs"][: len(inputs)] == inputs
     assert sorted(added) == ["context_ends_list", "context_slots", "query_ends_list"]
-    _same_numerics(before, gm, layer, "prefill", seed=10)
 
 
 def test_lower_context_attention_bf16():
     layer = _layer(V2_LITE_TINY, torch.bfloat16)
     gm = _prepared(layer, "prefill", lower_context_attention)
-    before, record = _apply(gm, lower_context_attention)
-    assert record.matches == 1
-    _count(gm, FIA, 1)
-    _same_numerics(before, gm, layer, "prefill", seed=11)
+    _check(lower_context_attention, gm, layer, "prefill", seed=11, expect_matches=1, expect_ops={FIA: 1})
 
 
 def test_lower_context_attention_does_not_fire_on_absorbed_decode():

@@ -7,7 +7,7 @@ from typing import TextIO
 
 from passes import PipelineReport
 
-from .tables import format_table
+from passes.dump import format_table
 
 
 class Progress:

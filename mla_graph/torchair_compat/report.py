@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from passes.dump import format_table
+
 RULES = ("no-converter", "stub-converter", "partial-converter", "atb-op", "index-put", "unpaired-scope",
          "dynamic-dim")
 
@@ -35,13 +37,10 @@ class TorchairReport:
     def table(self) -> str:
         if self.ok:
             return f"torchair check: clean (GE converters of {self.converters})"
-        header = ("rule", "node", "op", "message", "suggestion")
-        rows = [header] + [(f.rule, f.node, f.op, f.message, f.suggestion) for f in self.findings]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[4]]).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[4]))
+        rows = [(f.rule, f.node, f.op, f.message, f.suggestion) for f in self.findings]
+        table = format_table(("rule", "node", "op", "message", "suggestion"), rows)
         summary = f"{len(self.findings)} finding(s) against the GE converters of {self.converters}"
-        return "\n".join(lines + [summary])
+        return f"{table}\n{summary}"
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "converters": self.converters, "findings": [asdict(f) for f in self.findings]}
