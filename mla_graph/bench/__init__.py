@@ -1,0 +1,49 @@
+"""Benchmarks: what the lowering costs and buys, measured on this machine's CPU.
+
+Four sections, each a function returning plain JSON data:
+  lowering_cost      lower 1 / 8 / 61 layers per target (shapes lowered once, then re-bound), beside
+                     lowering every layer on its own and beside torch.compile(inductor) of the same module
+  kernels_per_decode device kernels in each target's lowered decode graph (views excluded)
+  decode_step        one CPU decode step: our lowered modules vs Hugging Face's DeepseekV3Attention
+  kv_cache_bytes     cache bytes per token per layer, latent vs decompressed K/V, per preset
+
+Timings are medians of repeated runs in this process, with quartiles and min/max. Nothing here
+asserts a number; `run_benchmarks` returns the data and `write_outputs` writes JSON, PNG and Markdown.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .decode_step import decode_step, peak_bytes
+from .kernel_counts import VLLM_ASCEND_EAGER_DECODE, count_kernels, kernels_per_decode
+from .kv_cache import kv_cache_bytes
+from .lowering_cost import lowering_cost, unfilled_layers
+from .report import DOCS_BEGIN, DOCS_END, write_outputs
+from .settings import Settings, machine, summary
+
+__all__ = ["DOCS_BEGIN", "DOCS_END", "Settings", "count_kernels", "kv_cache_bytes", "peak_bytes", "run_benchmarks",
+           "summary", "write_outputs"]
+
+
+def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str = "mla-graph bench") -> dict:
+    start = time.perf_counter()
+    data: dict = {"schema": 1, "mode": "quick" if s.quick else "default", "command": command,
+                  "machine": machine()}
+    layers = unfilled_layers(s.lowering_config, max(s.layer_counts + s.separate_counts), dtype=s.dtype,
+                             tp_size=s.lowering_tp)
+    log("2. kernels per decode layer (first: it warms up the lowering timed in 1)")
+    data["kernels_per_decode"] = kernels_per_decode(s, layers[0])
+    for t, v in data["kernels_per_decode"]["targets"].items():
+        log(f"  {t}: {v['total']} kernels ({', '.join(f'{k} x{n}' for k, n in v['by_op'].items())})")
+    log(f"  vllm-ascend eager decode: {len(VLLM_ASCEND_EAGER_DECODE)} kernels")
+    log("1. lowering cost")
+    data["lowering_cost"] = lowering_cost(s, layers, log)
+    log("3. CPU decode step vs Hugging Face DeepseekV3Attention")
+    data["decode_step"] = decode_step(s, log)
+    log("4. KV cache bytes per token per layer")
+    data["kv_cache_bytes"] = kv_cache_bytes(s)
+    for name, v in data["kv_cache_bytes"]["presets"].items():
+        log(f"  {name}: latent {v['latent']} B, decompressed K/V {v['decompressed_kv']} B (x{v['ratio']:.1f})")
+    data["total_seconds"] = time.perf_counter() - start
+    return data
