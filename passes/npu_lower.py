@@ -6,13 +6,14 @@ lowered one by one, so it runs first.
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
 
 from .base import PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
-from .mla_patterns import _is, match_decompressed_attention, match_kv_cache_write, val
+from .mla_patterns import KvCacheWrite, _is, match_decompressed_attention, match_kv_cache_write, val
 
 aten, mla = torch.ops.aten, torch.ops.mla
 MASK_SIZE = 2048  # FIA sparse modes 2-4 take a compressed 2048 x 2048 triu(1) mask
@@ -43,6 +44,16 @@ def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
         npu.npu_kv_rmsnorm_rope_cache_v2(kv[T,1,1,L+R], g, cos, sin, slots, rope_cache, latent_cache,
                                          epsilon=eps, cache_mode='PA')     # writes both caches
     """
+    def emit(g, m: KvCacheWrite, kv4: Node, cos: Node, sin: Node) -> None:
+        call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, m.gamma, cos, sin, m.slots,
+             m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
+
+    return rewrite_kv_cache_writes(gm, emit, "rmsnorm+rope+cache write")
+
+
+def rewrite_kv_cache_writes(gm: GraphModule, emit: Callable[..., None], rule: str) -> PassResult:
+    """Replace each latent cache write (match_kv_cache_write) whose norm and rope feed nothing else
+    with what `emit(graph, match, kv[T,1,1,L+R], cos, sin)` builds in its place."""
     result = PassResult(changed=False)
     g = gm.graph
     for node in list(g.nodes):
@@ -55,10 +66,9 @@ def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
         cos, sin = _rope_cos_sin(gm, m.positions, m.table)
         with g.inserting_before(node):
             kv4 = call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]])
-            call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, m.gamma, cos, sin, m.slots,
-                 m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
+            emit(g, m, kv4, cos, sin)
         g.erase_node(node)
-        result.count("rmsnorm+rope+cache write")
+        result.count(rule)
     if result.changed:
         g.eliminate_dead_code()
     return result

@@ -14,14 +14,10 @@ from torch.fx import GraphModule, Node
 
 from .base import PassResult, graph_pass
 from .graph_utils import add_constant, call, first_user_position
-from .mla_patterns import _is, _split_part, match_kv_cache_write, val
-from .npu_lower import _rope_cos_sin
+from .mla_patterns import KvCacheWrite, _is, _split_part, match_kv_cache_write, val
+from .npu_lower import _npu, _rope_cos_sin, rewrite_kv_cache_writes
 
 aten, mla = torch.ops.aten, torch.ops.mla
-
-
-def _npu():
-    return torch.ops.npu
 
 
 def _linear_of(node: object) -> tuple[Node, Node] | None:
@@ -148,28 +144,14 @@ def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
         r = npu.npu_kv_rmsnorm_rope_cache(kv[T,1,1,L+R], g, cos, sin, slots, rope, latent, cache_mode='PA')
         (later readers use r[1] / r[0]); copy_(latent, r[1]); copy_(rope, r[0])
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        m = match_kv_cache_write(node)
-        if m is None:
-            continue
-        if not m.exclusive:
-            result.notes.append(f"{node.name}: the normed latent or roped key has other users; not fused")
-            continue
-        cos, sin = _rope_cos_sin(gm, m.positions, m.table)
-        with g.inserting_before(node):
-            kv4 = call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]])
-            fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, m.gamma, cos, sin, m.slots,
-                         m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
-            k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
-        g.erase_node(node)
+    def emit(g, m: KvCacheWrite, kv4: Node, cos: Node, sin: Node) -> None:
+        fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, m.gamma, cos, sin, m.slots,
+                     m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
+        k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
         _writeback(gm, m.latent_cache, c_new, c_new)
         _writeback(gm, m.rope_cache, k_new, k_new)
-        result.count("rmsnorm+rope+cache write (functional)")
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+
+    return rewrite_kv_cache_writes(gm, emit, "rmsnorm+rope+cache write (functional)")
 
 
 @graph_pass()
