@@ -73,7 +73,6 @@ class LoweredMLA(nn.Module):
         with torch.no_grad():
             return runner(call) if runner is not None else gm(*graph_inputs(gm, call))
 
-
     def refresh_derived(self) -> int:
         """Recut the weights passes derived at lowering time (W_UK/W_UV, the prolog's transposed
         weights) from any source weight written since (a weight reload): in place, so compiled

@@ -122,8 +122,7 @@ class BucketedDecode:
         """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
         request is padding (slot -1, seq_len 0: nothing is written). Returns the graphs handed to
         the compiler (the stand-in records them; on Ascend, torchair does not expose them)."""
-        config_hidden = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"].shape[1]
-        dtype = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"].dtype
+        hidden = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"]
         empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
                             block_table=torch.zeros(0, 1, dtype=torch.int32),
                             seq_lens=torch.empty(0, dtype=torch.int32),
@@ -131,7 +130,7 @@ class BucketedDecode:
                             num_decodes=0, num_decode_tokens=0, num_prefills=0)
         graphs = []
         for size in sizes or self.options.graph_batch_sizes:
-            padded = Call(torch.zeros(size, config_hidden, dtype=dtype), torch.zeros(size, dtype=torch.int64),
+            padded = Call(torch.zeros(size, hidden.shape[1], dtype=hidden.dtype), torch.zeros(size, dtype=torch.int64),
                           kv_cache, _pad_metadata(empty, size, self.width), cos_sin)
             before = len(getattr(self.backend, "graphs", []))
             with torch.no_grad():

@@ -44,9 +44,8 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
         if weight is None:
             result.notes.append(f"{node.name}: kv_b_proj weight is not a constant; not absorbed")
             continue
-        q_nope = val(m.q_nope)
-        T, N, P = q_nope.shape
-        L, V = val(m.latent_cache).shape[-1], m.v_dim
+        _, N, P = val(m.q_nope).shape
+        V = m.v_dim
         cut_uk = partial(cut_w_uk, heads=N, nope_dim=P, v_dim=V)
         cut_uv = partial(cut_w_uv, heads=N, nope_dim=P, v_dim=V)
         anchor = first_user_position(gm)

@@ -7,7 +7,6 @@ from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower, pos
 from mla_graph.checking import compare_with_plain
 from mla_graph.npu import EMULATED_SCHEMAS, npu_backend
 from passes import PassManager, PassResult, PassVerificationError
-from passes.graph_utils import call
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
