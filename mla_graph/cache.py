@@ -13,14 +13,20 @@ class CacheFullError(RuntimeError):
     pass
 
 
+# Never handed out to a request: graph-mode decode writes its padded batch rows here (the fused
+# prolog's cache_index must be a valid slot, -1 is not admitted), and nothing ever reads it back.
+# vLLM's block pool keeps block 0 out of use the same way (its null block).
+PADDING_BLOCK = 0
+
+
 class BlockAllocator:
-    """Hands out physical block ids. `shuffle=True` hands them out in random order, so tests
-    see block tables that are not 0, 1, 2, ..."""
+    """Hands out physical block ids, never PADDING_BLOCK. `shuffle=True` hands them out in random
+    order, so tests see block tables that are not 1, 2, 3, ..."""
 
     def __init__(self, num_blocks: int, *, shuffle: bool = False, seed: int = 0) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        self._free = list(range(num_blocks))
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block {PADDING_BLOCK} is the padding block), got {num_blocks}")
+        self._free = [b for b in range(num_blocks) if b != PADDING_BLOCK]
         if shuffle:
             random.Random(seed).shuffle(self._free)
         self._free.reverse()  # pop() from the end hands out the list's first element first

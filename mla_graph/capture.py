@@ -17,6 +17,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from passes.graph_utils import register_fake_mode
+
 from .attention import MLAAttention
 from .cache import PagedLatentCache
 from .metadata import MLAMetadata
@@ -42,10 +44,16 @@ GRAPH_INPUTS: dict[str, Callable[[Call], object]] = {
     "positions": lambda c: c.positions,
     "latent_cache": lambda c: c.kv_cache.latent,
     "rope_cache": lambda c: c.kv_cache.rope,
-    "slot_mapping": lambda c: c.metadata.slot_mapping,
-    "block_table": lambda c: c.metadata.block_table,
+    # Index tensors reach the kernels in the one dtype each GE op takes (a no-op when the caller's
+    # metadata already has it; MLAMetadata accepts int32 or int64): slots are int64 (the cache
+    # writers' index / cache_index), block tables int32 (FIA's block_table).
+    "slot_mapping": lambda c: c.metadata.slot_mapping.to(torch.int64),
+    "block_table": lambda c: c.metadata.block_table.to(torch.int32),
     "seq_lens": lambda c: c.metadata.seq_lens,
     "query_start_loc": lambda c: c.metadata.query_start_loc,
+    # FIA's length tensors (torchair's air FIA in graph mode) are int64 only in GE; converted on
+    # the host once per call, so the graph carries no cast kernel.
+    "seq_lens_int64": lambda c: c.metadata.seq_lens.to(torch.int64),
     # host-side forms for kernels that take lengths as lists (torch_npu's SymInt[] arguments)
     "seq_lens_list": lambda c: c.metadata.seq_lens.tolist(),
     "query_ends_list": lambda c: c.metadata.query_start_loc[1:].tolist(),
@@ -77,8 +85,38 @@ def context_slots(metadata: MLAMetadata, block_size: int) -> torch.Tensor:
     return torch.cat(rows) if rows else metadata.slot_mapping.new_empty(0)
 
 
+# A graph that attends over the decode and prefill requests of a mixed batch separately
+# (passes.split_mixed) reads "<part>_<input>" from that part of the call.
+BATCH_PARTS = ("decode", "prefill")
+
+
 def graph_inputs(gm: GraphModule, call: Call) -> list[object]:
-    return [GRAPH_INPUTS[name](call) for name in gm.meta["mla_inputs"]]
+    parts: dict[str, Call] = {}
+    values = []
+    for name in gm.meta["mla_inputs"]:
+        part, _, base = name.partition("_")
+        if part in BATCH_PARTS and base in GRAPH_INPUTS:
+            if part not in parts:
+                parts[part] = part_of(call, part)
+            values.append(GRAPH_INPUTS[base](parts[part]))
+        else:
+            values.append(GRAPH_INPUTS[name](call))
+    return values
+
+
+def part_of(call: Call, part: str) -> Call:
+    """The decode requests (the first num_decodes) or the prefill requests of a call, as a call."""
+    md = call.metadata
+    reqs = slice(0, md.num_decodes) if part == "decode" else slice(md.num_decodes, md.num_reqs)
+    tokens = slice(0, md.num_decode_tokens) if part == "decode" else slice(md.num_decode_tokens, md.num_tokens)
+    qsl = md.query_start_loc[reqs.start: reqs.stop + 1]
+    metadata = MLAMetadata(
+        slot_mapping=md.slot_mapping[tokens], block_table=md.block_table[reqs], seq_lens=md.seq_lens[reqs],
+        query_start_loc=qsl - qsl[:1] if qsl.numel() else md.query_start_loc[:1],
+        num_decodes=md.num_decodes if part == "decode" else 0,
+        num_decode_tokens=md.num_decode_tokens if part == "decode" else 0,
+        num_prefills=0 if part == "decode" else md.num_prefills)
+    return Call(call.hidden_states[tokens], call.positions[tokens], call.kv_cache, metadata, call.cos_sin)
 
 
 def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphModule:
@@ -130,6 +168,7 @@ def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphM
             *fake_weights, *fake_inputs.values())
     gm = _finish(traced_gm, layer, weight_names, list(fake_inputs), phase, block_size, symbols)
     gm.meta["mla_fake_mode"] = fake_mode
+    register_fake_mode(fake_mode)
     return gm
 
 

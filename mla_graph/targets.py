@@ -9,12 +9,13 @@ from typing import Callable, Sequence
 
 from passes import eliminate_dead_code, no_namespace, remove_noop_views
 from passes.absorb import absorb_kv_weights
+from passes.attention_fallback import lower_paged_attention_to_aten
 from passes.base import GraphPass, graph_pass
-from passes.cost_model import choose_attention_form
-from passes.npu_lower import (fuse_kv_rmsnorm_rope_cache, lower_context_attention, lower_paged_attention,
-                              lower_rms_norm, lower_rope)
+from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
+                              lower_paged_attention, lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
 from passes.multistream import insert_multistream_scopes
+from passes.split_mixed import split_mixed_batch
 from passes.torchair_lower import decompose_linear, lengths_as_tensors, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog
 
 from .npu import ensure_npu_ops
@@ -48,17 +49,19 @@ def check_fully_lowered(gm):
 
 def _npu_pipeline(phase: str) -> list[GraphPass]:
     return [
-        remove_noop_views,            # capture leaves reshapes to the shape a tensor already has
-        choose_attention_form,        # cost model: absorbed or decompressed, per phase
-        absorb_kv_weights,            # only where absorbed won; folds W_UK / W_UV once, here
-        page_latent_attention,        # after absorb: the latent gathers it removes exist only then
-        fuse_kv_rmsnorm_rope_cache,   # before the single-op lowerings: it consumes rms_norm and rope
-        lower_rope,                   # the q rope left after the fusion
-        lower_rms_norm,               # q_a_layernorm (kv_a_layernorm went into the fusion)
-        lower_paged_attention,        # latent attention -> FIA BNSD / TND over the paged cache
-        lower_context_attention,      # decompressed attention -> FIA TND over the ragged context
-        eliminate_dead_code,          # gathers and splits the rewrites orphaned
-        check_fully_lowered,          # last: nothing mla:: may reach the device
+        remove_noop_views,               # capture leaves reshapes to the shape a tensor already has
+        split_mixed_batch,               # mixed: decodes and prefill chunks attend apart (FIA MLA: <= 16 query tokens)
+        choose_npu_attention_form,       # cost model per attention; decompressed only where FIA TND admits it
+        absorb_kv_weights,               # only where absorbed won; folds W_UK / W_UV once, here
+        page_latent_attention,           # after absorb: the latent gathers it removes exist only then
+        fuse_kv_rmsnorm_rope_cache,      # before the single-op lowerings: it consumes rms_norm and rope
+        lower_rope,                      # the q rope left after the fusion
+        lower_rms_norm,                  # q_a_layernorm (kv_a_layernorm went into the fusion)
+        lower_paged_attention,           # one token per request -> FIA MLA BNSD, where its limits admit it
+        lower_context_attention,         # decompressed attention -> FIA TND over the ragged context
+        lower_paged_attention_to_aten,   # after the FIA lowerings: latent attention no FIA form admits
+        eliminate_dead_code,             # gathers and splits the rewrites orphaned
+        check_fully_lowered,             # last: nothing mla:: may reach the device
     ]
 
 
@@ -96,15 +99,16 @@ def _prepare_torchair():
 def _torchair_decode_passes() -> list[GraphPass]:
     return [
         remove_noop_views,                       # as for npu
-        choose_attention_form,                   # decode: absorbed (the cost model decides)
+        choose_npu_attention_form,               # decode: absorbed (the cost model decides)
         absorb_kv_weights,                       # W_UK / W_UV folded once
         page_latent_attention,                   # attention reads the paged cache
-        fuse_mla_prolog,                         # q_lora configs: whole prolog -> npu_mla_prolog_v3_functional
+        fuse_mla_prolog,                         # whole prolog -> npu_mla_prolog_v3_functional, where its limits hold
         fuse_kv_rmsnorm_rope_cache_functional,   # otherwise: the functional (converter-backed) cache writer
         lower_rope,                              # q rope left when the prolog did not fuse
         lower_rms_norm,                          # likewise for a leftover norm
-        lower_paged_attention,                   # FIA BNSD over the updated caches
-        lengths_as_tensors,                      # after it: FIA takes the lengths as device tensors (air::)
+        lower_paged_attention,                   # FIA BNSD over the updated caches, where its limits admit it
+        lower_paged_attention_to_aten,           # otherwise (fp32 models, dims FIA does not take): aten ops
+        lengths_as_tensors,                      # after the FIA lowering: lengths as int64 device tensors (air::)
         decompose_linear,                        # GE has no aten.linear converter: mm + t
         eliminate_dead_code,
         check_fully_lowered,                     # no mla:: op may reach GE

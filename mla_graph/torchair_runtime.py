@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
+from .cache import PADDING_BLOCK
 from .capture import Call, graph_inputs
 from .metadata import MLAMetadata
 
@@ -24,7 +25,7 @@ from .metadata import MLAMetadata
 class TorchairOptions:
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     max_blocks_per_req: int | None = None   # block-table width compiled in; default: max positions / block
-    mode: str = "max-autotune"              # torchair CompilerConfig.mode (GE graph); or "reduce-overhead"
+    mode: str = "max-autotune"              # torchair CompilerConfig.mode: GE graph, the only mode air FIA runs in
     frozen_parameter: bool = True
     tiling_schedule_optimize: bool = True
 
@@ -40,8 +41,11 @@ class TorchairOptions:
             if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
                 raise ValueError(f"graph_batch_sizes must be positive ints, got {options['graph_batch_sizes']!r}")
             options["graph_batch_sizes"] = sizes
-        if options.get("mode", "max-autotune") not in ("max-autotune", "reduce-overhead"):
-            raise ValueError(f"mode must be 'max-autotune' or 'reduce-overhead', got {options['mode']!r}")
+        if options.get("mode", "max-autotune") != "max-autotune":
+            raise ValueError(f"mode must be 'max-autotune', got {options['mode']!r}: the decode graph's attention "
+                             "is torchair's air npu_fused_infer_attention_score, which runs only in GE graph "
+                             "mode (max-autotune); its kernel raises in reduce-overhead (aclgraph) mode "
+                             "(torch-npu 2.13.0, torchair/ops/_npu_fused_infer_attention_score.py)")
         return cls(**options)
 
 
@@ -76,7 +80,9 @@ def _torchair_backend(options: TorchairOptions) -> Callable:
 
 class BucketedDecode:
     """Runs a decode graph at the smallest configured batch size that fits, padding the batch:
-    padded tokens write nothing (slot -1), see no context (seq_len 0), and are dropped."""
+    padded tokens write into the padding block (cache.PADDING_BLOCK, which no request owns and
+    nothing reads; the fused prolog admits no -1 slot), see no context (seq_len 0), and are
+    dropped. A request's own slot -1 (write nothing) is sent to the padding block too."""
 
     def __init__(self, gm: GraphModule, options: TorchairOptions, config, block_size: int) -> None:
         from .npu import npu_backend
@@ -120,8 +126,8 @@ class BucketedDecode:
 
     def warmup(self, kv_cache, cos_sin: torch.Tensor, sizes: tuple[int, ...] | None = None) -> list[GraphModule]:
         """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
-        request is padding (slot -1, seq_len 0: nothing is written). Returns the graphs handed to
-        the compiler (the stand-in records them; on Ascend, torchair does not expose them)."""
+        request is padding (written into the padding block, seq_len 0). Returns the graphs handed
+        to the compiler (the stand-in records them; on Ascend, torchair does not expose them)."""
         hidden = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"]
         empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
                             block_table=torch.zeros(0, 1, dtype=torch.int32),
@@ -131,7 +137,7 @@ class BucketedDecode:
         graphs = []
         for size in sizes or self.options.graph_batch_sizes:
             padded = Call(torch.zeros(size, hidden.shape[1], dtype=hidden.dtype), torch.zeros(size, dtype=torch.int64),
-                          kv_cache, _pad_metadata(empty, size, self.width), cos_sin)
+                          kv_cache, _pad_metadata(empty, size, self.width, self.block_size), cos_sin)
             before = len(getattr(self.backend, "graphs", []))
             with torch.no_grad():
                 self._compiled(*graph_inputs(self.gm, padded))
@@ -146,7 +152,7 @@ class BucketedDecode:
             raise ValueError(f"block_table has {md.block_table.shape[1]} columns but the graph was built for "
                              f"max_blocks_per_req={self.width}; raise the max_blocks_per_req option")
         padded = Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
-                      _pad_metadata(md, size, self.width), call.cos_sin)
+                      _pad_metadata(md, size, self.width, self.block_size), call.cos_sin)
         self.buckets_run.append(size)
         return self._compiled(*graph_inputs(self.gm, padded))[:B]
 
@@ -156,11 +162,14 @@ def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:
     return torch.cat([x, pad])
 
 
-def _pad_metadata(md: MLAMetadata, size: int, width: int) -> MLAMetadata:
-    table = md.block_table.new_zeros(size, width)
+def _pad_metadata(md: MLAMetadata, size: int, width: int, block_size: int) -> MLAMetadata:
+    table = md.block_table.new_full((size, width), PADDING_BLOCK)
     table[: md.num_reqs, : md.block_table.shape[1]] = md.block_table
+    # distinct rows of the padding block per padded token (wrapping past block_size)
+    padding = PADDING_BLOCK * block_size + torch.arange(size, dtype=torch.int64) % block_size
+    slots = _pad_rows(md.slot_mapping.to(torch.int64), size, -1)
     return MLAMetadata(
-        slot_mapping=_pad_rows(md.slot_mapping, size, -1),
+        slot_mapping=torch.where(slots >= 0, slots, padding),
         block_table=table,
         seq_lens=_pad_rows(md.seq_lens, size, 0),
         query_start_loc=torch.arange(size + 1, dtype=md.query_start_loc.dtype),

@@ -26,19 +26,21 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
         out = aten.bmm(o^T, w_uv)^T                                             # [T, N, V]
 
     W_UK [N, P, L] and W_UV [N, L, V] are new tensors cut from kv_b_proj's weight once, here;
-    the weight itself is not touched. Fires only where the cost model chose 'absorbed'.
+    the weight itself is not touched. Fires only where the cost model chose 'absorbed' (per node,
+    else for the graph).
     How each is cut is recorded in gm.meta["mla_derived_constants"] as
     {buffer: (get_attr target of the source weight, function of that weight)}, so a layer of the
     same shape can reuse this graph with its own weights (mla_graph.model_lowering replays it).
     """
     result = PassResult(changed=False)
-    if gm.meta.get("mla_attention_form", "absorbed") != "absorbed":
-        result.notes.append(f"attention form is {gm.meta['mla_attention_form']!r}: nothing to absorb")
-        return result
     g = gm.graph
     for node in list(g.nodes):
         m = match_decompressed_attention(node)
         if m is None:
+            continue
+        form = node.meta.get("mla_attention_form", gm.meta.get("mla_attention_form", "absorbed"))
+        if form != "absorbed":
+            result.notes.append(f"{node.name}: attention form is {form!r}: not absorbed")
             continue
         weight = gm.get_parameter(m.w_kv_b.target) if m.w_kv_b.op == "get_attr" else None
         if weight is None:

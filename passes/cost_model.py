@@ -10,15 +10,16 @@ Each phase is costed at a representative batch; the form with the lower estimate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch.fx import GraphModule
 
 from .base import PassResult, graph_pass
-from .mla_patterns import match_decompressed_attention, val
+from .mla_patterns import DecompressedAttention, match_decompressed_attention, val
 
 # Representative batches: (requests, new tokens per request, context tokens per request).
 REPRESENTATIVE = {
-    "decode": (32, 1, 4096),
+    "decode": (32, 1, 4096),   # also the decode part of a split mixed batch
     "prefill": (4, 2048, 2048),
     "mixed": (32, 16, 2048),    # chunked prefill: short chunks riding along with decodes
 }
@@ -65,11 +66,17 @@ def attention_costs(d: Dims, requests: int, new: int, context: int) -> dict[str,
 
 
 @graph_pass()
-def choose_attention_form(gm: GraphModule) -> PassResult:
-    """Records gm.meta['mla_attention_form'] for the absorb pass; the graph is not changed.
+def choose_attention_form(gm: GraphModule, *, admissible: Callable[[DecompressedAttention], str] | None = None
+                          ) -> PassResult:
+    """Records the form of each attention for the absorb pass (node.meta['mla_attention_form'], and
+    gm.meta for the whole graph); the graph is not changed.
 
         attention(cat(q_nope, q_pe), cat(k_nope, k_pe), v)     # decompressed, as captured
       ->  (same graph; meta: mla_attention_form = 'absorbed' | 'decompressed')
+
+    Each attention is costed at the representative batch of its phase, or of its part of a split
+    mixed batch. With `admissible` (why a kernel cannot take the decompressed form, '' when it can),
+    the decompressed form is chosen only where it is admitted; otherwise absorbed.
     """
     result = PassResult(changed=False)
     for node in gm.graph.nodes:
@@ -79,11 +86,14 @@ def choose_attention_form(gm: GraphModule) -> PassResult:
         q = val(m.q_nope)
         dims = Dims(heads=q.shape[1], qk_nope=m.qk_nope, rope=val(m.q_pe).shape[-1],
                     latent=val(m.latent_cache).shape[-1], v=m.v_dim, dtype_bytes=q.element_size())
-        phase = gm.meta.get("mla_phase", "mixed")
-        costs = attention_costs(dims, *REPRESENTATIVE[phase])
+        batch = node.meta.get("mla_batch_part") or gm.meta.get("mla_phase", "mixed")
+        costs = attention_costs(dims, *REPRESENTATIVE[batch])
         form = min(costs, key=lambda f: costs[f].seconds)
-        gm.meta["mla_attention_form"] = form
-        result.notes.append(f"{phase}: " + ", ".join(
+        why_not = admissible(m) if admissible is not None and form == "decompressed" else ""
+        if why_not:
+            form = "absorbed"
+        node.meta["mla_attention_form"] = gm.meta["mla_attention_form"] = form
+        result.notes.append(f"{node.name} ({batch}): " + ", ".join(
             f"{f} {c.flops / 1e9:.1f} GFLOP {c.bytes / 1e6:.1f} MB ~{c.seconds * 1e6:.1f} us"
-            for f, c in costs.items()) + f" -> {form}")
+            for f, c in costs.items()) + f" -> {form}" + (f" (decompressed not admitted: {why_not})" if why_not else ""))
     return result

@@ -1,6 +1,7 @@
 """Helpers passes use to build nodes: every new node gets its fake value at creation."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -13,11 +14,22 @@ def fake_value(node_or_value: Any) -> Any:
     return node_or_value.meta.get("val") if isinstance(node_or_value, Node) else node_or_value
 
 
+# shape environment -> the fake mode made over it (capture registers each graph's), so a factory
+# op whose only inputs are symbolic sizes (aten.arange(0, s0)) runs in its graph's fake mode
+_FAKE_MODES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def register_fake_mode(mode) -> None:
+    _FAKE_MODES[mode.shape_env] = mode
+
+
 def fake_run(target: Any, args: tuple, kwargs: dict) -> Any:
     """Run `target` on the fake values of its Node arguments."""
     fargs = map_arg(args, fake_value)
     fkwargs = map_arg(kwargs, fake_value)
-    mode = detect_fake_mode(_tensors((fargs, fkwargs)))
+    flat = torch.utils._pytree.tree_flatten((fargs, fkwargs))[0]
+    mode = detect_fake_mode(_tensors((fargs, fkwargs))) or next(
+        (_FAKE_MODES.get(x.node.shape_env) for x in flat if isinstance(x, torch.SymInt)), None)
     if mode is None:
         return target(*fargs, **fkwargs)
     with mode:

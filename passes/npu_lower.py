@@ -11,9 +11,14 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from mla_graph.npu import limits
+from mla_graph.npu.limits import Violation
+
 from .base import PassResult, graph_pass
+from .cost_model import choose_attention_form
 from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
 from .mla_patterns import KvCacheWrite, _is, match_decompressed_attention, match_kv_cache_write, val
+from .split_mixed import PARTS
 
 aten, mla = torch.ops.aten, torch.ops.mla
 MASK_SIZE = 2048  # FIA sparse modes 2-4 take a compressed 2048 x 2048 triu(1) mask
@@ -76,10 +81,13 @@ def rewrite_kv_cache_writes(gm: GraphModule, emit: Callable[..., None], rule: st
 
 @graph_pass()
 def lower_rope(gm: GraphModule) -> PassResult:
-    """mla.rope on per-head q -> npu_interleave_rope.
+    """mla.rope on per-head q -> npu_interleave_rope (fp16/bf16; GE's InterleaveRope takes no fp32),
+    else the same rotation in aten ops.
 
         q_pe = mla.rope(x[T, N, R], positions, table)
       ->  q_pe = view(npu.npu_interleave_rope(view(x, [T, N, 1, R]), cos, sin), [T, N, R])
+      |   x0, x1 = x[..., 0::2], x[..., 1::2]; c, s = cos[..., :R/2], sin[..., :R/2]
+          q_pe = cat(x0 * c - x1 * s, x1 * c + x0 * s)                               # fp32 models
     """
     result = PassResult(changed=False)
     g = gm.graph
@@ -90,13 +98,29 @@ def lower_rope(gm: GraphModule) -> PassResult:
         T, N, R = val(x).shape
         cos, sin = _rope_cos_sin(gm, positions, table)
         with g.inserting_before(node):
-            x4 = call(g, aten.view.default, call(g, aten.clone.default, x), [-1, N, 1, R])
-            y = call(g, _npu().npu_interleave_rope.default, x4, cos, sin)
-            out = call(g, aten.view.default, y, [-1, N, R])
+            if val(x).dtype in limits.INTERLEAVE_ROPE_DTYPES:
+                x4 = call(g, aten.view.default, call(g, aten.clone.default, x), [-1, N, 1, R])
+                y = call(g, _npu().npu_interleave_rope.default, x4, cos, sin)
+                out = call(g, aten.view.default, y, [-1, N, R])
+                rule = "q rope"
+            else:
+                out = _rope_in_aten(g, x, cos, sin, R)
+                rule = "q rope (aten: no InterleaveRope for this dtype)"
         node.replace_all_uses_with(out)
         g.erase_node(node)
-        result.count("q rope")
+        result.count(rule)
     return result
+
+
+def _rope_in_aten(g, x: Node, cos: Node, sin: Node, R: int) -> Node:
+    half = R // 2
+    x0 = call(g, aten.slice.Tensor, x, -1, 0, R, 2)
+    x1 = call(g, aten.slice.Tensor, x, -1, 1, R, 2)
+    c = call(g, aten.slice.Tensor, call(g, aten.view.default, cos, [-1, 1, R]), -1, 0, half)
+    s = call(g, aten.slice.Tensor, call(g, aten.view.default, sin, [-1, 1, R]), -1, 0, half)
+    first = call(g, aten.sub.Tensor, call(g, aten.mul.Tensor, x0, c), call(g, aten.mul.Tensor, x1, s))
+    second = call(g, aten.add.Tensor, call(g, aten.mul.Tensor, x1, c), call(g, aten.mul.Tensor, x0, s))
+    return call(g, aten.cat.default, [first, second], -1)
 
 
 @graph_pass()
@@ -132,16 +156,34 @@ def _host_list(gm: GraphModule, name: str) -> Node:
     return node
 
 
+def input_prefix(node: Node) -> str:
+    """'decode_' / 'prefill_' when `node` is an input of one part of a split mixed batch
+    (passes.split_mixed), else '': inputs a pass adds for that attention carry the same prefix."""
+    part = node.name.split("_", 1)[0] if node.op == "placeholder" else ""
+    return f"{part}_" if part in PARTS else ""
+
+
+def paged_fia_limits(ql: Node, q_pe: Node, latent_cache: Node, bt: Node) -> list[Violation]:
+    """Why FIA's MLA mode cannot take this latent attention (hard limits only): it must be one
+    token per request (a prefill chunk can exceed MLA mode's 16 query tokens)."""
+    T, N, L = val(ql).shape
+    one_token_per_request = str(T) == str(val(bt).shape[0])
+    return limits.hard(limits.fia_mla(
+        dtype=val(ql).dtype, num_heads=N, latent=L, rope=val(q_pe).shape[-1], kv_heads=1,
+        block_size=val(latent_cache).shape[1], paged=True,
+        query_tokens=[1] if one_token_per_request else [limits.MLA_MAX_QUERY_TOKENS + 1]))
+
+
 @graph_pass()
 def lower_paged_attention(gm: GraphModule) -> PassResult:
-    """mla.paged_attention -> npu_fused_infer_attention_score in MLA mode over the paged cache.
+    """mla.paged_attention of one new token per request -> npu_fused_infer_attention_score in MLA
+    mode (BNSD) over the paged cache, where the kernel's documented limits admit it (limits.fia_mla);
+    other calls are left for lower_paged_attention_to_aten.
 
-    One new token per request (q rows = requests): BNSD, sparse_mode 0.
-        o = mla.paged_attention(ql[T,N,L], q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, s)
-      ->  o = view(npu.npu_fused_infer_attention_score(view(ql,[T,N,1,L]), view(latent_cache,[NB,1,BS,L]),
+        o = mla.paged_attention(ql[B,N,L], q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, s)
+      ->  o = view(npu.npu_fused_infer_attention_score(view(ql,[B,N,1,L]), view(latent_cache,[NB,1,BS,L]),
               ..., query_rope=.., key_rope=.., block_table=bt, actual_seq_lengths_kv=seq_lens_list,
-              num_heads=N, num_key_value_heads=1, input_layout='BNSD', block_size=BS)[0], [T,N,L])
-    Otherwise: TND with cumulative query ends, sparse_mode 3 (causal within the new tokens).
+              num_heads=N, num_key_value_heads=1, input_layout='BNSD', block_size=BS)[0], [B,N,L])
     """
     result = PassResult(changed=False)
     g = gm.graph
@@ -149,33 +191,42 @@ def lower_paged_attention(gm: GraphModule) -> PassResult:
         if not _is(node, mla.paged_attention.default):
             continue
         ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = node.args
+        why_not = paged_fia_limits(ql, q_pe, latent_cache, bt)
+        if why_not:
+            result.notes.append(f"{node.name}: not FIA: {why_not[0].message()}")
+            continue
         T, N, L = val(ql).shape
         R = val(q_pe).shape[-1]
         BS = val(latent_cache).shape[1]
-        one_token_per_request = str(T) == str(val(bt).shape[0])
-        kv_lens = _host_list(gm, "seq_lens_list")
-        mask = None if one_token_per_request else _mask(gm)
-        q_ends = None if one_token_per_request else _host_list(gm, "query_ends_list")
+        kv_lens = _host_list(gm, f"{input_prefix(seq_lens)}seq_lens_list")
         with g.inserting_before(node):
             k = call(g, aten.view.default, latent_cache, [-1, 1, BS, L])
             kr = call(g, aten.view.default, rope_cache, [-1, 1, BS, R])
-            if one_token_per_request:
-                q = call(g, aten.view.default, ql, [-1, N, 1, L])
-                qr = call(g, aten.view.default, q_pe, [-1, N, 1, R])
-                layout, sparse = "BNSD", 0
-            else:
-                q, qr, layout, sparse = ql, q_pe, "TND", 3
+            q = call(g, aten.view.default, ql, [-1, N, 1, L])
+            qr = call(g, aten.view.default, q_pe, [-1, N, 1, R])
             fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, k, query_rope=qr, key_rope=kr,
-                       atten_mask=mask, actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_lens, block_table=bt,
-                       num_heads=N, scale=scale, input_layout=layout, num_key_value_heads=1,
-                       sparse_mode=sparse, block_size=BS)
-            out = call(g, operator.getitem, fia, 0)
-            if one_token_per_request:
-                out = call(g, aten.view.default, out, [-1, N, L])
+                       actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=scale,
+                       input_layout="BNSD", num_key_value_heads=1, sparse_mode=0, block_size=BS)
+            out = call(g, aten.view.default, call(g, operator.getitem, fia, 0), [-1, N, L])
         node.replace_all_uses_with(out)
         g.erase_node(node)
-        result.count(f"paged latent attention ({layout})")
+        result.count("paged latent attention (BNSD)")
     return result
+
+
+@graph_pass()
+def choose_npu_attention_form(gm: GraphModule) -> PassResult:
+    """choose_attention_form, with the decompressed form only where FIA's TND layout admits it
+    (bf16, 192/128 head dims, 8..128 heads): elsewhere absorbed, the form every dtype can run."""
+    return choose_attention_form(gm, admissible=lambda m: "; ".join(v.message() for v in context_fia_limits(m)))
+
+
+def context_fia_limits(m) -> list[Violation]:
+    """Why FIA's TND layout cannot take this decompressed attention (hard limits only)."""
+    _, N, P = val(m.q_nope).shape
+    return limits.hard(limits.fia_tnd(dtype=val(m.q_nope).dtype, num_heads=N, num_kv_heads=N,
+                                      qk_dim=P + val(m.q_pe).shape[-1], v_dim=m.v_dim, sparse_mode=3,
+                                      has_mask=True))
 
 
 @graph_pass()
@@ -198,10 +249,16 @@ def lower_context_attention(gm: GraphModule) -> PassResult:
             continue
         T, N, P = val(m.q_nope).shape
         L, R = val(m.latent_cache).shape[-1], val(m.rope_cache).shape[-1]
-        existing = next((n for n in g.nodes if n.op == "placeholder" and n.name == "context_slots"), None)
-        slots = existing or add_input(gm, "context_slots", _fake_slots(gm))
+        why_not = context_fia_limits(m)
+        if why_not:
+            raise ValueError(f"{node.name}: decompressed attention the FIA TND kernel cannot take: "
+                             f"{why_not[0].message()}; choose_attention_form should have chosen 'absorbed'")
+        prefix = input_prefix(m.seq_lens)
+        existing = next((n for n in g.nodes if n.op == "placeholder" and n.name == f"{prefix}context_slots"), None)
+        slots = existing or add_input(gm, f"{prefix}context_slots", _fake_slots(gm))
         mask = _mask(gm)
-        q_ends, kv_ends = _host_list(gm, "query_ends_list"), _host_list(gm, "context_ends_list")
+        q_ends = _host_list(gm, f"{prefix}query_ends_list")
+        kv_ends = _host_list(gm, f"{prefix}context_ends_list")
         with g.inserting_before(node):
             lat = call(g, aten.index_select.default, call(g, aten.view.default, m.latent_cache, [-1, L]), 0, slots)
             rope = call(g, aten.index_select.default, call(g, aten.view.default, m.rope_cache, [-1, R]), 0, slots)

@@ -12,8 +12,11 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from mla_graph.npu import limits
+from mla_graph.npu.limits import Violation
+
 from .base import PassResult, graph_pass
-from .graph_utils import add_constant, call, first_user_position
+from .graph_utils import add_constant, add_input, call, first_user_position
 from .mla_patterns import KvCacheWrite, _is, _split_part, match_kv_cache_write, val
 from .npu_lower import _npu, _rope_cos_sin, rewrite_kv_cache_writes
 
@@ -67,17 +70,28 @@ def _match_prolog(attn: Node) -> dict | None:
                 write=write, positions=q_pe.args[1], table=q_pe.args[2])
 
 
-def check_prolog_dtype(m: dict) -> str:
-    """'' when npu_mla_prolog_v3 can run this prolog, else why not: the kernel takes bf16 token_x
-    and returns bf16 queries, so for another model dtype it would silently round the queries."""
-    dtype = val(m["hidden"]).dtype
-    return "" if dtype == torch.bfloat16 else f"npu_mla_prolog_v3 takes bfloat16 tokens, the model is {dtype}"
+def prolog_limits(m: dict) -> list[Violation]:
+    """Why npu_mla_prolog_v3 cannot run this prolog (its documented limits; hard ones only): bf16
+    tokens, hidden 7168/7680/6144 (not DeepSeek-V2's 5120), q_lora 1536, latent 512, nope 128,
+    rope 64, block size 16 or 128."""
+    w_uk = val(m["w_uk"])                                      # [N, P, L]
+    return limits.hard(limits.mla_prolog(
+        token_dtype=val(m["hidden"]).dtype, hidden=val(m["hidden"]).shape[-1], q_lora=val(m["w_qa"]).shape[0],
+        heads=w_uk.shape[0], latent=w_uk.shape[2], nope=w_uk.shape[1], rope=val(m["table"]).shape[-1],
+        block_size=val(m["write"].latent_cache).shape[1], cache_mode="PA_BSND"))
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] nn.Linear weight -> the [in, out] matrix the prolog kernel takes, a new tensor."""
     with torch.no_grad():
         return weight.detach().t().contiguous()
+
+
+def prolog_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The [in, out] weight in FRACTAL_NZ, the format the prolog takes weight_dq, weight_uq_qr and
+    weight_dkv_kr in (L9605-L9608): cast once here, as vllm-ascend does with npu_format_cast(w, 29)."""
+    with torch.no_grad():
+        return _npu().npu_format_cast(transposed(weight), limits.ACL_FORMAT_FRACTAL_NZ)
 
 
 @graph_pass()
@@ -92,7 +106,9 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
                                              latent, rope, cache_index=slots, cache_mode='PA_BSND')
         o = mla.paged_attention(p[0], p[1], p[5], p[6], ...); copy_(latent, p[5]); copy_(rope, p[6])
 
-    Weights are handed over as [in, out] constants cut once here (the user's weights are not touched).
+    Fires only where the kernel's documented limits hold (prolog_limits; otherwise the functional
+    cache writer below takes the write). Weights are handed over as [in, out] FRACTAL_NZ constants
+    cut once here (the user's weights are not touched).
     """
     result = PassResult(changed=False)
     g = gm.graph
@@ -103,17 +119,18 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
         if m is None:
             result.notes.append(f"{attn.name}: no full q_lora prolog in front (e.g. q_proj config); not fused")
             continue
-        why_not = check_prolog_dtype(m)
+        why_not = prolog_limits(m)
         if why_not:
-            result.notes.append(f"{attn.name}: {why_not}; not fused")
+            result.notes.append(f"{attn.name}: not fused: {why_not[0].message()}")
             continue
         anchor = first_user_position(gm)
         consts = {}
         derived = gm.meta.setdefault("mla_derived_constants", {})
         for key, name in (("w_qa", "prolog_w_dq"), ("w_qb", "prolog_w_uq_qr"), ("w_kva", "prolog_w_dkv_kr")):
             weight = gm.get_parameter(m[key].target)
-            consts[key] = add_constant(gm, f"{attn.name}_{name}", transposed(weight), anchor)
-            derived[consts[key].target] = (m[key].target, transposed)   # replayed per layer by lower_layers
+            consts[key] = add_constant(gm, f"{attn.name}_{name}", prolog_weight(weight), anchor)
+            consts[key].meta["npu_format"] = "FRACTAL_NZ"
+            derived[consts[key].target] = (m[key].target, prolog_weight)   # replayed per layer by lower_layers
         cos, sin = _rope_cos_sin(gm, m["positions"], m["table"])
         latent_cache, rope_cache = attn.args[2], attn.args[3]
         with g.inserting_before(attn):
@@ -174,8 +191,9 @@ def decompose_linear(gm: GraphModule) -> PassResult:
     return result
 
 
-# host-list graph input -> the device tensor it is read from
-_LENGTH_TENSORS = {"seq_lens_list": "seq_lens"}
+# host-list graph input -> the device tensor it is read from: int64, the only dtype GE's
+# FusedInferAttentionScore takes for its lengths (torchair's air FIA converter does not cast)
+_LENGTH_TENSORS = {"seq_lens_list": "seq_lens_int64"}
 
 
 @graph_pass()
@@ -185,7 +203,7 @@ def lengths_as_tensors(gm: GraphModule) -> PassResult:
     data-dependent read (no GE converter); the tensor form is what GE graph mode runs.
 
         o = npu.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens_list, ...)
-      ->  o = air.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens, ...)
+      ->  o = air.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens_int64, ...)
     """
     result = PassResult(changed=False)
     g = gm.graph
@@ -200,7 +218,7 @@ def lengths_as_tensors(gm: GraphModule) -> PassResult:
             result.notes.append(f"{node.name}: a length list with no tensor form; left as is")
             continue
         for key in lengths:
-            kwargs[key] = inputs[_LENGTH_TENSORS[kwargs[key].name]]
+            kwargs[key] = _length_tensor(gm, _LENGTH_TENSORS[kwargs[key].name])
         with g.inserting_before(node):
             air = call(g, torch.ops.air.npu_fused_infer_attention_score.default, *node.args, **kwargs)
         node.replace_all_uses_with(air)
@@ -211,3 +229,11 @@ def lengths_as_tensors(gm: GraphModule) -> PassResult:
             g.erase_node(inputs[name])
             gm.meta["mla_inputs"] = [n for n in gm.meta["mla_inputs"] if n != name]
     return result
+
+
+def _length_tensor(gm: GraphModule, name: str) -> Node:
+    """The int64 [B] device tensor of per-request lengths, a graph input built once per call."""
+    seq_lens = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "seq_lens")
+    with gm.meta["mla_fake_mode"]:
+        fake = torch.empty(val(seq_lens).shape[0], dtype=torch.int64)
+    return add_input(gm, name, fake)

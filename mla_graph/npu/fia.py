@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mla_graph.npu import fia_layout as L
+from mla_graph.npu import fia_limits
 from mla_graph.npu._checks import reject, require
 from mla_graph.npu.softmax import attend
 
@@ -56,7 +57,8 @@ class FiaCall:
 
 
 def validate(c: FiaCall) -> tuple[L.Layout, int]:
-    """The shape-level checks the real kernel makes; returns (layout, N_kv)."""
+    """The shape-level checks the real kernel makes, then its documented limits (fia_limits);
+    returns (layout, N_kv)."""
     require(c.num_heads > 0, c.op, c.name("num_heads"), c.num_heads, "a positive head count")
     layout = L.parse_layout(c.op, c.input_layout, c.query)
     nkv = c.num_kv_heads or c.num_heads
@@ -85,6 +87,7 @@ def validate(c: FiaCall) -> tuple[L.Layout, int]:
         require(0 < c.block_size <= MAX_BLOCK_SIZE and c.block_size % multiple == 0, c.op, "block_size",
                 c.block_size, f"0 < block_size <= {MAX_BLOCK_SIZE}, a multiple of {multiple} for "
                 f"{c.query.dtype} with paged KV")
+    fia_limits.enforce(c, layout, nkv)
     return layout, nkv
 
 

@@ -73,7 +73,7 @@ def _ints(lens: Lens) -> list[int] | None:
 
 def _reject_quantised_query(op: str, query: torch.Tensor) -> None:
     if not query.dtype.is_floating_point or query.element_size() == 1:
-        reject(op, "query", query.dtype, "a float16/bfloat16/float32 query (quantised inputs are not emulated)")
+        reject(op, "query", query.dtype, "a float16 or bfloat16 query (quantised inputs are not emulated)")
 
 
 def fia_v1(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from mla_graph.npu import atb_attention, fia_ops, kv_cache_ops, mla_prolog, rope_norm, scatter_ops
+from mla_graph.npu import atb_attention, fia_ops, formats, kv_cache_ops, mla_prolog, rope_norm, scatter_ops
 from mla_graph.npu.schemas import ATB_SCHEMAS, NPU_SCHEMAS
 
 EMULATED_SCHEMAS: dict[str, str] = {
@@ -23,7 +23,7 @@ EMULATED_SCHEMAS: dict[str, str] = {
 Kernels = dict[str, tuple[Callable, Callable]]
 _KERNELS: Kernels = {
     **fia_ops.KERNELS, **kv_cache_ops.KERNELS, **rope_norm.KERNELS, **mla_prolog.KERNELS,
-    **scatter_ops.KERNELS, **atb_attention.KERNELS,
+    **scatter_ops.KERNELS, **atb_attention.KERNELS, **formats.KERNELS,
 }
 _LIBRARIES: dict[str, torch.library.Library] = {}
 

@@ -34,6 +34,8 @@ NPU_SCHEMAS: dict[str, str] = {
         'npu_scatter_nd_update(Tensor self, Tensor indices, Tensor updates) -> Tensor',
     'npu_scatter_nd_update_':
         'npu_scatter_nd_update_(Tensor(a!) self, Tensor indices, Tensor updates) -> Tensor(a!)',
+    'npu_format_cast':
+        'npu_format_cast(Tensor self, int acl_format, *, int? customize_dtype=None, int? input_dtype=None) -> Tensor',
 }
 
 # atb:: schemas are not in the YAML; the sync tool carries them over unchanged.

@@ -35,6 +35,8 @@ AIR_SCHEMAS: dict[str, str] = {   # as torchair 2.13.0 defines them
         "int inner_precise=0, int block_size=0, int antiquant_mode=0, int key_antiquant_mode=0, "
         "int value_antiquant_mode=0, bool softmax_lse_flag=False) -> (Tensor, Tensor)"),
 }
+# torchair modules whose import defines the ops above (torch-npu 2.13.0)
+AIR_MODULES = ("torchair.scope", "torchair.scope._wait_tensor", "torchair.ops._npu_fused_infer_attention_score")
 _LIBRARY: list[torch.library.Library] = []
 
 
@@ -79,10 +81,11 @@ def ensure_air_ops() -> str:
         return "emulated" if _LIBRARY else "torchair"
     if npu_backend() == "torch_npu":
         # torch_npu installs torchair as a lazy top-level module; scope defines the markers on import,
-        # _wait_tensor is otherwise loaded only on the first npu_wait_tensor call.
-        importlib.import_module("torchair.scope")
-        importlib.import_module("torchair.scope._wait_tensor")
-        importlib.import_module("torchair.ops")   # air::npu_fused_infer_attention_score
+        # _wait_tensor is otherwise loaded only on the first npu_wait_tensor call, and torchair.ops
+        # imports the module that defines air::npu_fused_infer_attention_score only inside the
+        # first call of torchair.ops.npu_fused_infer_attention_score(): import each one directly.
+        for module in AIR_MODULES:
+            importlib.import_module(module)
         return "torchair"
     existing = [name for name in AIR_SCHEMAS if hasattr(torch.ops.air, name)]
     if existing:

@@ -22,43 +22,59 @@ def e(*shape, dtype=BF16):
 
 
 FIA_CASES = [
-    # (input_layout, query, key/value, kwargs, expected out shape, expected lse shape when on)
-    ("BNSD", (2, 4, 1, 32), (6, 16, 32), dict(block_table=(2, 2), block_size=16, actual_seq_lengths_kv=[20, 5],
-                                              num_key_value_heads=1), (2, 4, 1, 32), (2, 4, 1, 1)),
-    ("BSH", (2, 3, 32), (2, 5, 8), dict(num_key_value_heads=2), (2, 3, 16), (2, 4, 3, 1)),
-    ("TND", (7, 4, 8), (9, 4, 6), dict(actual_seq_lengths=[3, 7], actual_seq_lengths_kv=[4, 9]), (7, 4, 6),
-     (7, 4, 1)),
-    ("NTD_TND", (4, 7, 8), (4, 7, 8), dict(actual_seq_lengths=[7], actual_seq_lengths_kv=[7]), (7, 4, 8),
-     (7, 4, 1)),
-    ("TND_NTD", (7, 4, 8), (7, 4, 8), dict(actual_seq_lengths=[7], actual_seq_lengths_kv=[7]), (4, 7, 8),
-     (7, 4, 1)),
-    ("BNSD_NBSD", (2, 4, 3, 8), (2, 4, 5, 8), {}, (4, 2, 3, 8), (2, 4, 3, 1)),
-    ("BSND_NBSD", (2, 3, 4, 8), (2, 5, 4, 8), {}, (4, 2, 3, 8), (2, 4, 3, 1)),
-    ("BSH_NBSD", (2, 3, 32), (2, 5, 32), {}, (4, 2, 3, 8), (2, 4, 3, 1)),
-    ("BNSD_BSND", (2, 4, 3, 8), (2, 4, 5, 8), {}, (2, 3, 4, 8), (2, 4, 3, 1)),
-    ("BSND", (2, 3, 4, 8), (6, 16, 32), dict(block_table=(2, 2), block_size=16, actual_seq_lengths_kv=[3, 3]),
-     (2, 3, 4, 8), (2, 4, 3, 1)),
+    # (input_layout, heads, query, key, value (None: key), kwargs, expected out shape, expected lse shape when on).
+    # The token-major layouts have TND's documented limits: 8..128 heads, qk 192, v 128 or 192.
+    ("BNSD", 4, (2, 4, 1, 32), (6, 16, 32), None, dict(block_table=(2, 2), block_size=16,
+                                                       actual_seq_lengths_kv=[20, 5], num_key_value_heads=1),
+     (2, 4, 1, 32), (2, 4, 1, 1)),
+    ("BSH", 4, (2, 3, 32), (2, 5, 8), None, dict(num_key_value_heads=2), (2, 3, 16), (2, 4, 3, 1)),
+    ("TND", 8, (7, 8, 192), (9, 8, 192), (9, 8, 128), dict(actual_seq_lengths=[3, 7], actual_seq_lengths_kv=[4, 9]),
+     (7, 8, 128), (7, 8, 1)),
+    ("NTD_TND", 8, (8, 7, 192), (8, 7, 192), None, dict(actual_seq_lengths=[7], actual_seq_lengths_kv=[7]),
+     (7, 8, 192), (7, 8, 1)),
+    ("TND_NTD", 8, (7, 8, 192), (7, 8, 192), (7, 8, 128), dict(actual_seq_lengths=[7], actual_seq_lengths_kv=[7]),
+     (8, 7, 128), (7, 8, 1)),
+    ("BNSD_NBSD", 4, (2, 4, 3, 8), (2, 4, 5, 8), None, {}, (4, 2, 3, 8), (2, 4, 3, 1)),
+    ("BSND_NBSD", 4, (2, 3, 4, 8), (2, 5, 4, 8), None, {}, (4, 2, 3, 8), (2, 4, 3, 1)),
+    ("BSH_NBSD", 4, (2, 3, 32), (2, 5, 32), None, {}, (4, 2, 3, 8), (2, 4, 3, 1)),
+    ("BNSD_BSND", 4, (2, 4, 3, 8), (2, 4, 5, 8), None, {}, (2, 3, 4, 8), (2, 4, 3, 1)),
+    ("BSND", 4, (2, 3, 4, 8), (6, 16, 32), None, dict(block_table=(2, 2), block_size=16,
+                                                     actual_seq_lengths_kv=[3, 3]), (2, 3, 4, 8), (2, 4, 3, 1)),
 ]
 
 
-@pytest.mark.parametrize("layout,q,kv,kwargs,out_shape,lse_shape", FIA_CASES)
+@pytest.mark.parametrize("layout,heads,q,k,v,kwargs,out_shape,lse_shape", FIA_CASES)
 @pytest.mark.parametrize("version", [1, 2])
-def test_fia_fake_shapes(version, layout, q, kv, kwargs, out_shape, lse_shape):
+def test_fia_fake_shapes(version, layout, heads, q, k, v, kwargs, out_shape, lse_shape):
     kwargs = dict(kwargs)
     with FakeTensorMode():
         if "block_table" in kwargs:
             kwargs["block_table"] = e(*kwargs["block_table"], dtype=torch.int32)
-        query, key = e(*q), e(*kv)
+        query, key = e(*q), e(*k)
+        value = key if v is None else e(*v)
         if version == 1:
-            run = [npu.npu_fused_infer_attention_score(query, key, key, num_heads=4, input_layout=layout,
+            run = [npu.npu_fused_infer_attention_score(query, key, value, num_heads=heads, input_layout=layout,
                                                        softmax_lse_flag=flag, **kwargs) for flag in (False, True)]
         else:
-            renamed = {{"actual_seq_lengths": "actual_seq_qlen", "actual_seq_lengths_kv": "actual_seq_kvlen"}.get(k, k): v
-                       for k, v in kwargs.items()}
-            run = [npu.npu_fused_infer_attention_score_v2(query, key, key, num_query_heads=4, input_layout=layout,
-                                                          return_softmax_lse=flag, **renamed) for flag in (False, True)]
+            v2_names = {"actual_seq_lengths": "actual_seq_qlen", "actual_seq_lengths_kv": "actual_seq_kvlen"}
+            renamed = {v2_names.get(name, name): arg for name, arg in kwargs.items()}
+            run = [npu.npu_fused_infer_attention_score_v2(query, key, value, num_query_heads=heads,
+                                                          input_layout=layout, return_softmax_lse=flag, **renamed)
+                   for flag in (False, True)]
     assert shapes(run[0]) == [(out_shape, BF16), ((0,), F32)]
     assert shapes(run[1]) == [(out_shape, BF16), (lse_shape, F32)]
+
+
+def test_fia_fake_mla_mode():
+    # MLA decode within its limits: latent 512, rope 64, one KV head, block size 128, 16 heads (advisory).
+    with FakeTensorMode():
+        q, q_rope = e(2, 16, 1, 512), e(2, 16, 1, 64)
+        cache, rope_cache = e(3, 128, 512), e(3, 128, 64)
+        out, lse = npu.npu_fused_infer_attention_score(
+            q, cache, cache, query_rope=q_rope, key_rope=rope_cache, block_table=e(2, 2, dtype=torch.int32),
+            actual_seq_lengths_kv=[200, 5], num_heads=16, num_key_value_heads=1, input_layout="BNSD",
+            block_size=128, softmax_lse_flag=True)
+    assert shapes((out, lse)) == [((2, 16, 1, 512), BF16), ((2, 16, 1, 1), F32)]
 
 
 def test_kv_rmsnorm_rope_cache_fakes():
@@ -90,20 +106,28 @@ def test_rope_norm_scatter_fakes():
     assert su_ is data and nd_ is data
 
 
-@pytest.mark.parametrize("token_shape,query_norm_flag", [((5, 32), False), ((2, 3, 32), True)])
+@pytest.mark.parametrize("token_shape,query_norm_flag", [((5, 6144), False), ((2, 3, 6144), True)])
 def test_mla_prolog_v3_fakes(token_shape, query_norm_flag):
+    # Within the documented dims (He 6144, Hcq 1536, N 2, D 128, Dr 64, Hckv 512, block size 16).
     lead = list(token_shape[:-1])
     with FakeTensorMode():
-        weights = (e(32, 16), e(16, 2 * 12, dtype=torch.float16), e(2, 8, 12), e(32, 16))
-        rope = e(*lead, 4)
-        args = (e(*token_shape), *weights, e(16), e(12), rope, rope, e(2, 4, 1, 12), e(2, 4, 1, 4))
+        weights = (e(6144, 1536), e(1536, 2 * (128 + 64)), e(2, 128, 512), e(6144, 512 + 64))
+        rope = e(*lead, 64)
+        args = (e(*token_shape), *weights, e(1536), e(512), rope, rope, e(2, 16, 1, 512), e(2, 16, 1, 64))
         index = e(*lead, dtype=torch.int64)
         v3 = npu.npu_mla_prolog_v3(*args, cache_index=index, query_norm_flag=query_norm_flag)
         v3f = npu.npu_mla_prolog_v3_functional(*args, cache_index=index, query_norm_flag=query_norm_flag)
-    expected = [(tuple(lead + [2, 12]), BF16), (tuple(lead + [2, 4]), BF16), ((0,), F32),
-                (tuple(lead + [16]) if query_norm_flag else (0,), torch.float16), ((0,), F32)]
+    expected = [(tuple(lead + [2, 512]), BF16), (tuple(lead + [2, 64]), BF16), ((0,), F32),
+                (tuple(lead + [1536]) if query_norm_flag else (0,), BF16), ((0,), F32)]
     assert shapes(v3) == expected
-    assert shapes(v3f) == expected + [((2, 4, 1, 12), BF16), ((2, 4, 1, 4), BF16)]
+    assert shapes(v3f) == expected + [((2, 16, 1, 512), BF16), ((2, 16, 1, 64), BF16)]
+
+
+def test_format_cast_fake_keeps_shape_and_dtype():
+    with FakeTensorMode():
+        w = e(6, 4).t()
+        nz = npu.npu_format_cast(w, 29)
+    assert shapes(nz) == [((4, 6), BF16)] and nz.is_contiguous()   # META: self.new_empty(self.shape)
 
 
 def test_atb_fakes():

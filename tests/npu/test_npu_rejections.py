@@ -1,6 +1,7 @@
 """What the real kernels reject gives a ValueError naming the argument."""
 import pytest
 import torch
+from prolog_args import prolog_args
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mla_graph.npu import ensure_npu_ops
@@ -84,11 +85,16 @@ def test_cache_and_atb_rejections_name_the_argument(arg, call):
         call()
 
 
-def test_mla_prolog_rejects_quantised_modes():
-    t = torch.randn
-    args = (t(2, 8), t(8, 4), t(4, 2 * 6), t(2, 4, 6), t(8, 8), t(4), t(6), t(2, 2), t(2, 2),
-            torch.zeros(1, 4, 1, 6), torch.zeros(1, 4, 1, 2))
+def test_mla_prolog_rejects_what_it_does_not_emulate():
+    args = prolog_args()
     with pytest.raises(ValueError, match=r"\bweight_quant_mode=1"):
-        npu.npu_mla_prolog_v3(*args, cache_index=torch.tensor([0, 1]), weight_quant_mode=1)
-    with pytest.raises(ValueError, match=r"\bcache_mode='PA_NZ'"):
-        npu.npu_mla_prolog_v3(*args, cache_index=torch.tensor([0, 1]), cache_mode="PA_NZ")
+        npu.npu_mla_prolog_v3(**args, weight_quant_mode=1)
+    with pytest.raises(ValueError, match=r"\bcache_mode='PA_NZ'"):   # documented, but NZ caches are not emulated
+        npu.npu_mla_prolog_v3(**args, cache_mode="PA_NZ")
+
+
+def test_format_cast_rejects_a_real_format_it_does_not_model():
+    with pytest.raises(ValueError, match=r"\bacl_format=4 .*FRACTAL_Z is a real format"):
+        npu.npu_format_cast(torch.ones(2, 2), 4)
+    with pytest.raises(ValueError, match=r"\bcustomize_dtype="):
+        npu.npu_format_cast(torch.ones(2, 2), 29, customize_dtype=1)

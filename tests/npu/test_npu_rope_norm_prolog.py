@@ -1,6 +1,8 @@
 """npu_interleave_rope against complex rotation, npu_rms_norm against its formula,
 npu_mla_prolog_v3 against a step-by-step computation written here."""
 import torch
+from npu_tolerance import assert_ulps_close
+from prolog_args import PrologDims, prolog_args
 
 from mla_graph.npu import ensure_npu_ops
 
@@ -42,42 +44,41 @@ def _rope_pairs(x, cos, sin):
 
 
 def test_mla_prolog_v3_step_by_step():
-    torch.manual_seed(2)
-    t, he, hcq, n, d, dr, hckv, bs = 3, 32, 16, 2, 8, 4, 12, 4
-    x = torch.randn(t, he)
-    w_dq, w_uq_qr = torch.randn(he, hcq) / 4, torch.randn(hcq, n * (d + dr)) / 4
-    w_uk, w_dkv_kr = torch.randn(n, d, hckv) / 4, torch.randn(he, hckv + dr) / 4
-    g_cq, g_ckv = torch.rand(hcq) + 0.5, torch.rand(hckv) + 0.5
-    theta = torch.rand(t, dr // 2)
-    cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
-    kv_cache, kr_cache = torch.zeros(2, bs, 1, hckv), torch.zeros(2, bs, 1, dr)
-    index = torch.tensor([6, -1, 1])
-    query, query_rope, dq_nope, q_norm, dq_norm = npu.npu_mla_prolog_v3(
-        x, w_dq, w_uq_qr, w_uk, w_dkv_kr, g_cq, g_ckv, sin, cos, kv_cache, kr_cache, cache_index=index,
-        query_norm_flag=True)
+    a = prolog_args(PrologDims(), seed=2)
+    d = PrologDims()
+    n, dn, hckv, dr = d.heads, d.nope, d.latent, d.rope
+    kv_before, kr_before = a["kv_cache"].clone(), a["kr_cache"].clone()
+    query, query_rope, dq_nope, q_norm, dq_norm = npu.npu_mla_prolog_v3(**a, query_norm_flag=True)
+
+    f = {k: v.float() for k, v in a.items() if v.is_floating_point()}
 
     def rms(v, g):
         return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * g
-    c_q = rms(x @ w_dq, g_cq)
-    q = (c_q @ w_uq_qr).reshape(t, n, d + dr)
-    exp_query = torch.stack([torch.stack([q[i, h, :d] @ w_uk[h] for h in range(n)]) for i in range(t)])
-    exp_qrope = _rope_pairs(q[..., d:], cos[:, None], sin[:, None])
+    x, cos, sin = f["token_x"], f["rope_cos"], f["rope_sin"]
+    c_q = rms(x @ f["weight_dq"], f["rmsnorm_gamma_cq"])
+    q = (c_q @ f["weight_uq_qr"]).reshape(d.tokens, n, dn + dr)
+    exp_query = torch.stack([torch.stack([q[i, h, :dn] @ f["weight_uk"][h] for h in range(n)])
+                             for i in range(d.tokens)])
+    exp_qrope = _rope_pairs(q[..., dn:], cos[:, None], sin[:, None])
     assert query.dtype == torch.bfloat16 and query_rope.dtype == torch.bfloat16
-    torch.testing.assert_close(query.float(), exp_query, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(query_rope.float(), exp_qrope, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(q_norm, c_q)
+    assert_ulps_close(query, exp_query)
+    assert_ulps_close(query_rope, exp_qrope)
+    assert q_norm.dtype == a["weight_uq_qr"].dtype
+    assert_ulps_close(q_norm, c_q)
     assert dq_nope.shape == (0,) and dq_norm.shape == (0,)
-    kv = x @ w_dkv_kr
-    exp_ckv, exp_kr = rms(kv[:, :hckv], g_ckv), _rope_pairs(kv[:, hckv:], cos, sin)
-    torch.testing.assert_close(kv_cache.reshape(-1, hckv)[6], exp_ckv[0])
-    torch.testing.assert_close(kv_cache.reshape(-1, hckv)[1], exp_ckv[2])
-    torch.testing.assert_close(kr_cache.reshape(-1, dr)[6], exp_kr[0])
-    assert kv_cache.reshape(-1, hckv)[[0, 2, 3, 4, 5, 7]].abs().sum() == 0
-    fresh_kv, fresh_kr = torch.zeros_like(kv_cache), torch.zeros_like(kr_cache)
-    outs = npu.npu_mla_prolog_v3_functional(x, w_dq, w_uq_qr, w_uk, w_dkv_kr, g_cq, g_ckv, sin, cos, fresh_kv,
-                                            fresh_kr, cache_index=index)
-    assert len(outs) == 7 and fresh_kv.abs().sum() == 0
-    torch.testing.assert_close(outs[5], kv_cache)
-    torch.testing.assert_close(outs[6], kr_cache)
-    torch.testing.assert_close(outs[0], query)
-    assert outs[3].shape == (0,) and outs[3].dtype == w_uq_qr.dtype
+    kv = x @ f["weight_dkv_kr"]
+    exp_ckv, exp_kr = rms(kv[:, :hckv], f["rmsnorm_gamma_ckv"]), _rope_pairs(kv[:, hckv:], cos, sin)
+    slots = a["cache_index"]
+    assert_ulps_close(a["kv_cache"].reshape(-1, hckv)[slots], exp_ckv)
+    assert_ulps_close(a["kr_cache"].reshape(-1, dr)[slots], exp_kr)
+    untouched = torch.ones(d.blocks * d.block_size, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(a["kv_cache"].reshape(-1, hckv)[untouched], kv_before.reshape(-1, hckv)[untouched])
+    assert torch.equal(a["kr_cache"].reshape(-1, dr)[untouched], kr_before.reshape(-1, dr)[untouched])
+    written_kv, written_kr = a["kv_cache"], a["kr_cache"]
+    kv_in, kr_in = kv_before.clone(), kr_before.clone()
+    outs = npu.npu_mla_prolog_v3_functional(**{**a, "kv_cache": kv_in, "kr_cache": kr_in})
+    assert len(outs) == 7 and torch.equal(kv_in, kv_before) and torch.equal(kr_in, kr_before)
+    assert torch.equal(outs[5], written_kv) and torch.equal(outs[6], written_kr)
+    assert torch.equal(outs[0], query)
+    assert outs[3].shape == (0,) and outs[3].dtype == a["weight_uq_qr"].dtype

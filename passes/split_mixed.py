@@ -1,0 +1,101 @@
+"""split_mixed_batch: a mixed batch's attention runs as a decode part and a prefill part.
+
+FIA's MLA mode (query_rope/key_rope) admits 1..16 query tokens per request, so a prefill chunk
+cannot ride along with the decodes in one MLA call (vllm-ascend keeps that mode to decode and
+MTP). As vllm-ascend does, the batch is cut where the decodes end (vLLM orders them first): the
+decode requests get their own attention (absorbed, then FIA BNSD) and the prefill chunks theirs
+(decompressed FIA TND where admitted). Everything else in the layer is per token and stays whole.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from .base import PassResult, graph_pass
+from .graph_utils import add_input, call, fake_run, new_symbol
+from .mla_patterns import match_decompressed_attention, val
+
+aten = torch.ops.aten
+# Graph inputs of one part are named "<part>_<input>" and read from that part of the call's
+# metadata (mla_graph.capture.graph_inputs); "decode" is the first num_decodes requests.
+PARTS = ("decode", "prefill")
+
+
+@graph_pass()
+def split_mixed_batch(gm: GraphModule) -> PassResult:
+    """Mixed phase only: one attention over all requests -> one per part, outputs concatenated.
+
+        o = mla.attention(cat(q_nope, q_pe), k(gather(latent, bt)), v(...), qsl, seq_lens, s)   # [T, N, V]
+      ->
+        o_d = mla.attention(cat(q_nope[:Bd], q_pe[:Bd]), k(gather(latent, decode_block_table)), ...,
+                            decode_query_start_loc, decode_seq_lens, s)
+        o_p = mla.attention(cat(q_nope[Bd:], q_pe[Bd:]), k(gather(latent, prefill_block_table)), ...,
+                            prefill_query_start_loc, prefill_seq_lens, s)
+        o = cat([o_d, o_p])
+    Each part's attention is marked node.meta["mla_batch_part"] for the passes after it.
+    """
+    result = PassResult(changed=False)
+    if gm.meta.get("mla_phase") != "mixed":
+        result.notes.append(f"phase {gm.meta.get('mla_phase')!r}: only mixed batches are split")
+        return result
+    g = gm.graph
+    for node in list(g.nodes):
+        m = match_decompressed_attention(node)
+        if m is None or "mla_batch_part" in node.meta:
+            continue
+        decodes = new_symbol(gm, "num_decodes", 2)
+        inputs = {part: _part_inputs(gm, part, m, decodes) for part in PARTS}
+        with g.inserting_before(node):   # sizes as graph values (sym_size), never baked-in symbols
+            split = call(g, aten.sym_size.int, inputs["decode"]["seq_lens"], 0)
+            end = call(g, aten.sym_size.int, m.q_nope, 0)
+        outs = []
+        for part, (start, stop) in zip(PARTS, ((0, split), (split, end))):
+            with g.inserting_before(node):
+                own = inputs[part]
+                subst = {m.q_nope: call(g, aten.slice.Tensor, m.q_nope, 0, start, stop),
+                         m.q_pe: call(g, aten.slice.Tensor, m.q_pe, 0, start, stop),
+                         m.block_table: own["block_table"], m.query_start_loc: own["query_start_loc"],
+                         m.seq_lens: own["seq_lens"]}
+                attention = clone_with(g, node, subst)
+            attention.meta["mla_batch_part"] = part
+            outs.append(attention)
+        with g.inserting_before(node):
+            joined = call(g, aten.cat.default, outs)
+        node.replace_all_uses_with(joined)
+        g.erase_node(node)
+        result.count("split mixed attention")
+    if result.changed:
+        g.eliminate_dead_code()
+    return result
+
+
+def _part_inputs(gm: GraphModule, part: str, m, decodes: torch.SymInt) -> dict[str, Node]:
+    """The part's block table, seq_lens and query_start_loc (rebased to 0) as graph inputs."""
+    B = val(m.seq_lens).shape[0]
+    rows = decodes if part == "decode" else B - decodes
+    bt = val(m.block_table)
+    with gm.meta["mla_fake_mode"]:
+        fakes = {"block_table": torch.empty(rows, bt.shape[1], dtype=bt.dtype),
+                 "seq_lens": torch.empty(rows, dtype=val(m.seq_lens).dtype),
+                 "query_start_loc": torch.empty(rows + 1, dtype=val(m.query_start_loc).dtype)}
+    return {name: add_input(gm, f"{part}_{name}", fake) for name, fake in fakes.items()}
+
+
+def clone_with(g: Graph, root: Node, subst: dict[Node, Node]) -> Node:
+    """A copy of `root` and of every node between it and the keys of `subst` (its inputs replaced by
+    their values), inserted at the current insertion point; nodes that reach no key are shared."""
+    cone, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node in cone or node in subst:
+            continue
+        cone.add(node)
+        stack.extend(node.all_input_nodes)
+    env = dict(subst)
+    for node in [n for n in g.nodes if n in cone]:   # graph order: inputs before users
+        if any(arg in env for arg in node.all_input_nodes):
+            copy = g.node_copy(node, lambda arg: env.get(arg, arg))
+            copy.meta = {k: v for k, v in node.meta.items() if k not in ("val", "mla_pass")}
+            copy.meta["val"] = fake_run(copy.target, copy.args, copy.kwargs)
+            env[node] = copy
+    return env[root]
