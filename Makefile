@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine; each builds its own .venv first.
 #   make demo   lower DeepSeek-V3 MLA, verify it against the plain definition, write dumps
-#   make test   the test suite (also installs vLLM 0.30.0 and the browser/graphviz the tests use)
+#   make test   the test suite (also installs vLLM 0.30.0, the browser/graphviz the tests use, and
+#               downloads the torch-npu 2.13.0 wheel whose torchair and meta functions judge our graphs)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test clean system-deps
+.PHONY: demo test clean system-deps torch-npu-wheel
 
 # mla-graph itself: torch 2.13.0 (CPU build) and networkx.
 $(STAMP): pyproject.toml
@@ -25,6 +26,17 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(TEST_STAMP)
 
+# The real torch-npu 2.13.0 wheel (downloaded with pip download --no-deps into the user's cache,
+# never installed: without CANN it breaks `import torch`). The tests run torchair's own GE
+# converters and torch-npu's meta functions from it. MLA_GRAPH_OFFLINE=1 skips the download, and
+# the tests that need the wheel then skip and say so.
+torch-npu-wheel: $(STAMP)
+	@if [ "$$MLA_GRAPH_OFFLINE" = 1 ]; then \
+	  echo "MLA_GRAPH_OFFLINE=1: not downloading the torch-npu wheel; the real-toolchain tests will skip"; \
+	else \
+	  $(BIN)/python -c 'from mla_graph.ascend_toolchain import fetch_wheel; print("torch-npu wheel:", fetch_wheel())'; \
+	fi
+
 # Headless Chromium (the HTML report's browser test) and Graphviz (SVG drawings), from Debian.
 system-deps:
 	@command -v chromium >/dev/null && command -v dot >/dev/null || \
@@ -33,7 +45,7 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/mla-graph lower --preset deepseek-v3 --target npu --phase all --dump dumps/deepseek-v3 --verify
 
-test: $(TEST_STAMP) system-deps
+test: $(TEST_STAMP) system-deps torch-npu-wheel
 	$(BIN)/python -m pytest -q
 
 clean:

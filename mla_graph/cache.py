@@ -24,8 +24,8 @@ class BlockAllocator:
     order, so tests see block tables that are not 1, 2, 3, ..."""
 
     def __init__(self, num_blocks: int, *, shuffle: bool = False, seed: int = 0) -> None:
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks must be >= 2 (block {PADDING_BLOCK} is the padding block), got {num_blocks}")
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self._free = [b for b in range(num_blocks) if b != PADDING_BLOCK]
         if shuffle:
             random.Random(seed).shuffle(self._free)
@@ -38,7 +38,8 @@ class BlockAllocator:
 
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
-            raise CacheFullError(f"need {count} free blocks, only {len(self._free)} of {self.num_blocks} left")
+            raise CacheFullError(f"need {count} free blocks, only {len(self._free)} of {self.num_blocks} left "
+                                 f"(block {PADDING_BLOCK} is the padding block, never handed out)")
         return [self._free.pop() for _ in range(count)]
 
     def free(self, blocks: list[int]) -> None:

@@ -167,11 +167,14 @@ def paged_fia_limits(ql: Node, q_pe: Node, latent_cache: Node, bt: Node) -> list
     """Why FIA's MLA mode cannot take this latent attention (hard limits only): it must be one
     token per request (a prefill chunk can exceed MLA mode's 16 query tokens)."""
     T, N, L = val(ql).shape
-    one_token_per_request = str(T) == str(val(bt).shape[0])
-    return limits.hard(limits.fia_mla(
+    violations = limits.hard(limits.fia_mla(
         dtype=val(ql).dtype, num_heads=N, latent=L, rope=val(q_pe).shape[-1], kv_heads=1,
-        block_size=val(latent_cache).shape[1], paged=True,
-        query_tokens=[1] if one_token_per_request else [limits.MLA_MAX_QUERY_TOKENS + 1]))
+        block_size=val(latent_cache).shape[1], paged=True, query_tokens=[1]))
+    if str(T) != str(val(bt).shape[0]):
+        violations.append(limits.Violation(
+            limits.FIA, "query tokens per request", "a prefill chunk's length (known per call only)",
+            f"1..{limits.MLA_MAX_QUERY_TOKENS}", "MLA constraints, L8176"))
+    return violations
 
 
 @graph_pass()

@@ -6,6 +6,7 @@ tables from its embedded data, and look right: a screenshot is written for peopl
 test fails with how to install it, unless MLA_GRAPH_NO_BROWSER=1 says to skip it.
 """
 import contextlib
+import html
 import io
 import json
 import os
@@ -42,6 +43,21 @@ def report(tmp_path_factory) -> pathlib.Path:
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["dump", "--preset", "deepseek-v2-lite", "--target", "npu", "--phase", "decode",
                      "--phase", "prefill", "--out", str(out), "--format", "txt,svg,html", "--check-torchair"])
+    assert code == 0
+    return out / "report.html"
+
+
+@pytest.fixture(scope="module")
+def torchair_report(tmp_path_factory) -> pathlib.Path:
+    """DeepSeek-V3 decode at TP 8 for torchair, checked with the torch-npu 2.13.0 wheel's toolchain."""
+    from wheels import torch_npu_wheel
+
+    from mla_graph import ascend_toolchain
+    ascend_toolchain.load(torch_npu_wheel())
+    out = tmp_path_factory.mktemp("torchair")
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["dump", "--preset", "deepseek-v3", "--tp-size", "8", "--target", "torchair", "--phase", "decode",
+                     "--out", str(out)])
     assert code == 0
     return out / "report.html"
 
@@ -84,12 +100,15 @@ def test_report_renders_its_tables_without_console_errors(chromium, report, tmp_
     assert "<td>lower_paged_attention</td>" in row and "in final graph" in row
     kernels = dom.split('class="kernels" data-phase="decode">')[1].split("</table>")[0]
     assert "npu.npu_fused_infer_attention_score.default" in kernels and "[T, 2048]" in kernels
+    absorb = next(f"{p['index']:02d}-{p['name']}" for p in summary["passes"] if p["name"] == "absorb_kv_weights")
     histogram = dom.split('class="histogram" data-phase="decode">')[1].split("</table>")[0]
-    assert ">03-absorb_kv_weights</th>" in histogram and "mla.paged_attention.default" in histogram
-    assert 'id="prefill-09-lower_context_attention"' in dom
+    assert f">{absorb}</th>" in histogram and "mla.paged_attention.default" in histogram
+    prefill = json.loads((report.parent / "prefill" / "summary.json").read_text())
+    context = next(f"{p['index']:02d}-{p['name']}" for p in prefill["passes"] if p["name"] == "lower_context_attention")
+    assert f'id="prefill-{context}"' in dom
     torchair = dom.split('class="torchair" data-phase="decode">')[1].split("</table>")[0]
-    finding = re.search(r"<tr><td>[\w-]+</td><td><a [^>]*>npu_kv_rmsnorm_rope_cache_v2_default</a></td>(.*?)</tr>",
-                        torchair).group(1)
+    finding = re.search(r'<tr class="finding error"><td>error</td><td>no-converter</td>'
+                        r"<td><a [^>]*>npu_kv_rmsnorm_rope_cache_v2_default</a></td>(.*?)</tr>", torchair).group(1)
     assert "<td>fuse_kv_rmsnorm_rope_cache</td>" in finding      # the pass that made the rejected node
 
 
@@ -109,3 +128,22 @@ def test_screenshot_for_people(chromium, report, tmp_path):
     if os.environ.get("MLA_GRAPH_UPDATE_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+
+def test_torchair_check_shows_what_was_checked_the_findings_and_the_ge_ops(chromium, torchair_report, tmp_path):
+    result = browse(chromium, torchair_report, tmp_path, "--dump-dom")
+    assert result.returncode == 0 and console_lines(result.stderr) == [], result.stderr[-2000:]
+    dom = rendered(result.stdout)
+    section = dom.split('class="torchair" data-phase="decode">')[1].split("</section>")[0]
+    data = json.loads((torchair_report.parent / "decode" / "torchair.json").read_text())
+    assert f'<p class="ok">torchair: no errors, {data["notes"]} note(s) in what was checked</p>' in section
+    assert "compatible" not in section
+    assert re.findall(r"<li>checked: (.*?)</li>", section) == [html.escape(c, quote=False) for c in data["checked"]]
+    notes = re.findall(r'<tr class="finding note"><td>note</td><td>([\w-]+)</td><td>(\w+)</td>', section)
+    assert ("kernel-limit", "npu_fused_infer_attention_score") in notes and len(notes) == data["notes"]
+    ge_ops = re.findall(r'<tr class="ge-op"><td class="num">\d+</td><td>\w+</td><td>(\w+)</td>', section)
+    assert ge_ops == [op["type"] for op in data["ge_ops"]]
+    assert {"MlaPrologV3", "FusedInferAttentionScore"} <= set(ge_ops)
+    assert '<a href="decode/ge_graph.pbtxt">ge_graph.pbtxt</a>' in section
+    overview = dom.split('id="overview-table">')[1].split("</table>")[0]
+    assert f"<td>no errors, {data['notes']} note(s)</td>" in overview

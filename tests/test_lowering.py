@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from conftest import V3_TINY, randomize
+from conftest import V3_NPU, V3_TINY, randomize
 
 from mla_graph import MLAAttention, LoweringError, lower
 from mla_graph.checking import compare_with_plain, random_batch
@@ -94,8 +94,9 @@ def test_html_report_from_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize("target", ["npu", "torchair"])
 def test_weights_written_after_lowering_reach_the_derived_weights(target):
     """A weight reload in place (as vLLM does) recuts W_UK/W_UV (and the prolog's weights) before
-    the next call: decode (absorbed) and prefill (decompressed) keep agreeing with the layer."""
-    layer = randomize(MLAAttention(V3_TINY, dtype=torch.bfloat16))
+    the next call: decode (absorbed) and prefill (decompressed) keep agreeing with the layer. V3_NPU:
+    the dims the fused prolog (torchair) and FIA TND prefill admit, so their derived weights exist."""
+    layer = randomize(MLAAttention(V3_NPU, dtype=torch.bfloat16), std=0.02)
     lowered = lower(layer, target, ["decode", "prefill"], block_size=16)
     with torch.no_grad():
         layer.kv_b_proj.weight.mul_(1.5)

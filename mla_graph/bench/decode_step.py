@@ -44,7 +44,7 @@ def decode_batch(config: MLAConfig, *, batch: int, context: int, dtype: torch.dt
     no prefill) and one new token each."""
     gen = torch.Generator().manual_seed(seed)
     blocks = -(-(context + 1) // block_size)
-    cache = PagedLatentCache.allocate(config, batch * blocks, block_size, dtype=dtype)
+    cache = PagedLatentCache.allocate(config, batch * blocks + 1, block_size, dtype=dtype)   # + the padding block
     cache.latent.copy_(torch.randn(cache.latent.shape, generator=gen).to(dtype))
     cache.rope.copy_(torch.randn(cache.rope.shape, generator=gen).to(dtype))
     requests = [(1, context)] * batch
@@ -104,8 +104,10 @@ def decode_step(s: Settings, log: Callable[[str], None]) -> dict:
     for batch in s.batches:
         for context in s.contexts:
             b = decode_batch(config, batch=batch, context=context, dtype=dtype, block_size=s.block_size)
-            kv_nope = b.cache.latent.view(batch, -1, config.kv_lora_rank)[:, :context].unsqueeze(1).contiguous()
-            k_rot = b.cache.rope.view(batch, -1, config.qk_rope_head_dim)[:, :context].unsqueeze(1).contiguous()
+            # each request's context, read through its block table (the cache's padding block is no one's)
+            blocks = b.metadata.block_table.long()
+            kv_nope = b.cache.latent[blocks].reshape(batch, -1, config.kv_lora_rank)[:, :context].unsqueeze(1)
+            k_rot = b.cache.rope[blocks].reshape(batch, -1, config.qk_rope_head_dim)[:, :context].unsqueeze(1)
             x = b.hidden.view(batch, 1, -1)
             cos_sin = rotary(x, b.positions.view(batch, 1))   # once per model step in HF, not per layer
             results: dict = {}

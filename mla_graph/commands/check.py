@@ -1,4 +1,4 @@
-"""mla-graph check: would torchair's GE graph mode accept this graph? Exit 0 clean, 1 findings, 2 bad input."""
+"""mla-graph check: would torchair's GE graph mode accept this graph? Exit 0 no errors, 1 errors, 2 bad input."""
 from __future__ import annotations
 
 import argparse
@@ -14,22 +14,29 @@ from ..config import MLAConfig, preset_names
 from ..targets import TARGETS
 from ._common import DTYPES
 
-HELP = "check a lowered graph against torchair's GE converters"
+HELP = "check a lowered graph against torchair's GE converters (and the torch-npu wheel's own checks)"
 DEFAULT_TARGET = "torchair" if "torchair" in TARGETS else "npu"
 
 DESCRIPTION = """\
-Check an FX graph against torchair's GE graph mode (torch-npu 2.13.0): every op needs a real GE
-converter (no stub or partial one), no atb:: ops, no index_put, scope_enter/scope_exit paired,
-static input sizes. Prints one row per finding with a suggested replacement.
+Check an FX graph against torchair's GE graph mode (torch-npu 2.13.0). Always, against the vendored
+converter list: every op needs a real GE converter (no stub or partial one), no atb:: ops, no
+index_put, scope_enter/scope_exit paired, static input sizes. Where the torch-npu 2.13.0 wheel is
+cached (mla_graph.ascend_toolchain; --no-toolchain turns this off): torchair's own converters build
+the GE graph (static graphs only), its ops' input dtypes are checked against the GE IR, the
+wheel's meta functions are compared with our fake kernels, and documented kernel limits that
+production use contradicts are reported as notes. The output says what was checked ("converter-list
+check only" without the wheel) and what only real hardware shows. One row per finding, with its
+severity and a suggested replacement.
 
 TARGET_SPEC is one of:
   a preset name (%(presets)s): build the layer with random weights, lower
       --phase for --target and check that graph;
   a Hugging Face config.json (or its folder): the same, from that config;
   a Python file (.py) defining build_graph() -> torch.fx.GraphModule: check the graph it returns
-      (--target, --phase, --dtype, --tp-size and --block-size do not apply).
+      (--target, --phase, --dtype, --tp-size and --block-size do not apply); torch.ops.npu and
+      torch.ops.air exist when it runs (emulated where torch_npu is absent).
 
-Exit status: 0 clean, 1 findings, 2 bad input."""
+Exit status: 0 no error findings (notes allowed), 1 error findings, 2 bad input."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=128, help="paged cache block size (default 128)")
     p.add_argument("--no-static-dims", dest="static_dims", action="store_false",
                    help="accept symbolic input sizes (a dynamic GE graph) instead of reporting them")
+    p.add_argument("--no-toolchain", dest="toolchain", action="store_const", const=False, default=None,
+                   help="check against the converter list only, even where the torch-npu wheel is available")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -55,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     gm, what, bucketed = _graph(args)
     # On an Ascend host torchair compiles the bucketed graph itself and does not hand it back, so
     # the lowered graph is checked; its batch sizes are symbolic and become static per bucket.
-    report = check_torchair(gm, static_dims=args.static_dims and not bucketed)
+    report = check_torchair(gm, static_dims=args.static_dims and not bucketed, toolchain=args.toolchain)
     if args.json:
         print(json.dumps({"graph": what, **report.to_json()}, indent=2))
     else:
@@ -84,6 +93,10 @@ def _graph(args: argparse.Namespace) -> tuple[GraphModule, str, bool]:
 def _graph_from_file(path: pathlib.Path) -> GraphModule:
     if not path.is_file():
         raise ValueError(f"{str(path)!r}: no such file; expected a .py file defining build_graph()")
+    from ..npu import ensure_npu_ops
+    from ..torchair_compat import ensure_air_ops
+    ensure_npu_ops()
+    ensure_air_ops()
     spec = importlib.util.spec_from_file_location(f"_mla_graph_check_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -118,8 +131,13 @@ def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> tuple[GraphMo
         return lowered.graph_for(args.phase), False
     if runner.on_npu:
         return lowered.graph_for(args.phase), True
-    # A graph-mode target compiles one static graph per batch bucket: check what the compiler is
-    # handed for the smallest bucket (an AOT-traced aten graph), not the symbolic lowered graph.
+    return smallest_bucket_graph(runner, layer, args.block_size), False
+
+
+def smallest_bucket_graph(runner, layer, block_size: int) -> GraphModule:
+    """A graph-mode target compiles one static graph per batch bucket: the graph the compiler is
+    handed for the smallest bucket (an AOT-traced aten graph), not the symbolic lowered graph.
+    The warmup batch is all padding, so the small cache allocated here is never read for data."""
     from ..cache import PagedLatentCache
-    cache = PagedLatentCache.allocate(config, 2, args.block_size, dtype=layer.dtype)
-    return runner.warmup(cache, layer.cos_sin, sizes=runner.options.graph_batch_sizes[:1])[0], False
+    cache = PagedLatentCache.allocate(layer.config, 2, block_size, dtype=layer.dtype)
+    return runner.warmup(cache, layer.cos_sin, sizes=runner.options.graph_batch_sizes[:1])[0]

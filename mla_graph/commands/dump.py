@@ -25,7 +25,8 @@ EXAMPLES = """examples:
 
 files, per phase in OUT/<phase>/: 00-capture.*, NN-<pass>.before.* / .after.* for every pass that changed
 the graph (txt: FX code and a node table with shapes, dtypes and the pass that made each node; dot/svg:
-drawings with the pass's new nodes filled orange and its erased nodes red), summary.json; OUT/report.html
+drawings with the pass's new nodes filled orange and its erased nodes red), summary.json, with --check-torchair
+torchair.json and (when torchair's converters built it) ge_graph.pbtxt; OUT/report.html
 (self-contained: open it from disk) and OUT/dump.json. Code that calls lower() itself dumps the same per-pass
 files with MLA_GRAPH_DUMP=DIR (formats from MLA_GRAPH_DUMP_FORMAT, default txt)."""
 
@@ -71,8 +72,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--only-changed", action="store_true",
                    help="list, print (--print-after) and show in the report only passes that changed the graph")
     p.add_argument("--check-torchair", action="store_true",
-                   help="check the final graphs against torchair's GE converters (always on for --target "
-                        "torchair): the report names each rejected node and the pass that created it")
+                   help="check the final graphs for torchair's GE mode (always on for --target torchair*), as "
+                        "`mla-graph check` does: with the torch-npu wheel, torchair's own converters build the GE "
+                        "graph (written to OUT/<phase>/ge_graph.pbtxt; for torchair decode, the graph of the "
+                        "smallest batch bucket); the report lists the GE ops and each finding with its severity "
+                        "and the pass that created the node")
+    p.add_argument("--no-toolchain", dest="toolchain", action="store_const", const=False, default=None,
+                   help="with --check-torchair: the converter list only, even where the torch-npu wheel is "
+                        "available")
     p.add_argument("--layers", type=_positive, default=1, metavar="N",
                    help="lower N layers (each with its own random weights; dumps are of the first), showing "
                         "progress on stderr and a summary table at the end (default 1)")
@@ -105,20 +112,35 @@ def _printer(args: argparse.Namespace, phase: str):
     return inspect if wanted else None
 
 
-def _torchair_report(gm, phase_dir: Path) -> str | None:
-    """Check the final graph against torchair's GE converters and write torchair.json; None when
-    mla_graph.torchair_compat is not available in this installation."""
-    try:
-        from ..torchair_compat import check_torchair
-    except ImportError:
-        return None
-    # The dump captures one graph per phase with symbolic sizes; torchair compiles one static graph
-    # per batch bucket, so symbolic sizes here are expected and not reported.
-    report = check_torchair(gm, static_dims=False)
-    data = {**report.to_json(), "note": "sizes are symbolic in a dump (torchair compiles one static graph "
-                                        "per bucket); dynamic dims are not reported"}
-    (phase_dir / "torchair.json").write_text(json.dumps(data, indent=2))
-    return report.table()
+def _torchair_report(gm, phase: str, phase_dir: Path, args: argparse.Namespace, layer) -> str:
+    """Check the phase's graph for torchair's GE mode; write torchair.json and, when the GE graph
+    was built, ge_graph.pbtxt beside the dumps (each written whole or not at all). For a graph-mode
+    phase (torchair decode) the graph checked is the one the compiler is handed for the smallest
+    batch bucket; other dumps are symbolic (torchair compiles static graphs per bucket), so their
+    dynamic dims are not reported and the GE conversion does not run on them."""
+    from ..dumptool.files import write_text_atomic
+    from ..dumptool.loading import GE_GRAPH_NAME, TORCHAIR_NAME
+    from ..torchair_compat import check_torchair
+    from .check import smallest_bucket_graph
+
+    runtime = TARGETS[args.target].runtimes.get(phase)
+    # a pipeline stopped early (--stop-after) may not be runnable in graph mode yet
+    runner = runtime(gm, {}, layer.config, args.block_size) if runtime and args.stop_after is None else None
+    if runner is not None and not runner.on_npu:
+        checked = smallest_bucket_graph(runner, layer, args.block_size)
+        what = (f"the graph the compiler is handed for batch bucket {runner.options.graph_batch_sizes[0]} "
+                f"(AOT-traced, static shapes; node names are the trace's)")
+        report = check_torchair(checked, static_dims=True, toolchain=args.toolchain)
+    else:
+        what = "the lowered graph (symbolic sizes: torchair compiles one static graph per bucket; dynamic dims " \
+               "are not reported)"
+        report = check_torchair(gm, static_dims=False, toolchain=args.toolchain)
+    data = {**report.to_json(), "graph": what}
+    if report.pbtxt is not None:
+        write_text_atomic(phase_dir / GE_GRAPH_NAME, report.pbtxt)
+        data["ge_graph"] = GE_GRAPH_NAME
+    write_text_atomic(phase_dir / TORCHAIR_NAME, json.dumps(data, indent=2))
+    return f"graph: {what}\n{report.table()}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     from ..attention import MLAAttention
     from ..capture import capture
     from ..dumptool import REPORT_NAME, write_report
+    from ..dumptool.files import write_text_atomic
+    from ..dumptool.loading import GE_GRAPH_NAME, TORCHAIR_NAME
     from ..dumptool.progress import PhaseTotals, Progress, summary_table
 
     if "svg" in args.format:
@@ -153,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed + index)
         layer = MLAAttention(config, dtype=dtype, tp_size=args.tp_size).requires_grad_(False)
         first = index == 0
+        if first:
+            dumped_layer = layer   # the layer whose graphs are dumped and checked
         for phase in selected:
             if progress is not None:
                 progress.update(index + 1, f"({phase}) ...")
@@ -177,18 +203,18 @@ def run(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - start:.1f}s")
     for phase in selected:
         report = totals[phase].reports[0]
-        (out / phase / "torchair.json").unlink(missing_ok=True)
+        for stale in (TORCHAIR_NAME, GE_GRAPH_NAME):   # an earlier run's would pass for this one's
+            (out / phase / stale).unlink(missing_ok=True)
         print(f"\n[{args.target} / {phase}] {len(report.records)} passes"
               f"{f' (stopped after {args.stop_after})' if args.stop_after else ''}, {report.seconds * 1e3:.1f} ms")
         print(report.table(only_changed=args.only_changed))
         print("ops: " + ", ".join(f"{op} x{n}" for op, n in report.final_ops.items()))
         if args.check_torchair or args.target.startswith("torchair"):
-            table = _torchair_report(graphs[phase], out / phase)
-            print(table if table is not None else "torchair check: mla_graph.torchair_compat is not available")
+            print(_torchair_report(graphs[phase], phase, out / phase, args, dumped_layer))
     meta = {"model": config.name, "target": args.target, "phases": selected, "dtype": args.dtype,
             "block_size": args.block_size, "tp_size": args.tp_size, "layers": args.layers,
             "formats": list(args.format), "stop_after": args.stop_after}
-    (out / "dump.json").write_text(json.dumps(meta, indent=2))
+    write_text_atomic(out / "dump.json", json.dumps(meta, indent=2))
     print("\nsummary")
     print(summary_table(list(totals.values())))
     print(f"\ndumps: {out}/<phase>/")

@@ -3,7 +3,8 @@
 Per phase: the pipeline as a timeline (pass, time, changed, matches per rule, nodes created and
 erased), a side-by-side before/after diff of the FX code of every pass that changed the graph
 (with its drawing when svg was dumped), the op histogram per stage, the final kernel list with
-shapes, and the torchair compatibility findings when they were recorded; across phases, a lookup
+shapes, and the torchair check when it was recorded (what was checked, the findings with their
+severities, the GE op list of torchair's own conversion); across phases, a lookup
 from any node to the pass that created it (and the one that erased it).
 The diffs are rendered here (difflib); the tables are rendered in the page from embedded JSON.
 """
@@ -15,6 +16,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .files import write_text_atomic
 from .loading import Dump, PhaseDump, load_dump, split_code
 
 REPORT_NAME = "report.html"
@@ -113,5 +115,4 @@ def write_report(root: str | Path, *, only_changed: bool = False) -> Path:
     """Build the report of the dump at `root` and write `<root>/report.html`; returns its path."""
     dump = load_dump(root)
     path = Path(root) / REPORT_NAME
-    path.write_text(build_report(dump, only_changed=only_changed), encoding="utf-8")
-    return path
+    return write_text_atomic(path, build_report(dump, only_changed=only_changed))

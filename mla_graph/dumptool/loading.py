@@ -8,6 +8,7 @@ from pathlib import Path
 
 META_NAME = "dump.json"          # written by `mla-graph dump`: model, target, formats, layers
 TORCHAIR_NAME = "torchair.json"  # per phase, when the target's graph was checked for torchair
+GE_GRAPH_NAME = "ge_graph.pbtxt"  # per phase, when torchair's own converters built the GE graph
 _STAGE = re.compile(r"^(\d\d-[A-Za-z0-9_]+)\.after\.txt$")
 
 

@@ -45,7 +45,7 @@
         (ph.passes.reduce((s, p) => s + p.seconds, 0) * 1e3).toFixed(1),
         ph.nodes.length, kernels.length, kernels.filter(n => VENDOR.test(n.target)).length,
         ph.stopped_after ? "stopped after " + ph.stopped_after : "complete",
-        ph.torchair ? (ph.torchair.ok ? "ok" : ph.torchair.findings.length + " finding(s)") : "-"]};
+        ph.torchair ? torchairVerdict(ph.torchair) : "-"]};
     });
     document.getElementById("overview-table").replaceChildren(table(
       ["phase", "passes run", "changed", "time ms", "nodes", "kernels", "vendor kernels", "pipeline", "torchair"],
@@ -93,17 +93,43 @@
     box.replaceChildren(table(["#", "node", "op", "input shapes", "output shape", "dtype", "made by"], rows, [1]));
   }
 
+  // The torchair check: what was checked, the findings with their severities, the GE op list.
+  // Never "compatible": only "no errors in what was checked", next to what was checked.
+  function torchairVerdict(t) {
+    const errors = t.errors !== undefined ? t.errors : t.findings.filter(f => (f.severity || "error") === "error").length;
+    const notes = t.findings.length - errors;
+    return (errors ? errors + " error(s)" : "no errors") + ", " + notes + " note(s)" +
+      (t.toolchain_used ? "" : " (converter list only)");
+  }
+  // A node of the dumped graph links to the lookup; the bucket graph's own nodes (torchair decode) are text.
+  function nodeCell(name, info) { return !name ? "-" : info.has(name) ? nodeLink(name) : name; }
   function renderTorchair(ph, box) {
-    if (!ph.torchair) return;
+    const t = ph.torchair;
+    if (!t) return;
     const info = prov.get(ph.name);
-    const rows = ph.torchair.findings.map(f => ({cells: [f.rule, f.node ? nodeLink(f.node) : "-", f.op || "-",
-      f.node && info.has(f.node) ? info.get(f.node).created_by : "-", f.message, f.suggestion || ""]}));
-    const verdict = el("p", {class: ph.torchair.ok ? "ok" : "bad",
-      text: ph.torchair.ok ? "torchair: graph is compatible" : "torchair: " + rows.length + " finding(s)"});
-    const note = el("p", {class: "muted", text: [ph.torchair.converters && "GE converters of " + ph.torchair.converters,
-      ph.torchair.note].filter(Boolean).join("; ")});
-    box.replaceChildren(el("h3", {text: "torchair compatibility"}), verdict, note,
-      rows.length ? table(["rule", "node", "op", "made by pass", "message", "suggestion"], rows) : el("span"));
+    const rows = t.findings.map(f => {
+      const severity = f.severity || "error";
+      return {attrs: {class: "finding " + severity}, cells: [severity, f.rule, nodeCell(f.node, info),
+        f.op || "-", f.node && info.has(f.node) ? info.get(f.node).created_by : "-", f.message, f.suggestion || ""]};
+    });
+    const errors = rows.filter(r => r.cells[0] === "error").length;
+    const verdict = el("p", {class: errors ? "bad" : "ok", text: "torchair: " + torchairVerdict(t) + " in what was checked"});
+    const scope = el("p", {class: "scope", text: t.scope || ("converter-list check only (GE converters of " + t.converters + ")")});
+    const facts = [["graph", t.graph || t.note], ["only real hardware shows", t.hardware_only]].filter(([, v]) => v)
+      .map(([k, v]) => el("li", {}, [el("b", {text: k + ": "}), el("span", {text: v})]));
+    const checked = el("ul", {class: "checked"}, (t.checked || []).map(c => el("li", {text: "checked: " + c}))
+      .concat((t.not_checked || []).map(c => el("li", {class: "not-checked", text: "not checked: " + c})), facts));
+    const parts = [el("h3", {text: "torchair check"}), verdict, scope, checked];
+    if (rows.length) parts.push(table(["severity", "rule", "node", "op", "made by pass", "message", "suggestion"], rows));
+    const ops = t.ge_ops || [];
+    if (ops.length) {
+      const link = t.ge_graph ? [el("span", {text: " \u00b7 "}), el("a", {href: ph.name + "/" + t.ge_graph, text: t.ge_graph})] : [];
+      const opRows = ops.map((op, i) => ({attrs: {class: "ge-op"}, cells: [i + 1, op.name, op.type,
+        nodeCell(op.fx_node, info), op.inputs.join(", ")]}));
+      parts.push(el("h3", {}, [el("span", {text: "GE graph: " + ops.length + " ops (torchair's own converters)"}), ...link]),
+        el("div", {class: "scroll ge-ops"}, [table(["#", "GE op", "type", "from FX node", "inputs: dtype"], opRows, [1])]));
+    }
+    box.replaceChildren(...parts);
   }
 
   const search = document.getElementById("node-search");

@@ -101,6 +101,8 @@ def fake(c: FiaCall) -> tuple[torch.Tensor, torch.Tensor]:
 def reference(c: FiaCall) -> tuple[torch.Tensor, torch.Tensor]:
     layout, nkv = validate(c)
     out, lse = fake(c)
+    if c.query.numel() == 0:   # "query empty: return at once" (op docs, constraints L8154)
+        return out, lse
     batches = _batches(c, layout, nkv)
     results = [_attend(c, *batch) for batch in batches]
     dv = results[0][0].size(-1) if results else out.size(-1)

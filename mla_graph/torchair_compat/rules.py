@@ -15,6 +15,10 @@ fx2ge_converter.py). The rules, per call_function node:
   converter for them (operator.add on SymInts);
 - air.scope_enter / air.scope_exit must nest and pair up;
 - atb:: ops and index_put get their own rules: they are the usual ways an eager NPU graph fails.
+
+Where the torch-npu 2.13.0 wheel is available (mla_graph.ascend_toolchain), the wheel's own
+checks follow (toolchain_checks.py): torchair's real converters, GE input dtypes, the wheel's meta
+functions and the documented kernel limits. `report.checked` says which ran.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 from .converters import ConverterTable, is_host_builtin, load_converters, target_keys
 from .report import Finding, TorchairReport
+from .toolchain_checks import run_toolchain_checks
 
 SCOPE_ENTER, SCOPE_EXIT = "air.scope_enter.default", "air.scope_exit.default"
 # Targets torchair handles without a converter (fx2ge_converter.py: _SPECIAL_TARGETS and the
@@ -49,10 +54,16 @@ STATIC_SUGGESTION = ("capture with static sizes: pad the batch to a bucket and c
                      "(torchair graph mode); pass static_dims=False to accept a dynamic GE graph (no AOE)")
 
 
-def check_torchair(gm: GraphModule, *, static_dims: bool = True) -> TorchairReport:
-    """Every node of `gm` that torchair's GE mode would reject, with what to emit instead."""
+def check_torchair(gm: GraphModule, *, static_dims: bool = True, toolchain: bool | None = None) -> TorchairReport:
+    """Every node of `gm` that torchair's GE mode would reject, with what to emit instead.
+
+    `toolchain`: None runs the wheel's checks when ascend_toolchain.available(), False never,
+    True requires them (ToolchainUnavailable, with the reason, when the wheel cannot be loaded)."""
     table = load_converters()
-    report = TorchairReport(converters=f"torch-npu {table.version}")
+    report = TorchairReport(converters=f"torch-npu {table.version}",
+                            checked=[f"converter list of torch-npu {table.version} (every node has a real GE "
+                                     f"converter; no atb:: or index_put; scopes paired"
+                                     f"{'; static input sizes' if static_dims else ''})"])
     open_scopes: list[Node] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder" and static_dims:
@@ -74,6 +85,7 @@ def check_torchair(gm: GraphModule, *, static_dims: bool = True) -> TorchairRepo
                                            "trace the graph to aten ops (make_fx / capture)"))
     report.findings += [Finding("unpaired-scope", n.name, SCOPE_ENTER, "scope_enter never closed by a scope_exit",
                                 SCOPE_SUGGESTION) for n in open_scopes]
+    run_toolchain_checks(gm, report, toolchain)
     return report
 
 

@@ -79,7 +79,7 @@ def run_tnd(*, dtype=BF16, heads=8, kv_heads=0, qk=192, v=128, sparse_mode=3, ma
 FIA_CASES = [
     # (id, call, arg, value repr, allowed, doc line)
     ("mla-dtype", lambda: run_mla(dtype=torch.float32), "query.dtype", "torch.float32", "float16, bfloat16",
-     "L8104"),
+     "L8105"),
     ("mla-query-tokens", lambda: run_mla(tokens=17), "query tokens per request", "17", "1..16", MLA_LIMITS),
     ("mla-latent", lambda: run_mla(latent=256), "query D", "256", "512 (the latent)", MLA_LIMITS),
     ("mla-rope", lambda: run_mla(rope=32), "query_rope D", "32", "64", MLA_LIMITS),
