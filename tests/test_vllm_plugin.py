@@ -1,14 +1,18 @@
-"""The vLLM plugin against real vLLM 0.30.0 on CPU.
+"""The vLLM plugin against real vLLM (0.30) on CPU.
 
 vLLM's own DeepseekV2MLAAttention is built from a tiny DeepSeek-V3-like config inside a vLLM
-config context, once with the plugin (its MLA runs through mla-graph) and once without (vLLM's
-CPU_MLA backend). Both see the same weights, vLLM's paged cache layout and vLLM-built metadata.
+config context, once without the plugin (vLLM's CPU_MLA backend) and twice with it (its MLA runs
+through mla-graph, on the reference and on the npu target). All see the same weights, vLLM's
+paged cache layout and vLLM-built metadata. vLLM's attention backend is pinned to CPU_MLA and
+chosen as on a CPU with AMX (where vLLM would otherwise pick AMX_MLA, fp32-incapable), so these
+tests run the same on every CPU.
 
 vLLM is required: these tests fail (never skip) when it is missing, unless MLA_GRAPH_NO_VLLM=1.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -30,9 +34,12 @@ except ImportError as exc:  # a missing vLLM must be loud: the issue's acceptanc
                 f"(vllm==0.30.0, CUDA-built torchvision/torchaudio/torchcodec removed), or set "
                 f"MLA_GRAPH_NO_VLLM=1 to run without the vLLM plugin tests", pytrace=False)
 
+from conftest import V2_LITE_NPU, V3_TINY, randomize  # noqa: E402
+
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower  # noqa: E402
+from mla_graph.checking import LAYER_TOLERANCES, PHASE_BATCHES, random_batch  # noqa: E402
 from mla_graph.vllm_plugin import register  # noqa: E402
-from mla_graph.vllm_plugin.translate import config_from_hf  # noqa: E402
+from mla_graph.vllm_plugin.translate import config_from_hf, latent_cache_view  # noqa: E402
 
 BLOCK = 16  # CPU_MLA's only block size
 # DeepSeek-V3 structure (q_lora, yarn with mscale); kv_lora_rank + rope = 576, CPU_MLA's only head size
@@ -54,34 +61,42 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def vllm_setup(tmp_path_factory):
-    """A VllmConfig for the tiny model, a one-rank process group, and two attention layers:
-    vLLM's own (plugin off) and the plugin's, with the same random weights."""
-    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    """A VllmConfig for the tiny model, a one-rank process group, and three attention layers with
+    the same random weights: vLLM's own (plugin off), the plugin's on the reference target, and
+    the plugin's on the npu target (whose absorption derives W_UK/W_UV from kv_b_proj)."""
+    from vllm.config import AttentionConfig, CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLAAttention
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     root = tmp_path_factory.mktemp("vllm")
     (root / "config.json").write_text(json.dumps(HF_CONFIG))
     model_config = ModelConfig(model=str(root), skip_tokenizer_init=True, dtype="float32",
                                max_model_len=256, enforce_eager=True)
-    config = VllmConfig(model_config=model_config, cache_config=CacheConfig(block_size=BLOCK))
+    config = VllmConfig(model_config=model_config, cache_config=CacheConfig(block_size=BLOCK),
+                        attention_config=AttentionConfig(backend=AttentionBackendEnum.CPU_MLA))
     layers = {}
-    with set_current_vllm_config(config):
+    with set_current_vllm_config(config), pytest.MonkeyPatch.context() as patch:
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                      distributed_init_method=f"file://{root}/dist")
         initialize_model_parallel(1, 1)
+        # vLLM's backend choice as on a CPU with AMX: the pin above must hold there too
+        patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
         layers["vllm"] = DeepseekV2MLAAttention(config, model_config.hf_config, **ATTN_ARGS,
                                                 cache_config=config.cache_config, prefix="model.layers.0.self_attn")
-        os.environ["MLA_GRAPH_VLLM"] = "1"
+        patch.undo()
+        patch.setenv("MLA_GRAPH_VLLM", "1")
         try:
             assert register() is True
-            layers["plugin"] = DeepseekV2MLAAttention(config, model_config.hf_config, **ATTN_ARGS,
-                                                      cache_config=config.cache_config,
-                                                      prefix="model.layers.1.self_attn")
+            for name, prefix, target in (("plugin", "model.layers.1.self_attn", None),
+                                         ("npu", "model.layers.2.self_attn", "npu")):
+                if target:
+                    patch.setenv("MLA_GRAPH_VLLM_TARGET", target)
+                layers[name] = DeepseekV2MLAAttention(config, model_config.hf_config, **ATTN_ARGS,
+                                                      cache_config=config.cache_config, prefix=prefix)
         finally:
-            del os.environ["MLA_GRAPH_VLLM"]
             op_registry_oot.pop("MultiHeadLatentAttentionWrapper", None)
         gen = torch.Generator().manual_seed(0)
         # the projections and norms (named once, at the top: the wrappers hold the same modules)
@@ -95,6 +110,41 @@ def vllm_setup(tmp_path_factory):
             # vLLM's own post-load step: quant methods, then attention layers (the plugin lowers here)
             process_weights_after_loading(layer, model_config, torch.device("cpu"))
     return config, layers, weights
+
+
+def _plain_layer(mla_config, weights) -> MLAAttention:
+    """mla-graph's MLAAttention over an independent copy of vLLM-named weights."""
+    layer = MLAAttention(mla_config)
+    state = {k.removeprefix("mla_attn."): v.clone() for k, v in weights.items()}
+    state["q_a_proj.weight"], state["kv_a_proj_with_mqa.weight"] = state.pop("fused_qkv_a_proj.weight").split([32, L + R])
+    layer.load_state_dict(state)
+    return layer.requires_grad_(False)
+
+
+class Steps:
+    """Consecutive vLLM steps of two requests (a prefill of 19 and 7 tokens, then decodes), with
+    block tables over shuffled blocks, in vLLM's metadata and in mla-graph's."""
+
+    def __init__(self, mla_config, num_blocks: int = 12, seed: int = 1) -> None:
+        self.oracle_cache = PagedLatentCache.allocate(mla_config, num_blocks=num_blocks, block_size=BLOCK,
+                                                      shuffle_blocks=True, seed=3)
+        self.rows: list[list[int]] = [[], []]
+        self.lens = [0, 0]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self, new_tokens: tuple[int, int]):
+        requests = [(new, self.lens[b]) for b, new in enumerate(new_tokens)]
+        for b, (new, cached) in enumerate(requests):
+            self.oracle_cache.allocator.grow(self.rows[b], new + cached, BLOCK)
+        self.lens = [n + c for n, c in requests]
+        T = sum(n for n, _ in requests)
+        hidden = torch.randn(T, 64, generator=self.gen)
+        positions = torch.cat([torch.arange(c, c + n) for n, c in requests])
+        return (_common_metadata(requests, self.rows), build_metadata(requests, self.rows, BLOCK), hidden,
+                positions)
+
+
+STEPS = [(19, 7), (1, 1), (1, 1), (1, 1)]
 
 
 def test_plugin_replaces_vllm_mla_and_shares_its_weights(vllm_setup):
@@ -115,6 +165,33 @@ def test_plugin_replaces_vllm_mla_and_shares_its_weights(vllm_setup):
         assert graph_weights[f"{name}.weight"].data_ptr() == getattr(ours, name).weight.data_ptr(), name
     # no vLLM attention impl and no W_UK/W_UV copies on the plugin's side
     assert not hasattr(ours.mla_attn, "W_UV") and hasattr(theirs.mla_attn, "W_UV")
+    # vLLM's own layer runs the pinned CPU_MLA although its backend was chosen as on a CPU with AMX
+    assert theirs.mla_attn.attn_backend.get_name() == "CPU_MLA"
+
+
+def test_supported_vllm_versions_and_their_cpu_linear_flag():
+    from mla_graph.vllm_plugin.versions import UnsupportedVllmVersion, vllm_support
+
+    assert vllm_support("0.30.0").skip_relayout_attr == "skip_weight_relayout"
+    assert vllm_support("0.30.1+cpu").series == "0.30"
+    assert vllm_support("0.32.0").skip_relayout_attr == "_cpu_skip_gemm_dispatch"
+    for unknown in ("0.29.3", "0.31.0", "0.33.0", "dev"):
+        with pytest.raises(UnsupportedVllmVersion, match=f"knows the MLA layer of vLLM 0.30.x, 0.32.x, but the "
+                                                         f"installed vLLM is '{unknown}'"):
+            vllm_support(unknown)
+
+
+def test_unknown_vllm_version_fails_at_plugin_start_up(monkeypatch):
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    from mla_graph.vllm_plugin.versions import UnsupportedVllmVersion
+
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    monkeypatch.setenv("MLA_GRAPH_VLLM", "1")
+    before = dict(op_registry_oot)
+    with pytest.raises(UnsupportedVllmVersion, match="installed vLLM is '0.31.0'"):
+        register()
+    assert op_registry_oot == before
 
 
 def _common_metadata(requests, rows):
@@ -131,8 +208,9 @@ def _common_metadata(requests, rows):
         seq_lens_cpu_upper_bound=seq_lens.clone())
 
 
-def _run(config, layer, common, hidden, positions, cache):
-    """One step of a vLLM attention layer: bind the cache, build its backend's metadata, call it."""
+def _run(config, layer, common, hidden, positions, cache, call=None):
+    """One step of a vLLM attention layer: bind the cache, build its backend's metadata, call it
+    (or `call`, the layer compiled)."""
     from vllm.config import set_current_vllm_config
     from vllm.forward_context import set_forward_context
 
@@ -144,7 +222,7 @@ def _run(config, layer, common, hidden, positions, cache):
         metadata = builder.build(0, common)
         with set_forward_context({attn.layer_name: metadata}, config,
                                  slot_mapping={attn.layer_name: common.slot_mapping}):
-            return layer(positions, hidden.clone(), None)
+            return (layer if call is None else call)(positions, hidden.clone(), None)
 
 
 def _vllm_can_decode() -> bool:
@@ -162,30 +240,15 @@ def test_plugin_matches_reference_target_and_vllm_over_prefill_and_decode(vllm_s
     assert mla_config.softmax_scale == pytest.approx(layers["vllm"].mla_attn.mla_attn.scale, rel=1e-7)
 
     # our reference target over an independent copy of the weights, in our own cache layout
-    reference_layer = MLAAttention(mla_config)
-    state = {k: v.clone() for k, v in weights.items()}
-    state["q_a_proj.weight"], state["kv_a_proj_with_mqa.weight"] = state.pop("fused_qkv_a_proj.weight").split([32, L + R])
-    reference_layer.load_state_dict(state)
-    reference = lower(reference_layer, "reference", block_size=BLOCK)
-    ref_cache = PagedLatentCache.allocate(mla_config, num_blocks=12, block_size=BLOCK, shuffle_blocks=True, seed=3)
+    reference = lower(_plain_layer(mla_config, weights), "reference", block_size=BLOCK)
+    steps = Steps(mla_config)
+    ref_cache = steps.oracle_cache
     # vLLM's layout: [num_blocks, 1, block_size, kv_lora_rank + rope] per layer
-    caches = {name: torch.zeros(12, 1, BLOCK, L + R) for name in layers}
-
-    gen = torch.Generator().manual_seed(1)
-    rows = [[], []]
-    lens = [0, 0]
-    steps = [[(19, 0), (7, 0)]] + [[(1, 0), (1, 0)]] * 3  # prefill two requests, then three decode steps
-    for step, shape in enumerate(steps):
-        requests = [(new, lens[b]) for b, (new, _) in enumerate(shape)]
-        for b, (new, cached) in enumerate(requests):
-            ref_cache.allocator.grow(rows[b], new + cached, BLOCK)
-        common = _common_metadata(requests, rows)
-        T = sum(n for n, _ in requests)
-        hidden = torch.randn(T, 64, generator=gen)
-        positions = torch.cat([torch.arange(c, c + n) for n, c in requests])
-
+    caches = {name: torch.zeros(12, 1, BLOCK, L + R) for name in ("vllm", "plugin")}
+    for step, shape in enumerate(STEPS):
+        common, metadata, hidden, positions = steps.next(shape)
         out = _run(config, layers["plugin"], common, hidden, positions, caches["plugin"])
-        expected = reference(hidden, positions, ref_cache, build_metadata(requests, rows, BLOCK))
+        expected = reference(hidden, positions, ref_cache, metadata)
         torch.testing.assert_close(out, expected, **TOL, msg=lambda m: f"step {step}: {m}")
         # the plugin wrote into vLLM's cache, in place: same contents as our reference cache
         torch.testing.assert_close(caches["plugin"][:, 0, :, :L], ref_cache.latent[:, :, 0], **TOL)
@@ -199,7 +262,165 @@ def test_plugin_matches_reference_target_and_vllm_over_prefill_and_decode(vllm_s
             # vLLM keeps k_pe's rotated pairs interleaved; mla-graph de-interleaved (the NPU layout)
             deinterleaved = torch.cat([theirs[..., L::2], theirs[..., L + 1::2]], dim=-1)
             torch.testing.assert_close(caches["plugin"][:, 0, :, L:], deinterleaved, **TOL)
-        lens = [n + c for n, c in requests]
+
+
+def test_vllm_compiles_around_the_layer_and_runs_it_every_step(vllm_setup):
+    """vLLM's default mode: Dynamo traces the model once, in a warm-up step with no attention
+    metadata, with every guard dropped (vLLM's compile wrapper), and vLLM splits the graph at its
+    splitting ops. The layer must trace to one opaque op that vLLM splits at, so later steps
+    compute (traced Python baked the warm-up's zeros into every step)."""
+    from vllm.compilation.backends import split_graph
+    from vllm.config import CompilationConfig, CompilationMode, set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    from mla_graph.vllm_plugin.op import QUALNAME
+
+    config, layers, weights = vllm_setup
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layers["plugin"], fullgraph=True, dynamic=False, backend=backend,
+                             options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    hidden, positions = torch.randn(8, 64), torch.arange(8)
+    torch._dynamo.mark_dynamic(hidden, 0)   # vLLM marks the token dim dynamic
+    torch._dynamo.mark_dynamic(positions, 0)
+    with set_current_vllm_config(config), set_forward_context(None, config):
+        warm_up = compiled(positions, hidden, None)
+    assert warm_up.shape == (8, 64) and not warm_up.any()
+    (gm,) = traced
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and QUALNAME.replace("::", ".") in str(n.target)]
+    assert len(ops) == 1, gm.code
+
+    # vLLM's default splitting ops (its own config resolution) include the op, so it runs eagerly
+    resolved = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
+    resolved.set_splitting_ops_for_v1(all2all_backend="naive")
+    assert QUALNAME in resolved.splitting_ops and "vllm::unified_mla_attention_with_output" in resolved.splitting_ops
+    _, pieces = split_graph(gm, resolved.splitting_ops)
+    split = [p for p in pieces if p.is_splitting_graph]
+    assert len(split) == 1 and any(QUALNAME.replace("::", ".") in str(n.target) for n in split[0].graph.graph.nodes)
+
+    mla_config = config_from_hf(config.model_config.hf_config)
+    reference = lower(_plain_layer(mla_config, weights), "reference", block_size=BLOCK)
+    steps = Steps(mla_config, seed=2)
+    cache = torch.zeros(12, 1, BLOCK, L + R)
+    for step, shape in enumerate(STEPS):
+        common, metadata, hidden, positions = steps.next(shape)
+        out = _run(config, layers["plugin"], common, hidden, positions, cache, call=compiled)
+        expected = reference(hidden, positions, steps.oracle_cache, metadata)
+        torch.testing.assert_close(out, expected, **TOL, msg=lambda m: f"compiled, step {step}: {m}")
+    assert len(traced) == 1   # traced once, as vLLM does
+
+
+def _count_recuts(layer) -> list[int]:
+    """Count every recut of a derived weight of the plugin layer's lowered modules from now on."""
+    calls = [0]
+    modules = {id(m): m for m in layer._lowered.values()}.values()
+    for derived in [d for m in modules for d in m._derived]:
+        def counted(source, derive=derived.derive):
+            calls[0] += 1
+            return derive(source)
+        derived.derive = counted
+    return calls
+
+
+def test_derived_weights_follow_every_way_vllm_writes_weights(vllm_setup):
+    """The npu target derives W_UK/W_UV from kv_b_proj. vLLM writes weights through `.data`
+    (its loaders; RL frameworks push weights with model.load_weights or collective_rpc the same
+    way), which autograd's version counter does not see. Each write must reach the next step's
+    output, numerically against the plain layer with the same weights, and a step after no write
+    must recut nothing."""
+    config, layers, weights = vllm_setup
+    layer = layers["npu"].mla_attn
+    assert {m.target.name for m in layer._lowered.values()} == {"npu"}
+    derived = [d for m in {id(m): m for m in layer._lowered.values()}.values() for d in m._derived]
+    assert {d.buffer.rsplit("_", 1)[-1] for d in derived} >= {"uk", "uv"}, [d.buffer for d in derived]
+    mla_config = config_from_hf(config.model_config.hf_config)
+    current = dict(weights)
+    steps = Steps(mla_config, num_blocks=24, seed=4)
+    cache = torch.zeros(24, 1, BLOCK, L + R)
+    rtol, atol = LAYER_TOLERANCES[torch.float32]
+    gen = torch.Generator().manual_seed(5)
+
+    def step(what: str, recuts: int) -> None:
+        calls = _count_recuts(layer)
+        common, metadata, hidden, positions = steps.next((1, 1) if steps.lens[0] else (19, 7))
+        out = _run(config, layers["npu"], common, hidden, positions, cache)
+        expected = _plain_layer(mla_config, current)(hidden, positions, steps.oracle_cache, metadata)
+        torch.testing.assert_close(out, expected, rtol=rtol, atol=atol, msg=lambda m: f"after {what}: {m}")
+        assert calls[0] == recuts, f"after {what}: {calls[0]} derived weights recut, expected {recuts}"
+
+    def new_value(name: str) -> torch.Tensor:
+        current[name] = torch.randn(weights[name].shape, generator=gen) * 0.2 + (1.0 if "layernorm" in name else 0)
+        return current[name]
+
+    step("loading", 0)
+    step("a step without writes", 0)
+    # vLLM's loaders (ColumnParallelLinear's, default_weight_loader): `.data.copy_`, no version bump
+    for name in ("kv_b_proj.weight", "q_b_proj.weight", "kv_a_layernorm.weight"):
+        param = layer.get_parameter(name)
+        version = param._version
+        param.weight_loader(param, new_value(name))
+        assert param._version == version   # invisible to a version check
+    lowered = dict(layer._lowered)
+    step("vLLM's weight loaders", len(derived))   # recut once, before the step
+    assert layer._lowered == lowered              # recut in place, not lowered again
+    step("the step after", 0)
+    # by hand through .data, then said so
+    layer.kv_b_proj.weight.data.copy_(new_value("kv_b_proj.weight"))
+    layer.mark_weights_written()
+    step("a .data write marked written", len(derived))
+    # in place, as a tensor op: the version check
+    with torch.no_grad():
+        layer.kv_b_proj.weight.copy_(new_value("kv_b_proj.weight"))
+    step("an in-place write", sum(d.source.data_ptr() == layer.kv_b_proj.weight.data_ptr() for d in derived))
+    # vLLM's reload (layerwise: loaders into copies, `.data.copy_` back, then the post-load hook)
+    layer.kv_b_proj.weight.data.copy_(new_value("kv_b_proj.weight"))
+    calls = _count_recuts(layer)
+    layer.mla_attn.process_weights_after_loading(torch.float32)
+    assert calls[0] == len(derived)
+    step("a reload", 0)
+    # a weight given new storage: the graphs alias the old one, so the layer is lowered again
+    layer.kv_b_proj.weight.data = new_value("kv_b_proj.weight").clone()
+    layer.mla_attn.process_weights_after_loading(torch.float32)
+    assert layer._lowered["decode"] is not lowered["decode"]
+    step("new storage", 0)
+
+
+@pytest.mark.parametrize("config, dtype", [(V2_LITE_NPU, torch.bfloat16), (V3_TINY, torch.float32)],
+                         ids=["kernels-bf16", "fallbacks-fp32"])
+@pytest.mark.parametrize("phase", ["prefill", "decode", "mixed"])
+def test_npu_target_on_vllms_single_cache_tensor(config, dtype, phase):
+    """vLLM allocates one [blocks, block_size, 1, latent + rope] tensor; the plugin hands the npu
+    target two row-strided views of it. bf16 at the kernels' dims runs npu_kv_rmsnorm_rope_cache
+    and FIA; fp32 tiny dims run the scatter and aten attention fallbacks. Equal to the reference
+    target on a contiguous copy, written into the one tensor, every other byte untouched."""
+    layer = randomize(MLAAttention(config, dtype=dtype), std=0.02)
+    batch = random_batch(layer, PHASE_BATCHES[phase], block_size=16, seed=6)
+    Lc, Rc = config.kv_lora_rank, config.qk_rope_head_dim
+    one = torch.cat([batch.cache.latent, batch.cache.rope], -1)           # [blocks, 16, 1, L + R]
+    before = one.clone()
+    views = latent_cache_view(one, Lc, Rc)
+    assert views.latent.data_ptr() == one.data_ptr() and views.rope.data_ptr() == one[..., Lc:].data_ptr()
+    npu = lower(layer, "npu", [phase], block_size=16)
+    code = npu.graphs[phase].code
+    assert "npu_kv_rmsnorm_rope_cache" in code   # writes the cache, in every phase
+    assert ("npu_fused_infer_attention_score" in code) == (dtype == torch.bfloat16), code
+    expected_cache = batch.cache.clone()
+    expected = lower(layer, "reference", [phase], block_size=16)(batch.hidden_states, batch.positions,
+                                                                  expected_cache, batch.metadata)
+    out = npu(batch.hidden_states, batch.positions, views, batch.metadata)
+    rtol, atol = LAYER_TOLERANCES[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    written = torch.zeros(one.shape[0] * one.shape[1], dtype=torch.bool)
+    written[batch.metadata.slot_mapping] = True
+    written = written.view(one.shape[0], one.shape[1])
+    torch.testing.assert_close(one[written], torch.cat([expected_cache.latent, expected_cache.rope], -1)[written],
+                               rtol=rtol, atol=atol)
+    assert not torch.equal(one[written], before[written])
+    assert torch.equal(one[~written], before[~written])   # bit for bit
 
 
 def test_register_does_nothing_when_disabled(monkeypatch):
@@ -212,6 +433,53 @@ def test_register_does_nothing_when_disabled(monkeypatch):
     monkeypatch.setenv("MLA_GRAPH_VLLM", "maybe")
     with pytest.raises(ValueError, match="MLA_GRAPH_VLLM='maybe'"):
         register()
+
+
+def test_plugin_wins_over_another_mla_replacement_in_either_order(monkeypatch, caplog):
+    """vllm-ascend replaces the same pluggable layer (older releases through CustomOp.register_oot,
+    newer through PluggableLayer.register_oot; one registry). vLLM's registry keeps the first and
+    asserts on the second, so the winner would follow plugin load order. With MLA_GRAPH_VLLM=1
+    ours wins either way, the other registration does not crash, and the log says so."""
+    from vllm.model_executor.custom_op import CustomOp, PluggableLayer, op_registry_oot
+    from vllm.model_executor.layers.mla import MultiHeadLatentAttentionWrapper
+
+    from mla_graph.vllm_plugin.layer import MLAGraphAttention
+
+    name = "MultiHeadLatentAttentionWrapper"
+
+    class AscendMultiHeadLatentAttention(MultiHeadLatentAttentionWrapper):
+        pass
+
+    monkeypatch.setenv("MLA_GRAPH_VLLM", "1")
+    caplog.set_level(logging.INFO, logger="mla_graph.vllm")
+    try:
+        # the other first: replaced
+        CustomOp.register_oot(_decorated_op_cls=AscendMultiHeadLatentAttention, name=name)
+        assert register() is True
+        assert op_registry_oot[name] is MLAGraphAttention
+        assert (f"{__name__}.test_plugin_wins_over_another_mla_replacement_in_either_order.<locals>."
+                f"AscendMultiHeadLatentAttention was registered as the out-of-tree {name}; MLA_GRAPH_VLLM=1 "
+                f"replaces it with mla-graph's") in caplog.text
+        # the other after: let through, ours stays
+        caplog.clear()
+        assert PluggableLayer.register_oot(_decorated_layer_cls=AscendMultiHeadLatentAttention,
+                                           name=name) is AscendMultiHeadLatentAttention
+        assert CustomOp.register_oot(name=name)(AscendMultiHeadLatentAttention) is AscendMultiHeadLatentAttention
+        assert MultiHeadLatentAttentionWrapper.register_oot(AscendMultiHeadLatentAttention)
+        assert op_registry_oot[name] is MLAGraphAttention
+        assert caplog.text.count(f"AscendMultiHeadLatentAttention registers as the out-of-tree {name} too; "
+                                 f"mla-graph's MLAGraphAttention stays (MLA_GRAPH_VLLM=1)") == 3
+        # other names register as before, duplicates still refused
+        PluggableLayer.register_oot(_decorated_layer_cls=AscendMultiHeadLatentAttention, name="SomeOtherLayer")
+        assert op_registry_oot["SomeOtherLayer"] is AscendMultiHeadLatentAttention
+        with pytest.raises(AssertionError, match="Duplicate layer name: SomeOtherLayer"):
+            PluggableLayer.register_oot(_decorated_layer_cls=AscendMultiHeadLatentAttention, name="SomeOtherLayer")
+    finally:
+        op_registry_oot.pop(name, None)
+        op_registry_oot.pop("SomeOtherLayer", None)
+    # without ours registered, the registry behaves as vLLM's
+    CustomOp.register_oot(_decorated_op_cls=AscendMultiHeadLatentAttention, name=name)
+    assert op_registry_oot.pop(name) is AscendMultiHeadLatentAttention
 
 
 def test_plugin_found_through_entry_point_in_fresh_interpreter():

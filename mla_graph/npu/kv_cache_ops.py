@@ -47,6 +47,21 @@ def _compute(kv, gamma, cos, sin, epsilon) -> tuple[torch.Tensor, torch.Tensor]:
     return k_rope, c_kv
 
 
+def _slot_rows(op: str, arg: str, cache: torch.Tensor, d: int) -> torch.Tensor:
+    """The paged cache as [slots, d] rows, a view (never a copy): the kernel writes the cache it is
+    given. Rows may be strided, e.g. the latent or rope part of vLLM's one
+    [blocks, block_size, 1, latent + rope] cache; only unit stride within a row and slots that
+    flatten to one axis are needed."""
+    require(cache.dim() >= 2 and cache.size(-1) == d and cache.stride(-1) == 1, op, arg,
+            (tuple(cache.shape), cache.stride()), f"a paged cache with last dim {d} of unit stride")
+    try:
+        return cache.view(-1, d)
+    except RuntimeError:
+        reject(op, arg, (tuple(cache.shape), cache.stride()),
+               "a paged cache whose [blocks, block_size, N] axes flatten to one slot axis "
+               "(blocks of consecutive rows)")
+
+
 def _write(op: str, cache: torch.Tensor, arg: str, values: torch.Tensor, index: torch.Tensor, mode: str) -> None:
     """Scatter values [B, N, S, D] into cache in place."""
     b, n, s, d = values.shape
@@ -60,9 +75,7 @@ def _write(op: str, cache: torch.Tensor, arg: str, values: torch.Tensor, index: 
             cache[bi, :, pos] = values[bi, :, si].to(cache.dtype)
         return
     require(n == 1, op, "kv", tuple(values.shape), f"N = 1 for paged cache_mode={mode!r}")
-    require(cache.is_contiguous() and cache.size(-1) == d, op, arg, tuple(cache.shape),
-            f"a contiguous paged cache with last dim {d}")
-    flat = cache.view(-1, d)
+    flat = _slot_rows(op, arg, cache, d)
     tokens = values.reshape(b * s, d)
     if mode == "PA_BLK_BNSD":
         block = cache.numel() // (cache.size(0) * d)  # N = 1, so this is the block size for BSND or BNSD

@@ -2,13 +2,21 @@
 
 It keeps vLLM's projection and norm modules (their parameters are what vLLM loads), and runs the
 whole MLA, projections to o_proj, through a module lowered by mla-graph whose weights are those
-same tensors. Its child `mla_attn` (a `LatentCacheLayer`) is what vLLM sees as the attention
-layer: it asks for the usual MLA cache ([num_blocks, block_size, kv_lora_rank + rope]) and gets
-its metadata from mla-graph's backend.
+same tensors. Its forward is one opaque op (op.py), so vLLM's torch.compile never traces into it.
+Its child `mla_attn` (a `LatentCacheLayer`) is what vLLM sees as the attention layer: it asks for
+the usual MLA cache ([num_blocks, block_size, kv_lora_rank + rope]), gets its metadata from
+mla-graph's backend, and is what the op finds by name in the forward context.
+
+Weights: the lowered graphs alias vLLM's tensors; only the weights passes derived (absorbed
+W_UK/W_UV, the prolog's) are copies. Every vLLM weight loader of the layer is wrapped to mark them
+stale (vLLM's loaders write through `.data`, which autograd's version counter does not see), and
+they are recut before the next step; vLLM's post-load hook (load and reload) recuts them too.
 """
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,9 +24,9 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                               tensor_model_parallel_all_reduce)
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.layers.mla import MLAModules, MultiHeadLatentAttentionWrapper
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
@@ -27,29 +35,14 @@ from ..lowering import LoweredMLA, lower
 from ..metadata import MLAMetadata
 from ..rope import cos_sin_table
 from .backend import MLAGraphBackend
+from .op import split_at_op
 from .targets import choose_targets
 from .translate import config_from_hf, latent_cache_view, share_weights
+from .versions import vllm_support
 
 logger = logging.getLogger("mla_graph.vllm")
-REPLACED = MultiHeadLatentAttentionWrapper.__name__  # PluggableLayer looks OOT classes up by class name
 _VLLM_MODULES = ("fused_qkv_a_proj", "kv_a_proj_with_mqa", "q_a_layernorm", "q_b_proj", "q_proj",
                  "kv_a_layernorm", "kv_b_proj", "o_proj")
-
-
-def install() -> None:
-    """Register MLAGraphAttention as the OOT class of MultiHeadLatentAttentionWrapper (idempotent)."""
-    current = op_registry_oot.get(REPLACED)
-    if current is MLAGraphAttention:
-        return
-    if current is not None:
-        raise RuntimeError(f"{REPLACED} is already replaced out of tree by {current.__module__}."
-                           f"{current.__qualname__}; unset MLA_GRAPH_VLLM or that plugin's replacement")
-    PluggableLayer.register_oot(MLAGraphAttention, name=REPLACED)
-    logger.info("mla-graph: replaced vLLM's pluggable layer 'multi_head_latent_attention' (%s.%s) with "
-                "%s.%s; DeepSeek MLA layers (projections, norms, rope, cache write, attention, o_proj) "
-                "run through the lowered mla-graph module",
-                MultiHeadLatentAttentionWrapper.__module__, REPLACED,
-                MLAGraphAttention.__module__, MLAGraphAttention.__qualname__)
 
 
 class LatentCacheLayer(nn.Module, AttentionLayerBase):
@@ -57,12 +50,14 @@ class LatentCacheLayer(nn.Module, AttentionLayerBase):
 
     impl = None  # no vLLM attention impl: attention runs in the lowered graph
 
-    def __init__(self, head_size: int, prefix: str, on_weights_loaded) -> None:
+    def __init__(self, head_size: int, prefix: str, run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+                 on_weights_loaded: Callable[[], None]) -> None:
         super().__init__()
         self.layer_name = prefix
         self.head_size = head_size
         self.num_kv_heads = 1
         self.kv_cache = torch.tensor([])
+        self.run = run   # (hidden_states, positions, output): what the op calls
         self._on_weights_loaded = on_weights_loaded
         context = get_current_vllm_config().compilation_config.static_forward_context
         if prefix in context:
@@ -84,7 +79,7 @@ class LatentCacheLayer(nn.Module, AttentionLayerBase):
                                 cache_dtype_str="auto")
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        # vLLM calls this after every quant method has finalised its weights: lower now.
+        # vLLM calls this after every quant method has finalised its weights, on load and reload
         self._on_weights_loaded()
 
 
@@ -121,6 +116,7 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
         self.hidden_size, self.num_heads, self.q_lora_rank = hidden_size, num_heads, q_lora_rank
         self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
         self.prefix = prefix
+        skip_relayout = vllm_support().skip_relayout_attr
         # vLLM's modules, under the names vLLM's weight loading expects
         for name in _VLLM_MODULES:
             module = getattr(mla_modules, name)
@@ -128,13 +124,47 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
             if hasattr(module, "quant_method"):
                 # vLLM's CPU linear method would otherwise repack the weight and drop the tensor the
                 # lowered graph reads (vLLM sets the same flag on kv_b_proj for its own MLA).
-                module.skip_weight_relayout = True
+                setattr(module, skip_relayout, True)
         self.reduce_results = getattr(self.o_proj, "reduce_results", True)
         self.targets = choose_targets(vllm_config.additional_config, current_platform.device_type)
         self.block_size = vllm_config.cache_config.block_size
-        self.mla_attn = LatentCacheLayer(kv_lora_rank + qk_rope_head_dim, f"{prefix}.attn", self.lower_now)
+        split_at_op(vllm_config.compilation_config)
+        self.mla_attn = LatentCacheLayer(kv_lora_rank + qk_rope_head_dim, f"{prefix}.attn", self._run,
+                                         self.weights_loaded)
         # Held outside the module tree: they alias vLLM's parameters, which vLLM already owns.
         self._lowered: dict[str, LoweredMLA] = {}
+        self._lowered_over: dict[str, int] = {}   # data_ptr of each vLLM weight the graphs alias
+        self._weights_written = False
+        for param in self._vllm_weights().values():
+            param.weight_loader = _marks_weights_written(getattr(param, "weight_loader", default_weight_loader),
+                                                         self.mark_weights_written)
+
+    def _vllm_weights(self) -> dict[str, nn.Parameter]:
+        return {f"{name}.{p}": param for name in _VLLM_MODULES if getattr(self, name) is not None
+                for p, param in getattr(self, name).named_parameters(recurse=False)}
+
+    def mark_weights_written(self) -> None:
+        """Weights were written (through vLLM's loaders, or by hand): the derived ones are recut
+        before the next step. Costs nothing until then."""
+        self._weights_written = True
+
+    def weights_loaded(self) -> None:
+        """vLLM's post-load hook, after a load or a reload: lower, or follow the new weights."""
+        if self._lowered:
+            self.follow_weights()
+        else:
+            self.lower_now()
+
+    def follow_weights(self) -> None:
+        """Bring the lowered graphs up to vLLM's current weights: recut the derived weights in
+        place, or lower again where vLLM swapped a weight's storage (the graphs alias the old)."""
+        if {n: p.data_ptr() for n, p in self._vllm_weights().items()} != self._lowered_over:
+            logger.info("mla-graph: %s: vLLM replaced weight tensors; lowering again", self.prefix)
+            self.lower_now()
+            return
+        for module in {id(m): m for m in self._lowered.values()}.values():
+            module.refresh_derived(force=True)
+        self._weights_written = False
 
     def lower_now(self) -> None:
         """Lower this layer for its targets over vLLM's (final, loaded) weights."""
@@ -147,6 +177,8 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
             module = lower(source, target, phases, block_size=self.block_size)
             lowered.update({phase: module for phase in phases})
         self._lowered = lowered
+        self._lowered_over = {n: p.data_ptr() for n, p in self._vllm_weights().items()}
+        self._weights_written = False
         logger.info("mla-graph: %s lowered (%s) over vLLM's weights",
                     self.prefix, ", ".join(f"{p}: {t}" for p, t in self.targets.items()))
 
@@ -162,22 +194,30 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 llama_4_scaling: torch.Tensor | None = None) -> torch.Tensor:
+        """What vLLM's torch.compile traces: one opaque op, which runs `_run` on every step."""
         if llama_4_scaling is not None:
             raise NotImplementedError(f"{self.prefix}: llama_4_scaling is not supported by mla-graph")
+        output = torch.empty((hidden_states.shape[0], self.hidden_size), dtype=hidden_states.dtype,
+                             device=hidden_states.device)
+        torch.ops.mla_graph.vllm_mla_forward(hidden_states, positions, output, self.mla_attn.layer_name)
+        if self.tp_size > 1 and self.reduce_results:
+            output = tensor_model_parallel_all_reduce(output)
+        return output
+
+    def _run(self, hidden_states: torch.Tensor, positions: torch.Tensor, output: torch.Tensor) -> None:
+        """The op's body, eager, with this step's metadata: output[:] = this rank's MLA."""
         metadata = self._metadata()
         if metadata is None:
-            # vLLM's profiling and dummy runs carry no attention metadata and no cache
-            return hidden_states.new_zeros(hidden_states.shape[0], self.hidden_size)
+            output.zero_()   # vLLM's profiling and dummy runs carry no attention metadata and no cache
+            return
         if not self._lowered:
             self.lower_now()  # weights were set without vLLM's loader (tests, custom loading)
+        elif self._weights_written:
+            self.follow_weights()
         cache = latent_cache_view(self.mla_attn.kv_cache, self.kv_lora_rank, self.qk_rope_head_dim)
         n = metadata.num_tokens
-        out = self._lowered[metadata.phase](hidden_states[:n], positions[:n], cache, metadata)
-        if n < hidden_states.shape[0]:  # padded batch: padding rows give zeros
-            out = torch.cat([out, out.new_zeros(hidden_states.shape[0] - n, out.shape[1])])
-        if self.tp_size > 1 and self.reduce_results:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
+        output[:n] = self._lowered[metadata.phase](hidden_states[:n], positions[:n], cache, metadata)
+        output[n:] = 0  # padded batch: padding rows give zeros
 
     def _metadata(self) -> MLAMetadata | None:
         raw = get_forward_context().attn_metadata
@@ -189,3 +229,14 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
             raise TypeError(f"{self.mla_attn.layer_name}: expected MLAMetadata from the MLA_GRAPH backend, "
                             f"got {type(raw).__name__}")
         return raw
+
+
+def _marks_weights_written(loader: Callable, mark: Callable[[], None]) -> Callable:
+    """`loader`, then `mark()`. functools.wraps keeps its name and (through __wrapped__) its
+    signature, which vLLM's layerwise reload binds arguments by."""
+    @functools.wraps(loader)
+    def weight_loader(*args, **kwargs):
+        result = loader(*args, **kwargs)
+        mark()
+        return result
+    return weight_loader

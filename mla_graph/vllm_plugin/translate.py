@@ -66,7 +66,9 @@ def latent_cache_view(kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     """vLLM's MLA cache as a PagedLatentCache, as views of the same storage.
 
     - vLLM: one tensor [num_blocks, block_size, L + R] (kv_c = [..., :L], k_pe = [..., L:]),
-      or [num_blocks, 1, block_size, L + R] before bind_kv_cache squeezes the head axis;
+      or with a head axis of 1 ([num_blocks, 1, block_size, L + R] before bind_kv_cache squeezes
+      it, or [num_blocks, block_size, 1, L + R]): two row-strided views of it, which every target
+      reads and writes in place;
     - vllm-ascend: a tuple (nope [num_blocks, block_size, 1, L], rope [num_blocks, block_size, 1, R]).
     """
     L, R = kv_lora_rank, qk_rope_head_dim
@@ -74,8 +76,8 @@ def latent_cache_view(kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
         if len(kv_cache) != 2:
             raise ValueError(f"a split MLA cache must be (nope, rope), got {len(kv_cache)} tensors")
         return PagedLatentCache(kv_cache[0], kv_cache[1])
-    if kv_cache.dim() == 4 and kv_cache.shape[1] == 1:
-        kv_cache = kv_cache.squeeze(1)
+    if kv_cache.dim() == 4 and 1 in kv_cache.shape[1:3]:
+        kv_cache = kv_cache.squeeze(1 if kv_cache.shape[1] == 1 else 2)
     if kv_cache.dim() != 3 or kv_cache.shape[-1] != L + R:
         raise ValueError(f"vLLM's MLA cache must be [num_blocks, block_size, {L + R}] "
                          f"(kv_lora_rank {L} + qk_rope_head_dim {R}), got {list(kv_cache.shape)}")

