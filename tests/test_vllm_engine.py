@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from tiny_models import VARIANTS, write_tiny_deepseek
+from tiny_models import VARIANTS, write_tiny_deepseek, write_with_attention_of
 
 if os.environ.get("MLA_GRAPH_NO_VLLM") == "1":
     pytest.skip("MLA_GRAPH_NO_VLLM=1: vLLM engine tests not run", allow_module_level=True)
@@ -68,11 +68,26 @@ def engine_main(spec_path: str) -> None:
               enforce_eager=spec["eager"], attention_backend="CPU_MLA", seed=0)
     # min_tokens masks EOS for all 24 steps, as min_new_tokens does in Hugging Face's generate
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, min_tokens=MAX_NEW_TOKENS)
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    pathlib.Path(spec["result"]).write_text(json.dumps({
-        "mla_layers": llm.apply_model(mla_layer_classes)[0],
-        "requests": [{"prompt": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids)}
-                     for o in outputs]}))
+
+    def generate() -> list[dict]:
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+        return [{"prompt": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids)} for o in outputs]
+
+    result = {"mla_layers": llm.apply_model(mla_layer_classes)[0], "requests": generate()}
+    if spec.get("reload_from"):
+        # vLLM's own weight update of a running engine (what RL frameworks call between rollouts):
+        # every weight of the model, read from another checkpoint, loaded layer by layer in place
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": spec["reload_from"]})
+        result["after_reload"] = generate()
+    if spec.get("push_attention_from"):
+        # Weights pushed as tensors through the model's own load_weights (vLLM's weight loaders,
+        # which write through .data), attention layers only
+        from safetensors.torch import load_file
+        pushed = [(k, v) for k, v in load_file(pathlib.Path(spec["push_attention_from"]) / "model.safetensors").items()
+                  if ".self_attn." in k]
+        llm.apply_model(lambda model: model.load_weights(iter(pushed)))
+        result["after_push"] = generate()
+    pathlib.Path(spec["result"]).write_text(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +111,11 @@ def hf_greedy(model_dirs):
     cache = {}
 
     def requests(variant: str) -> list[dict]:
+        """variant: a name in VARIANTS, or a checkpoint directory."""
         if variant not in cache:
-            model = AutoModelForCausalLM.from_pretrained(model_dirs[variant], dtype=torch.float32).eval()
-            tokenizer = AutoTokenizer.from_pretrained(model_dirs[variant])
+            directory = model_dirs.get(variant, variant)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(directory)
             cache[variant] = []
             for prompt in PROMPTS:
                 ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -113,15 +130,16 @@ def hf_greedy(model_dirs):
 
 
 def run_engine(tmp_path, model_dir: str, cache_root: str, *, plugin: bool, eager: bool,
-               spawn_workers: bool = False) -> dict:
-    spec = {"model_dir": model_dir, "eager": eager, "result": str(tmp_path / "result.json")}
+               spawn_workers: bool = False, target: str | None = None, **updates: str) -> dict:
+    spec = {"model_dir": model_dir, "eager": eager, "result": str(tmp_path / "result.json"), **updates}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, MLA_GRAPH_VLLM="1" if plugin else "0",
                VLLM_ENABLE_V1_MULTIPROCESSING="1" if spawn_workers else "0",
                VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=cache_root, VLLM_DISABLE_COMPILE_CACHE="1",
                VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model's function, to a spawned worker
-               HF_HUB_OFFLINE="1",
+               HF_HUB_OFFLINE="1", MLA_GRAPH_VLLM_TARGET=target or "",
                PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent),
                                                         os.environ.get("PYTHONPATH")])))
     # `python -c`: a spawned engine core has no __main__ file to re-import
@@ -132,8 +150,10 @@ def run_engine(tmp_path, model_dir: str, cache_root: str, *, plugin: bool, eager
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, (f"vLLM engine failed (exit {proc.returncode}, {elapsed:.0f} s):\n"
                                   f"{(proc.stdout + proc.stderr)[-8000:]}")
-    print(f"engine (plugin={plugin}, eager={eager}, spawn_workers={spawn_workers}): {elapsed:.0f} s")
+    print(f"engine (plugin={plugin}, target={target or 'default'}, eager={eager}, spawn_workers={spawn_workers}): "
+          f"{elapsed:.0f} s")
     result = json.loads(pathlib.Path(spec["result"]).read_text())
+    result["log"] = proc.stdout + proc.stderr
     assert result["mla_layers"] == [PLUGIN_LAYER if plugin else VLLM_LAYER]
     return result
 
@@ -150,15 +170,23 @@ def assert_same_tokens(engine: dict, hf: list[dict], what: str) -> None:
             f"  vLLM: {got['tokens']}\n  HF:   {want['tokens']}")
 
 
+LOGGED_REPLACEMENT = "mla-graph: replaced vLLM's pluggable layer 'multi_head_latent_attention'"
+
+
 def test_prompts_cross_cache_blocks(hf_greedy):
     lengths = sorted(len(r["prompt"]) for r in hf_greedy("dense"))
     assert lengths[0] < BLOCK and lengths[-1] + MAX_NEW_TOKENS > 3 * BLOCK, lengths
 
 
+@pytest.mark.parametrize("target", [None, "npu"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_plugin_eager_matches_hf(variant, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
-    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=True)
-    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, eager, {variant}")
+def test_plugin_eager_matches_hf(variant, target, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    """target None: what the plugin picks on a CPU (reference); "npu": the npu target's graphs with
+    the emulated kernels (fp32 and these dims take its aten attention), absorbed W_UK/W_UV included."""
+    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=True, target=target)
+    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, eager, target {target or 'default'}, {variant}")
+    assert f"lowered (prefill: {target or 'reference'}" in tokens["log"], "the target that ran is not logged"
+    assert LOGGED_REPLACEMENT in tokens["log"], "the plugin's start-up line is missing from vLLM's output"
 
 
 def test_plugin_in_spawned_workers_matches_hf(model_dirs, vllm_cache_root, hf_greedy, tmp_path):
@@ -166,6 +194,7 @@ def test_plugin_in_spawned_workers_matches_hf(model_dirs, vllm_cache_root, hf_gr
     tokens = run_engine(tmp_path, model_dirs["dense"], vllm_cache_root, plugin=True, eager=True,
                         spawn_workers=True)
     assert_same_tokens(tokens, hf_greedy("dense"), "plugin, eager, spawned workers, dense")
+    assert LOGGED_REPLACEMENT in tokens["log"], "the plugin's start-up line is missing from vLLM's output"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -185,3 +214,29 @@ def test_plugin_compiled_matches_hf(variant, model_dirs, vllm_cache_root, hf_gre
     model without attention metadata."""
     tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=False)
     assert_same_tokens(tokens, hf_greedy(variant), f"plugin, compiled, {variant}")
+
+
+def test_weights_updated_in_running_engine(model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    """New weights pushed into a running engine (compiled mode) give the tokens of a fresh engine
+    loaded with them: vLLM's reload_weights from another checkpoint (every weight), then attention
+    weights pushed as tensors through the model's load_weights (vLLM's loaders write via .data).
+    The npu target: its absorbed W_UK/W_UV are the derived weights that must follow (the
+    reference target derives none)."""
+    original = pathlib.Path(model_dirs["dense"])
+    reloaded = write_tiny_deepseek(tmp_path / "seed1", "dense", seed=1)
+    pushed = write_with_attention_of(tmp_path / "seed1_attention_of_seed0", reloaded, original)
+    running = run_engine(tmp_path / "running", str(original), vllm_cache_root, plugin=True, eager=False,
+                         target="npu", reload_from=str(reloaded), push_attention_from=str(original))
+    fresh = run_engine(tmp_path / "fresh", str(reloaded), vllm_cache_root, plugin=True, eager=True, target="npu")
+
+    assert_same_tokens(running, hf_greedy("dense"), "running engine, before any update")
+    after_reload = {"requests": running["after_reload"]}
+    assert_same_tokens(after_reload, hf_greedy(str(reloaded)), "after reload_weights, vs HF")
+    assert [r["tokens"] for r in running["after_reload"]] == [r["tokens"] for r in fresh["requests"]], \
+        "after reload_weights: tokens differ from a fresh engine loaded with the new checkpoint"
+    assert_same_tokens({"requests": running["after_push"]}, hf_greedy(str(pushed)),
+                       "after pushing attention weights, vs HF on that checkpoint")
+    # each update changed the model's tokens: a plugin that ignored it would fail above
+    phases = [running["requests"], running["after_reload"], running["after_push"]]
+    tokens = [[r["tokens"] for r in phase] for phase in phases]
+    assert tokens[0] != tokens[1] != tokens[2], "an update left the tokens unchanged; the test would not see it ignored"

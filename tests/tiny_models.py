@@ -132,3 +132,19 @@ def write_tiny_deepseek(directory: str | pathlib.Path, variant: str, seed: int =
     (directory / "config.json").write_text(json.dumps(saved, indent=1, sort_keys=True))
     write_tokenizer(directory)
     return directory
+
+
+def write_with_attention_of(directory: str | pathlib.Path, base: pathlib.Path, donor: pathlib.Path) -> pathlib.Path:
+    """A checkpoint that is `base` except for its attention weights (every `self_attn.` tensor),
+    which come from `donor` (same variant, another seed): a weight update of the MLA layers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    directory = pathlib.Path(directory)
+    shutil.copytree(base, directory)
+    weights, donor_weights = load_file(base / "model.safetensors"), load_file(donor / "model.safetensors")
+    swapped = {k: donor_weights[k] if ".self_attn." in k else v for k, v in weights.items()}
+    assert sum(".self_attn." in k for k in swapped) >= 2 * NUM_LAYERS
+    save_file(swapped, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory

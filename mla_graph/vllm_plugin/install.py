@@ -29,6 +29,7 @@ REPLACED = MultiHeadLatentAttentionWrapper.__name__  # PluggableLayer looks OOT 
 
 def install() -> None:
     """Idempotent: vLLM may load general plugins more than once per process."""
+    log_with_vllm()
     support = vllm_support()
     register_op(current_platform.dispatch_key)
     list_as_attention_op()
@@ -47,6 +48,34 @@ def install() -> None:
                 "o_proj) run through the lowered mla-graph module",
                 MultiHeadLatentAttentionWrapper.__module__, REPLACED,
                 MLAGraphAttention.__module__, MLAGraphAttention.__qualname__, support.series)
+
+
+def log_with_vllm() -> None:
+    """The plugin's log lines go where vLLM's go. vLLM's logger ("vllm") has its own handler and
+    does not propagate; ours ("mla_graph.vllm") would reach only the root logger, which a vLLM
+    process leaves without handlers, so nothing would show. Where the application (or pytest)
+    set handlers up, they are left alone. vLLM may configure its handler after plugins load
+    (0.32 does), so records are handed to the "vllm" logger's handlers when they are logged, or
+    to stderr while it has none."""
+    if logger.hasHandlers():
+        return
+    logger.addHandler(_ToVllmHandlers())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+class _ToVllmHandlers(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.until_vllm_logs = logging.StreamHandler()   # stderr
+        self.until_vllm_logs.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        vllm_logger = logging.getLogger("vllm")
+        if not vllm_logger.handlers:
+            self.until_vllm_logs.handle(record)
+        elif vllm_logger.isEnabledFor(record.levelno):
+            vllm_logger.callHandlers(record)
 
 
 def _keep_ours_on_register_oot(registry: type) -> None:
