@@ -6,16 +6,21 @@ Parameter names match Hugging Face's DeepseekV3Attention so its state_dict loads
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from . import primitives  # noqa: F401  (registers torch.ops.mla)
 from .cache import PagedLatentCache
 from .config import MLAConfig
-from .metadata import MLAMetadata
+from .metadata import MLAMetadata, MetadataError
 from .rope import cos_sin_table
 
 mla = torch.ops.mla
+
+CHECKED_ENV = "MLA_GRAPH_CHECKED"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 class RMSNorm(nn.Module):
@@ -35,6 +40,8 @@ class MLAAttention(nn.Module):
     shards them: q_b_proj/q_proj and kv_b_proj by output rows, o_proj by input columns; the
     output is then this rank's partial sum (vLLM all-reduces it).
     """
+
+    checked: bool | None = None   # value checks before each call; None: $MLA_GRAPH_CHECKED decides
 
     def __init__(self, config: MLAConfig, *, dtype: torch.dtype = torch.float32,
                  tp_size: int = 1, tp_rank: int = 0) -> None:
@@ -75,6 +82,10 @@ class MLAAttention(nn.Module):
             # at the top: the backend imports lowering, which imports this module.
             from .compile_backend.layer_op import call_layer
             return call_layer(self, hidden_states, positions, kv_cache, metadata)
+        if checked_mode(self.checked):
+            check_values(self.config, positions, kv_cache, metadata)
+        if hidden_states.shape[0] == 0:
+            return hidden_states.new_zeros(0, self.config.hidden_size)
         return self.plain_forward(hidden_states, positions, kv_cache.latent, kv_cache.rope,
                                   metadata.slot_mapping, metadata.block_table, metadata.seq_lens,
                                   metadata.query_start_loc)
@@ -119,11 +130,15 @@ class MLAAttention(nn.Module):
 
 def check_call(config: MLAConfig, dtype: torch.dtype, hidden_states: torch.Tensor,
                positions: torch.Tensor, kv_cache: PagedLatentCache, metadata: MLAMetadata) -> None:
-    """Cheap structural checks (no device sync) done before anything is written."""
+    """Cheap structural checks (shapes, dtypes, counts; no device sync), on every call, before
+    anything is written. The values in the tensors are checked in checked mode (check_values)."""
     if not isinstance(kv_cache, PagedLatentCache):
         raise TypeError(f"kv_cache must be a PagedLatentCache, got {type(kv_cache).__name__}")
     if not isinstance(metadata, MLAMetadata):
         raise TypeError(f"metadata must be an MLAMetadata, got {type(metadata).__name__}")
+    if not isinstance(hidden_states, torch.Tensor) or not isinstance(positions, torch.Tensor):
+        raise TypeError(f"hidden_states and positions must be tensors, got {type(hidden_states).__name__} "
+                        f"and {type(positions).__name__}")
     if hidden_states.dim() != 2 or hidden_states.shape[1] != config.hidden_size:
         raise ValueError(f"hidden_states must be [num_tokens, {config.hidden_size}], got {list(hidden_states.shape)}")
     if hidden_states.dtype != dtype:
@@ -131,16 +146,80 @@ def check_call(config: MLAConfig, dtype: torch.dtype, hidden_states: torch.Tenso
     T = hidden_states.shape[0]
     if positions.shape != (T,):
         raise ValueError(f"positions must be [{T}] (one per token), got {list(positions.shape)}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32 or int64, got {positions.dtype}")
     kv_cache.check(config)
     if kv_cache.dtype != dtype:
         raise ValueError(f"kv_cache is {kv_cache.dtype} but the layer's weights are {dtype}")
+    for name in ("slot_mapping", "block_table", "seq_lens", "query_start_loc"):
+        tensor = getattr(metadata, name)
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"metadata.{name} must be an int32 or int64 tensor, got "
+                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
     if metadata.slot_mapping.shape != (T,):
         raise ValueError(f"metadata.slot_mapping must be [{T}] (one per token), got {list(metadata.slot_mapping.shape)}")
+    if metadata.seq_lens.dim() != 1:
+        raise ValueError(f"metadata.seq_lens must be [num_reqs], got {list(metadata.seq_lens.shape)}")
     B = metadata.seq_lens.shape[0]
     if metadata.block_table.dim() != 2 or metadata.block_table.shape[0] != B:
         raise ValueError(f"metadata.block_table must be [num_reqs={B}, max_blocks], got {list(metadata.block_table.shape)}")
     if metadata.query_start_loc.shape != (B + 1,):
         raise ValueError(f"metadata.query_start_loc must be [num_reqs + 1 = {B + 1}], got {list(metadata.query_start_loc.shape)}")
+    counts = {"num_decodes": metadata.num_decodes, "num_decode_tokens": metadata.num_decode_tokens,
+              "num_prefills": metadata.num_prefills}
+    bad = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    if bad:
+        raise ValueError(f"metadata counts must be non-negative ints, got {bad}")
+    if metadata.num_decodes + metadata.num_prefills != B or metadata.num_decode_tokens != metadata.num_decodes:
+        raise ValueError(f"metadata: num_decodes ({metadata.num_decodes}) + num_prefills ({metadata.num_prefills}) "
+                         f"must be num_reqs ({B}), and num_decode_tokens ({metadata.num_decode_tokens}) must "
+                         f"equal num_decodes (one token per decode request)")
+    if (T == 0) != (B == 0):
+        raise ValueError(f"a batch of {T} tokens cannot have {B} requests (every request has >= 1 new token)")
+    if metadata.num_decodes > T:
+        raise ValueError(f"metadata.num_decodes = {metadata.num_decodes} but the batch has {T} tokens")
+
+
+def checked_mode(setting: bool | None = None) -> bool:
+    """Whether value checks run: `setting` when given, else $MLA_GRAPH_CHECKED (1/true/yes/on)."""
+    if setting is not None:
+        return bool(setting)
+    value = os.environ.get(CHECKED_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{CHECKED_ENV}={os.environ[CHECKED_ENV]!r}; expected one of {_TRUE + _FALSE[1:]}")
+
+
+def check_values(config: MLAConfig, positions: torch.Tensor, kv_cache: PagedLatentCache,
+                 metadata: MLAMetadata, reserved_block: int | None = None) -> None:
+    """Checked mode: the values of the metadata and positions (reads them to the host: a device
+    sync), before anything is written. Raises MetadataError naming the entry, its value and what
+    the rest of the metadata requires. What it guarantees: every written slot is one of the
+    request's own, in range and written once; every block read is in the cache; every context
+    length covers its new tokens and fits its block table; every position is the token's place
+    in its request (seq_len - new + i) and inside the rope table; with `reserved_block`, no request
+    holds that block."""
+    T = positions.shape[0]
+    metadata.validate(kv_cache, T, reserved_block)
+    pos = positions.tolist()
+    qsl = metadata.query_start_loc.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    limit = config.max_position_embeddings
+    for b, (start, end, s) in enumerate(zip(qsl, qsl[1:], seq_lens)):
+        q = end - start
+        for i in range(q):
+            got, want = pos[start + i], s - q + i
+            if got != want:
+                where = ("out of the rope table's range [0, max_position_embeddings=" f"{limit})"
+                         if not 0 <= got < limit else "")
+                raise MetadataError(f"positions[{start + i}] = {got} but request {b} (seq_len {s}, {q} new tokens) "
+                                    f"puts its new token {i} at position {want}" + (f"; {got} is {where}" if where else ""))
+    if seq_lens and max(seq_lens) > limit:
+        b = max(range(len(seq_lens)), key=seq_lens.__getitem__)
+        raise MetadataError(f"seq_lens[{b}] = {seq_lens[b]}: the context passes max_position_embeddings ({limit}), "
+                            f"the end of the rope table")
 
 
 def shard_state_dict(state_dict: dict[str, torch.Tensor], config: MLAConfig, tp_size: int,

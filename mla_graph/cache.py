@@ -24,8 +24,8 @@ class BlockAllocator:
     order, so tests see block tables that are not 1, 2, 3, ..."""
 
     def __init__(self, num_blocks: int, *, shuffle: bool = False, seed: int = 0) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         self._free = [b for b in range(num_blocks) if b != PADDING_BLOCK]
         if shuffle:
             random.Random(seed).shuffle(self._free)
@@ -68,8 +68,11 @@ class PagedLatentCache:
     def allocate(cls, config: MLAConfig, num_blocks: int, block_size: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  shuffle_blocks: bool = False, seed: int = 0) -> "PagedLatentCache":
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PagedLatentCache.allocate: {name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"PagedLatentCache.allocate: dtype must be a floating torch.dtype (the layer's), got {dtype!r}")
         latent = torch.zeros(num_blocks, block_size, 1, config.kv_lora_rank, dtype=dtype, device=device)
         rope = torch.zeros(num_blocks, block_size, 1, config.qk_rope_head_dim, dtype=dtype, device=device)
         return cls(latent, rope, BlockAllocator(num_blocks, shuffle=shuffle_blocks, seed=seed))

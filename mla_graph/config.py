@@ -139,18 +139,33 @@ class MLAConfig:
         missing = [k for k in required if k not in config]
         if missing:
             raise ValueError(f"Hugging Face config lacks MLA field(s) {missing}; is this a DeepSeek-V2/V3 config?")
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+        rope = config.get(rope_key) or {}
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"Hugging Face config field {rope_key} must be a dict (e.g. {{\"type\": \"yarn\", "
+                             f"\"factor\": 40, ...}}) or null, got {type(rope).__name__} {rope!r}")
         rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         yarn = None
         if rope_type == "yarn":
+            if rope.get("factor") is None:
+                raise ValueError(f"Hugging Face config {rope_key} has type 'yarn' but no 'factor' (the context "
+                                 f"extension factor, 40 for DeepSeek-V3); got {dict(rope)!r}")
+
+            def number(key: str, default: float, kind: type = float) -> Any:
+                value = rope.get(key)
+                if value is None:
+                    return default if key != "mscale" else 0.0
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"Hugging Face config {rope_key}.{key} must be a number, got {value!r}")
+                return kind(value)
             yarn = YarnScaling(
-                factor=float(rope["factor"]),
-                original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)),
-                beta_fast=float(rope.get("beta_fast") or 32),
-                beta_slow=float(rope.get("beta_slow") or 1),
-                mscale=float(rope.get("mscale", 1.0) or 0.0),
-                mscale_all_dim=float(rope.get("mscale_all_dim", 0.0) or 0.0),
+                factor=number("factor", 1.0),
+                original_max_position_embeddings=number("original_max_position_embeddings", 4096, int),
+                beta_fast=number("beta_fast", 32.0) or 32.0,
+                beta_slow=number("beta_slow", 1.0) or 1.0,
+                mscale=number("mscale", 1.0) if "mscale" in rope else 1.0,   # null reads as 0
+                mscale_all_dim=number("mscale_all_dim", 0.0),
             )
         elif rope_type not in ("default", None):
             raise ValueError(f"rope type {rope_type!r} is not supported; supported: 'default', 'yarn'")
@@ -196,8 +211,9 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def preset_names() -> list[str]:
-    return sorted(_PRESETS)
+def preset_names(aliases: bool = False) -> list[str]:
+    """The presets' names; with `aliases`, the other names they answer to too (deepseek-r1, ...)."""
+    return sorted(_PRESETS) + (sorted(_PRESET_ALIASES) if aliases else [])
 
 
 def _check_positive_int(name: str, value: Any, allowed: str = "a positive int") -> None:

@@ -12,8 +12,8 @@ from torch.fx import GraphModule
 from passes import PassManager, PassRecord, PipelineReport
 from passes.dump import FORMATS_ENV, parse_formats
 
-from .attention import MLAAttention, check_call
-from .cache import PagedLatentCache
+from .attention import MLAAttention, check_call, check_values, checked_mode
+from .cache import PADDING_BLOCK, PagedLatentCache
 from .capture import PHASES, Call, capture, graph_inputs
 from .metadata import MLAMetadata
 from .targets import TARGETS, Target
@@ -32,7 +32,7 @@ class LoweredMLA(nn.Module):
 
     def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
                  reports: dict[str, PipelineReport], block_size: int,
-                 target_options: dict | None = None) -> None:
+                 target_options: dict | None = None, checked: bool | None = None) -> None:
         super().__init__()
         self.config = layer.config
         self.num_heads = layer.num_heads
@@ -43,6 +43,7 @@ class LoweredMLA(nn.Module):
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
         self.target_options = dict(target_options or {})
+        self.checked = checked   # value checks before each call; None: $MLA_GRAPH_CHECKED decides
         self._derived = _derived_constants(layer, graphs)
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
         self.runners = {phase: target.runtimes[phase](gm, self.target_options, layer.config, block_size)
@@ -67,30 +68,52 @@ class LoweredMLA(nn.Module):
             raise ValueError(f"kv_cache has block_size {kv_cache.block_size} but this module was lowered "
                              f"for block_size {self.block_size}; lower again with block_size="
                              f"{kv_cache.block_size}")
-        self.refresh_derived()
+        checked = checked_mode(self.checked)
+        if checked:
+            # graph-mode runners (torchair decode) write padded rows into the padding block
+            reserved = PADDING_BLOCK if metadata.phase in self.runners else None
+            check_values(self.config, positions, kv_cache, metadata, reserved)
+        if hidden_states.shape[0] == 0:
+            return hidden_states.new_zeros(0, self.config.hidden_size)
+        self.refresh_derived(by_value=checked)
         gm = self.graph_for(metadata.phase)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
         runner = self.runners.get(metadata.phase)
         with torch.no_grad():
             return runner(call) if runner is not None else gm(*graph_inputs(gm, call))
 
-    def refresh_derived(self, force: bool = False) -> int:
+    def refresh_derived(self, force: bool = False, by_value: bool = False) -> int:
         """Recut the weights passes derived at lowering time (W_UK/W_UV, the prolog's transposed
         weights) from their source weights, in place, so compiled graphs keep their addresses.
         Returns how many were recut.
 
-        Without `force`, only those whose source was written in place since (autograd's version
-        counter: a few integer compares, done on every forward). Writes through `.data`
-        (`param.data.copy_`, the body of vLLM's default_weight_loader) leave the version as it was:
-        after those, call with force=True (the vLLM plugin does, from its weight-loader hooks)."""
+        Without `force`, only those whose source was written since: in place through a tensor op
+        (autograd's version counter: a few integer compares, done on every forward), or, with
+        `by_value` (checked mode does it on every call), any write at all, `.data` writes included,
+        seen as a change of the source's fingerprint (two float64 reductions over it). Writes
+        through `.data` (`param.data.copy_`, the body of vLLM's default_weight_loader) leave the
+        version as it was: outside checked mode, call with force=True after those (the vLLM plugin
+        does, from its weight-loader hooks)."""
         refreshed = 0
         for derived in self._derived:
-            if force or derived.source._version != derived.version:
+            stale = force or derived.source._version != derived.version
+            if not stale and by_value:
+                stale = _fingerprint(derived.source) != derived.fingerprint
+            if stale:
                 with torch.no_grad():
                     getattr(derived.gm, derived.buffer).copy_(derived.derive(derived.source))
                 derived.version = derived.source._version
+                derived.fingerprint = _fingerprint(derived.source)
                 refreshed += 1
         return refreshed
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple[float, float]:
+    """Sum and position-weighted sum in float64: changes with any write short of an adversarial one."""
+    with torch.no_grad():
+        flat = weight.detach().reshape(-1).double()
+        ramp = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973).add_(1)
+        return float(flat.sum()), float((flat * ramp).sum())
 
 
 @dataclass
@@ -101,6 +124,7 @@ class DerivedWeight:
     source: torch.Tensor                                 # the layer's weight it was cut from
     derive: Callable[[torch.Tensor], torch.Tensor]       # source -> value
     version: int                                         # source._version when last cut
+    fingerprint: tuple[float, float]                     # _fingerprint(source) when last cut
 
 
 def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> list[DerivedWeight]:
@@ -109,18 +133,25 @@ def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> l
         for buffer, recipe in gm.meta.get("mla_derived_constants", {}).items():
             if recipe is not None:
                 source = layer.get_parameter(recipe[0])
-                out.append(DerivedWeight(gm, buffer, source, recipe[1], source._version))
+                out.append(DerivedWeight(gm, buffer, source, recipe[1], source._version, _fingerprint(source)))
     return out
 
 
 def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,
           block_size: int = 128, dump_dir: str | os.PathLike | None = None, verify: bool = True,
           on_pass: Callable[[str, PassRecord], None] | None = None,
-          target_options: dict | None = None, dump_formats: Iterable[str] | None = None) -> LoweredMLA:
+          target_options: dict | None = None, dump_formats: Iterable[str] | None = None,
+          checked: bool | None = None) -> LoweredMLA:
     """Lower `layer` for `target`. Never mutates `layer` or its weights; derived weights are new
     tensors held by the lowered graphs. With `dump_dir`, writes `<dump_dir>/<phase>/NN-<pass>.*`.
     `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set; `dump_formats` (txt, dot, svg, html) to
-    $MLA_GRAPH_DUMP_FORMAT, else txt. With html, `<dump_dir>/report.html` is written too."""
+    $MLA_GRAPH_DUMP_FORMAT, else txt. With html, `<dump_dir>/report.html` is written too.
+
+    `checked=True` checks the values of each call's metadata and positions before anything is
+    written (a device sync per call; see check_values); False never; None (default): when
+    $MLA_GRAPH_CHECKED is set to 1/true/yes/on. Shape, dtype and count checks always run."""
+    if checked not in (None, True, False):
+        raise ValueError(f"checked must be True, False or None ($MLA_GRAPH_CHECKED decides), got {checked!r}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     phases = list(dict.fromkeys(phases))
@@ -129,10 +160,16 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
         raise ValueError(f"unknown phase(s) {bad or phases!r}; expected a non-empty subset of {', '.join(PHASES)}")
     if dump_dir is None and os.environ.get("MLA_GRAPH_DUMP"):
         dump_dir = os.environ["MLA_GRAPH_DUMP"]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int (tokens per cache block), got {block_size!r}")
+    if target_options is not None and not isinstance(target_options, dict):
+        raise ValueError(f"target_options must be a dict of option name -> value, got {target_options!r}")
     spec = TARGETS[target]
     unknown = sorted(set(target_options or {}) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for target {target!r}; valid: {', '.join(spec.options) or 'none'}")
+    if spec.parse_options is not None:
+        spec.parse_options(target_options)   # bad values fail here, before any work
     spec.prepare()
     graphs, reports = {}, {}
     for phase in phases:
@@ -150,4 +187,4 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report
         write_report(dump_dir)
-    return LoweredMLA(layer, spec, graphs, reports, block_size, target_options)
+    return LoweredMLA(layer, spec, graphs, reports, block_size, target_options, checked)

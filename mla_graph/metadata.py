@@ -39,8 +39,10 @@ class MLAMetadata:
             return "prefill"
         return "mixed"
 
-    def validate(self, cache: PagedLatentCache | None = None, num_tokens: int | None = None) -> None:
-        """Full consistency check (reads the tensors; not for the hot path). Raises MetadataError."""
+    def validate(self, cache: PagedLatentCache | None = None, num_tokens: int | None = None,
+                 reserved_block: int | None = None) -> None:
+        """Full consistency check (reads the tensors; not for the hot path). Raises MetadataError.
+        `reserved_block`: a block no request may hold (graph-mode decode writes its padding there)."""
         B = self.seq_lens.shape[0]
         for name in ("slot_mapping", "block_table", "seq_lens", "query_start_loc"):
             tensor = getattr(self, name)
@@ -64,6 +66,9 @@ class MLAMetadata:
         q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
         seq_lens = self.seq_lens.tolist()
         for b, (q, s) in enumerate(zip(q_lens, seq_lens)):
+            if q < 1:
+                raise MetadataError(f"request {b} has no new tokens (query_start_loc {qsl}); every request "
+                                    f"in a batch has at least one")
             if q > s:
                 raise MetadataError(f"request {b}: {q} new tokens but seq_lens[{b}] = {s} (must be >= new tokens)")
         decodes = sum(1 for q in q_lens if q == 1)
@@ -80,6 +85,7 @@ class MLAMetadata:
         bs, nb = cache.block_size, cache.num_blocks
         table = self.block_table.tolist()
         slots = self.slot_mapping.tolist()
+        written: dict[int, int] = {}
         for b, (q, s) in enumerate(zip(q_lens, seq_lens)):
             if s > len(table[b]) * bs:
                 raise MetadataError(f"request {b}: context of {s} tokens is longer than its "
@@ -88,6 +94,15 @@ class MLAMetadata:
             bad = [blk for blk in used if not 0 <= blk < nb]
             if bad:
                 raise MetadataError(f"request {b}: block ids {bad} out of range [0, {nb})")
+            if reserved_block is not None and reserved_block in used:
+                raise MetadataError(f"request {b}: its context holds block {reserved_block}, the padding block "
+                                    f"graph-mode decode writes its padded rows into (cache.PADDING_BLOCK; "
+                                    f"BlockAllocator and vLLM never hand it out); block table {table[b]}")
+            unused = [blk for blk in table[b][len(used):] if not 0 <= blk < nb]
+            if unused:
+                raise MetadataError(f"request {b}: block_table entries past its context {unused} out of range "
+                                    f"[0, {nb}); the kernels gather whole rows, so padding entries must be valid "
+                                    f"block ids (vLLM pads with 0)")
             for i in range(q):
                 pos = s - q + i
                 slot = slots[qsl[b] + i]
@@ -100,6 +115,10 @@ class MLAMetadata:
                 if slot != expected:
                     raise MetadataError(f"slot_mapping[{qsl[b] + i}] = {slot} but request {b} position {pos} "
                                         f"lives in slot {expected} by its block table")
+                if slot in written:
+                    raise MetadataError(f"slot_mapping[{qsl[b] + i}] = {slot} is also slot_mapping[{written[slot]}]: "
+                                        f"two tokens would write the same cache slot")
+                written[slot] = qsl[b] + i
 
 
 def build_metadata(requests: Sequence[tuple[int, int]], block_tables: Sequence[Sequence[int]],
@@ -114,9 +133,14 @@ def build_metadata(requests: Sequence[tuple[int, int]], block_tables: Sequence[S
         raise MetadataError(f"block_size must be >= 1, got {block_size}")
     qsl, seq_lens, slots = [0], [], []
     for b, ((new, cached), row) in enumerate(zip(requests, block_tables)):
-        if new < 1 or cached < 0:
+        if isinstance(new, bool) or isinstance(cached, bool) or not isinstance(new, int) \
+                or not isinstance(cached, int) or new < 1 or cached < 0:
             raise MetadataError(f"request {b}: (new_tokens, cached_tokens) = {(new, cached)}; "
                                 f"need new_tokens >= 1 and cached_tokens >= 0")
+        bad = [blk for blk in row if isinstance(blk, bool) or not isinstance(blk, int) or blk < 0]
+        if bad:
+            raise MetadataError(f"request {b}: block ids must be non-negative ints (physical block numbers), "
+                                f"got {bad} in its block table {list(row)}")
         total = new + cached
         if total > len(row) * block_size:
             raise MetadataError(f"request {b}: {total} tokens need {-(-total // block_size)} blocks of "
@@ -145,4 +169,12 @@ def build_metadata(requests: Sequence[tuple[int, int]], block_tables: Sequence[S
 
 def positions_for(requests: Sequence[tuple[int, int]], *, device: torch.device | str = "cpu") -> torch.Tensor:
     """Positions of the new tokens of each request: cached, cached + 1, ..."""
+    for b, request in enumerate(requests):
+        new, cached = request
+        if isinstance(new, bool) or isinstance(cached, bool) or not isinstance(new, int) or not isinstance(cached, int) \
+                or new < 1 or cached < 0:
+            raise MetadataError(f"request {b}: (new_tokens, cached_tokens) = {tuple(request)}; need ints with "
+                                f"new_tokens >= 1 and cached_tokens >= 0")
+    if not requests:
+        return torch.zeros(0, dtype=torch.int64, device=device)
     return torch.cat([torch.arange(cached, cached + new) for new, cached in requests]).to(device)

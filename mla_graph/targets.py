@@ -31,6 +31,8 @@ class Target:
     # (e.g. graph mode for decode); phases without one run the lowered graph eagerly
     runtimes: dict[str, Callable] = field(default_factory=dict)
     options: tuple[str, ...] = ()   # keys `lower(..., target_options=)` accepts
+    # options dict -> parsed options; raises ValueError naming the option, value and what is allowed
+    parse_options: Callable[[dict], object] | None = None
 
 
 def _reference_pipeline(phase: str) -> list[GraphPass]:
@@ -68,6 +70,11 @@ def _npu_pipeline(phase: str) -> list[GraphPass]:
 def _bucketed_decode(gm, options, config, block_size):
     from .torchair_runtime import BucketedDecode, TorchairOptions
     return BucketedDecode(gm, TorchairOptions.from_dict(options), config, block_size)
+
+
+def _parse_torchair_options(options):
+    from .torchair_runtime import TorchairOptions
+    return TorchairOptions.from_dict(options)
 
 
 def _torchair_option_names() -> tuple[str, ...]:
@@ -123,9 +130,11 @@ TARGETS: dict[str, Target] = {
     "torchair": Target("torchair", "decode as one static-shape graph of GE-convertible kernels per batch "
                        "bucket (torchair on Ascend; torch.compile stand-in elsewhere); other phases as npu",
                        _torchair_pipeline, prepare=_prepare_torchair,
-                       runtimes={"decode": _bucketed_decode}, options=_torchair_option_names()),
+                       runtimes={"decode": _bucketed_decode}, options=_torchair_option_names(),
+                       parse_options=_parse_torchair_options),
     "torchair-multistream": Target("torchair-multistream", "torchair, with independent decode branches in a "
                                    "secondary-stream scope (npu_stream_switch / npu_wait_tensor)",
                                    _torchair_multistream_pipeline, prepare=_prepare_torchair,
-                                   runtimes={"decode": _bucketed_decode}, options=_torchair_option_names()),
+                                   runtimes={"decode": _bucketed_decode}, options=_torchair_option_names(),
+                                   parse_options=_parse_torchair_options),
 }

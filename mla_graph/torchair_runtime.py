@@ -37,10 +37,20 @@ class TorchairOptions:
         if unknown:
             raise ValueError(f"unknown torchair option(s) {unknown}; valid options: {', '.join(valid)}")
         if "graph_batch_sizes" in options:
-            sizes = tuple(sorted(set(options["graph_batch_sizes"])))
-            if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
-                raise ValueError(f"graph_batch_sizes must be positive ints, got {options['graph_batch_sizes']!r}")
-            options["graph_batch_sizes"] = sizes
+            given = options["graph_batch_sizes"]
+            if (isinstance(given, (str, bytes)) or not hasattr(given, "__iter__")
+                    or not list(given) or any(type(s) is not int or s < 1 for s in given)):
+                raise ValueError(f"torchair option graph_batch_sizes must be a non-empty list of positive ints "
+                                 f"(batch buckets, e.g. [1, 2, 4, 8]), got {given!r}")
+            options["graph_batch_sizes"] = tuple(sorted(set(given)))
+        if "max_blocks_per_req" in options:
+            given = options["max_blocks_per_req"]
+            if given is not None and (type(given) is not int or given < 1):
+                raise ValueError(f"torchair option max_blocks_per_req must be a positive int (the block-table "
+                                 f"width compiled in) or None (max_position_embeddings / block_size), got {given!r}")
+        for name in ("frozen_parameter", "tiling_schedule_optimize"):
+            if name in options and not isinstance(options[name], bool):
+                raise ValueError(f"torchair option {name} must be True or False, got {options[name]!r}")
         if options.get("mode", "max-autotune") != "max-autotune":
             raise ValueError(f"mode must be 'max-autotune', got {options['mode']!r}: the decode graph's attention "
                              "is torchair's air npu_fused_infer_attention_score, which runs only in GE graph "

@@ -109,9 +109,10 @@ def test_weights_written_after_lowering_reach_the_derived_weights(target):
 @pytest.mark.parametrize("target", ["npu", "torchair"])
 def test_data_writes_reach_the_derived_weights_when_forced(target):
     """`param.data.copy_` (vLLM's default_weight_loader) leaves autograd's version counter as it
-    was: the per-call check recuts nothing, refresh_derived(force=True) recuts every derived weight."""
+    was: outside checked mode the per-call check recuts nothing, refresh_derived(force=True) recuts
+    every derived weight."""
     layer = randomize(MLAAttention(V3_NPU, dtype=torch.bfloat16), std=0.02)
-    lowered = lower(layer, target, ["decode"], block_size=16)
+    lowered = lower(layer, target, ["decode"], block_size=16, checked=False)
     layer.kv_b_proj.weight.data.copy_(layer.kv_b_proj.weight * 1.5)
     layer.q_b_proj.weight.data.copy_(layer.q_b_proj.weight * 0.5)
     assert lowered.refresh_derived() == 0
@@ -119,3 +120,16 @@ def test_data_writes_reach_the_derived_weights_when_forced(target):
     assert lowered.refresh_derived(force=True) == len(lowered._derived) > 0
     assert compare_with_plain(layer, lowered, "decode").ok
     assert lowered.refresh_derived() == 0
+
+
+@pytest.mark.parametrize("target", ["npu", "torchair"])
+def test_data_writes_reach_the_derived_weights_in_checked_mode(target):
+    """Checked mode compares the sources' fingerprints on every call: `.data` writes are followed
+    without anyone calling refresh_derived."""
+    layer = randomize(MLAAttention(V3_NPU, dtype=torch.bfloat16), std=0.02)
+    lowered = lower(layer, target, ["decode"], block_size=16, checked=True)
+    assert compare_with_plain(layer, lowered, "decode").ok
+    layer.kv_b_proj.weight.data.copy_(layer.kv_b_proj.weight * 1.5)
+    layer.q_b_proj.weight.data[0, 0] += 0.25   # one element is enough
+    assert compare_with_plain(layer, lowered, "decode").ok
+    assert lowered.refresh_derived(by_value=True) == 0   # the call already recut them
