@@ -1,6 +1,6 @@
 """The `mla-graph` command line. Each subcommand is a module in mla_graph/commands/ with
 `register(subparsers)` and `run(args) -> int`; they are found by name, so adding a command
-touches no other file."""
+touches no other file. Shared arguments, defaults and the exit status live in commands/_common.py."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import pkgutil
 import sys
 
 from . import commands
+from .commands._common import EXIT_STATUS
 
 
 def _command_modules() -> dict:
@@ -17,7 +18,8 @@ def _command_modules() -> dict:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="mla-graph", description=(
+    parser = argparse.ArgumentParser(prog="mla-graph", epilog=EXIT_STATUS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, description=(
         "Lower DeepSeek Multi-head Latent Attention, written once as an FX graph, through passes."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = _command_modules()
@@ -27,15 +29,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from passes import PassVerificationError
+
     parser, modules = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "block_size", 1) < 1:
-        parser.error(f"--block-size must be >= 1, got {args.block_size}")
     try:
         return modules[args.command].run(args)
-    except ValueError as exc:
+    except ValueError as exc:     # bad input, said plainly by the code that found it
         print(f"mla-graph: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:        # a file that vanished or a disk that filled after the up-front checks
+        print(f"mla-graph: error: cannot read or write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except PassVerificationError as exc:
+        print(f"mla-graph: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mla-graph: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

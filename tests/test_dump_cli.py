@@ -48,7 +48,8 @@ def npu_dump(hf_config, tmp_path_factory):
     code, stdout, stderr = run_cli(["dump", "--hf-config", hf_config, *TINY, "--target", "npu", "--out", str(out),
                                     "--format", "txt,dot,svg,html", "--print-after", "absorb_kv_weights",
                                     "--print-after", "remove_noop_views", "--check-torchair"])
-    assert code == 0, stderr
+    # the eager npu graph writes the cache in place and has symbolic sizes: the torchair check finds errors
+    assert code == 1 and "mla-graph: the torchair check found errors in decode" in stderr, stderr
     return out, stdout, json.loads((out / "decode" / "summary.json").read_text())
 
 
@@ -206,7 +207,7 @@ def test_only_changed_lists_and_prints_only_changing_passes(hf_config, tmp_path)
 
 
 def test_bad_flags_give_clear_errors(hf_config, tmp_path, capsys):
-    base = ["dump", "--hf-config", hf_config, *TINY, "--out", str(tmp_path / "d")]
+    base = ["dump", "--hf-config", hf_config, *TINY, "--target", "reference", "--out", str(tmp_path / "d")]
     code, _, err = run_cli(base + ["--target", "npu", "--stop-after", "absorb"])
     assert code == 2 and "--stop-after 'absorb' is not a pass of the npu pipeline" in err
     assert "valid passes: " + ", ".join(pass_name(fn) for fn in TARGETS["npu"].pipeline("decode")) in err
@@ -239,8 +240,8 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_layers_show_progress_and_a_summary(hf_config, tmp_path):
-    code, stdout, err = run_cli(["dump", "--hf-config", hf_config, *TINY, "--out", str(tmp_path), "--format", "txt",
-                                 "--layers", "3"])
+    code, stdout, err = run_cli(["dump", "--hf-config", hf_config, *TINY, "--target", "reference", "--out",
+                                 str(tmp_path), "--format", "txt", "--layers", "3"])
     assert code == 0, err
     assert re.findall(r"lowering layer (\d)/3 \(decode\)", err) == ["1", "2", "3"]
     summary = stdout.split("\nsummary\n")[1]
@@ -252,8 +253,8 @@ def test_diff_of_two_targets_and_of_equal_dumps(hf_config, npu_dump, tmp_path):
     npu, _, _ = npu_dump
     refs = []
     for name in ("ref_a", "ref_b"):
-        code, _, err = run_cli(["dump", "--hf-config", hf_config, *TINY, "--out", str(tmp_path / name),
-                                "--format", "txt", "--seed", str(len(refs))])
+        code, _, err = run_cli(["dump", "--hf-config", hf_config, *TINY, "--target", "reference", "--out",
+                                str(tmp_path / name), "--format", "txt", "--seed", str(len(refs))])
         assert code == 0, err
         refs.append(tmp_path / name)
     code, out, _ = run_cli(["diff", str(refs[0]), str(refs[1])])

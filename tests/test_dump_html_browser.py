@@ -43,7 +43,8 @@ def report(tmp_path_factory) -> pathlib.Path:
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(["dump", "--preset", "deepseek-v2-lite", "--target", "npu", "--phase", "decode",
                      "--phase", "prefill", "--out", str(out), "--format", "txt,svg,html", "--check-torchair"])
-    assert code == 0
+    # 1: the npu graphs have torchair findings (errors); dump writes everything first, then says so
+    assert code == 1
     return out / "report.html"
 
 

@@ -10,12 +10,11 @@ import torch
 from torch.fx import GraphModule
 
 from ..capture import PHASES
-from ..config import MLAConfig, preset_names
-from ..targets import TARGETS
-from ._common import DTYPES
+from ..config import MLAConfig
+from ._common import DTYPES, EXIT_STATUS, PRESETS, add_layer_args, add_target_arg, phase_label
+from ._torchair import add_check_args, check_graph, check_phase
 
 HELP = "check a lowered graph against torchair's GE converters (and the torch-npu wheel's own checks)"
-DEFAULT_TARGET = "torchair" if "torchair" in TARGETS else "npu"
 
 DESCRIPTION = """\
 Check an FX graph against torchair's GE graph mode (torch-npu 2.13.0). Always, against the vendored
@@ -26,68 +25,64 @@ the GE graph (static graphs only), its ops' input dtypes are checked against the
 wheel's meta functions are compared with our fake kernels, and documented kernel limits that
 production use contradicts are reported as notes. The output says what was checked ("converter-list
 check only" without the wheel) and what only real hardware shows. One row per finding, with its
-severity and a suggested replacement.
+severity and a suggested replacement. `mla-graph dump --check-torchair` runs the same check, with the
+same options, on the same graph.
 
 TARGET_SPEC is one of:
-  a preset name (%(presets)s): build the layer with random weights, lower
-      --phase for --target and check that graph;
+  a preset name (%(presets)s): build the layer with random weights,
+      lower --phase for --target and check the graph torchair is handed: for a phase the target
+      compiles as a graph per batch bucket (torchair decode), the smallest bucket's static graph;
+      otherwise the lowered graph (its symbolic sizes are errors unless --no-static-dims);
   a Hugging Face config.json (or its folder): the same, from that config;
   a Python file (.py) defining build_graph() -> torch.fx.GraphModule: check the graph it returns
       (--target, --phase, --dtype, --tp-size and --block-size do not apply); torch.ops.npu and
       torch.ops.air exist when it runs (emulated where torch_npu is absent).
 
-Exit status: 0 no error findings (notes allowed), 1 error findings, 2 bad input."""
+%(exit)s
+(check: findings are error-severity findings; notes never fail the check)"""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=DESCRIPTION % {"presets": ", ".join(preset_names())})
+                       description=DESCRIPTION % {"presets": ", ".join(PRESETS), "exit": EXIT_STATUS})
     p.add_argument("spec", metavar="TARGET_SPEC", help="preset name, config.json path, or .py file with build_graph()")
-    p.add_argument("--target", choices=sorted(TARGETS), default=DEFAULT_TARGET,
-                   help=f"lowering target for a preset or config (default {DEFAULT_TARGET})")
+    add_target_arg(p)
     p.add_argument("--phase", choices=list(PHASES), default="decode", help="phase to lower and check (default decode)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
-    p.add_argument("--tp-size", type=int, default=1,
-                   help="tensor-parallel size: the layer holds num_heads/tp_size heads")
-    p.add_argument("--block-size", type=int, default=128, help="paged cache block size (default 128)")
-    p.add_argument("--no-static-dims", dest="static_dims", action="store_false",
-                   help="accept symbolic input sizes (a dynamic GE graph) instead of reporting them")
-    p.add_argument("--no-toolchain", dest="toolchain", action="store_const", const=False, default=None,
-                   help="check against the converter list only, even where the torch-npu wheel is available")
+    add_layer_args(p)
+    add_check_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..torchair_compat import check_torchair
-
-    gm, what, bucketed = _graph(args)
-    # On an Ascend host torchair compiles the bucketed graph itself and does not hand it back, so
-    # the lowered graph is checked; its batch sizes are symbolic and become static per bucket.
-    report = check_torchair(gm, static_dims=args.static_dims and not bucketed, toolchain=args.toolchain)
-    if args.json:
-        print(json.dumps({"graph": what, **report.to_json()}, indent=2))
-    else:
-        print(f"{what}:")
-        print(report.table())
-    return 0 if report.ok else 1
-
-
-def _graph(args: argparse.Namespace) -> tuple[GraphModule, str, bool]:
-    """Raises ValueError (exit 2 through the CLI) for a spec that is none of the accepted kinds."""
     path = pathlib.Path(args.spec)
     if path.suffix == ".py":
-        return _graph_from_file(path), f"{path.name}: build_graph()", False
-    if path.suffix == ".json" or path.is_dir():
-        config = MLAConfig.from_hf(path)
+        what = f"{path.name}: build_graph()"
+        result = check_graph(_graph_from_file(path), "the graph build_graph() returned",
+                             static_dims=args.static_dims, toolchain=args.toolchain)
     else:
-        try:
-            config = MLAConfig.preset(args.spec)
-        except ValueError:
-            raise ValueError(f"TARGET_SPEC {args.spec!r} is not a preset ({', '.join(preset_names())}), a "
-                             "config.json or a .py file defining build_graph()") from None
-    gm, bucketed = _lowered_graph(config, args)
-    return gm, f"{config.name} / {args.target} / {args.phase}", bucketed
+        config = _config(args.spec)
+        what = f"{config.name} / {phase_label(args.target, args.phase)}"
+        gm, layer = _lowered_graph(config, args)
+        result = check_phase(gm, args.target, args.phase, layer, args.block_size, static_dims=args.static_dims,
+                             toolchain=args.toolchain)
+    if args.json:
+        print(json.dumps({"graph": what, "checked_graph": result.graph, **result.report.to_json()}, indent=2))
+    else:
+        print(f"{what}:\ngraph: {result.graph}")
+        print(result.report.table())
+    return 0 if result.report.ok else 1
+
+
+def _config(spec: str) -> MLAConfig:
+    """Raises ValueError (exit 2 through the CLI) for a spec that is none of the accepted kinds."""
+    path = pathlib.Path(spec)
+    if path.suffix == ".json" or path.is_dir():
+        return MLAConfig.from_hf(path)
+    if spec not in PRESETS:
+        raise ValueError(f"TARGET_SPEC {spec!r} is not a preset ({', '.join(PRESETS)}), a config.json or a .py "
+                         "file defining build_graph()")
+    return MLAConfig.preset(spec)
 
 
 def _graph_from_file(path: pathlib.Path) -> GraphModule:
@@ -117,8 +112,8 @@ def _graph_from_file(path: pathlib.Path) -> GraphModule:
     return gm
 
 
-def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> tuple[GraphModule, bool]:
-    """The graph to check, and whether its batch dims are left symbolic for per-bucket compiles."""
+def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> tuple[GraphModule, object]:
+    """The lowered graph of args.phase, and the layer it was lowered from."""
     from ..attention import MLAAttention
     from ..lowering import lower
 
@@ -126,18 +121,4 @@ def _lowered_graph(config: MLAConfig, args: argparse.Namespace) -> tuple[GraphMo
     layer = MLAAttention(config, dtype=DTYPES[args.dtype], tp_size=args.tp_size).requires_grad_(False)
     with torch.no_grad():
         lowered = lower(layer, args.target, [args.phase], block_size=args.block_size)
-    runner = lowered.runners.get(args.phase)
-    if runner is None or not hasattr(runner, "warmup"):
-        return lowered.graph_for(args.phase), False
-    if runner.on_npu:
-        return lowered.graph_for(args.phase), True
-    return smallest_bucket_graph(runner, layer, args.block_size), False
-
-
-def smallest_bucket_graph(runner, layer, block_size: int) -> GraphModule:
-    """A graph-mode target compiles one static graph per batch bucket: the graph the compiler is
-    handed for the smallest bucket (an AOT-traced aten graph), not the symbolic lowered graph.
-    The warmup batch is all padding, so the small cache allocated here is never read for data."""
-    from ..cache import PagedLatentCache
-    cache = PagedLatentCache.allocate(layer.config, 2, block_size, dtype=layer.dtype)
-    return runner.warmup(cache, layer.cos_sin, sizes=runner.options.graph_batch_sizes[:1])[0]
+    return lowered.graphs[args.phase], layer

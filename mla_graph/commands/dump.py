@@ -11,7 +11,9 @@ import torch
 
 from ..capture import PHASES
 from ..targets import TARGETS
-from ._common import DTYPES, add_model_args, config_from, phases
+from ._common import (DTYPES, EXIT_STATUS, add_model_args, add_target_arg, config_from, phase_label,
+                      phases, positive_int, writable_dir)
+from ._torchair import add_check_args, check_phase
 
 HELP = "write pass-by-pass dumps (txt, dot, svg) and an HTML report of a lowering"
 
@@ -28,7 +30,10 @@ the graph (txt: FX code and a node table with shapes, dtypes and the pass that m
 drawings with the pass's new nodes filled orange and its erased nodes red), summary.json, with --check-torchair
 torchair.json and (when torchair's converters built it) ge_graph.pbtxt; OUT/report.html
 (self-contained: open it from disk) and OUT/dump.json. Code that calls lower() itself dumps the same per-pass
-files with MLA_GRAPH_DUMP=DIR (formats from MLA_GRAPH_DUMP_FORMAT, default txt)."""
+files with MLA_GRAPH_DUMP=DIR (formats from MLA_GRAPH_DUMP_FORMAT, default txt).
+
+""" + EXIT_STATUS + """
+(dump: 1 when a pass broke an invariant or the torchair check found errors; what was done is written first)"""
 
 
 def _formats(value: str) -> tuple[str, ...]:
@@ -39,16 +44,6 @@ def _formats(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Lower MLA layers (random weights at the model's dimensions) for a target and "
@@ -57,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "diff per pass, op histograms per stage, the final kernels with shapes and "
                                    "which pass created every node.")
     add_model_args(p)
-    p.add_argument("--target", choices=sorted(TARGETS), default="reference", help="lowering target (default reference)")
+    add_target_arg(p)
     p.add_argument("--phase", action="append", choices=list(PHASES) + ["all"],
                    help="phase to lower; repeat for several (default: all)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the dumps (created; earlier dumps "
@@ -72,15 +67,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--only-changed", action="store_true",
                    help="list, print (--print-after) and show in the report only passes that changed the graph")
     p.add_argument("--check-torchair", action="store_true",
-                   help="check the final graphs for torchair's GE mode (always on for --target torchair*), as "
-                        "`mla-graph check` does: with the torch-npu wheel, torchair's own converters build the GE "
-                        "graph (written to OUT/<phase>/ge_graph.pbtxt; for torchair decode, the graph of the "
-                        "smallest batch bucket); the report lists the GE ops and each finding with its severity "
-                        "and the pass that created the node")
-    p.add_argument("--no-toolchain", dest="toolchain", action="store_const", const=False, default=None,
-                   help="with --check-torchair: the converter list only, even where the torch-npu wheel is "
-                        "available")
-    p.add_argument("--layers", type=_positive, default=1, metavar="N",
+                   help="check every phase's final graph for torchair's GE mode (always on for the phases a "
+                        "torchair* target compiles as a graph, decode, unless --stop-after), exactly as "
+                        "`mla-graph check` does: the same graph, the same options, the same findings. With the "
+                        "torch-npu wheel, torchair's own converters build the GE graph (written to "
+                        "OUT/<phase>/ge_graph.pbtxt; for torchair decode, the graph of the smallest batch bucket); "
+                        "the report lists the GE ops and each finding with its severity and the pass that created "
+                        "the node. Error findings exit 1")
+    add_check_args(p, when="with the torchair check: ")
+    p.add_argument("--layers", type=positive_int, default=1, metavar="N",
                    help="lower N layers (each with its own random weights; dumps are of the first), showing "
                         "progress on stderr and a summary table at the end (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights (layer i uses seed + i)")
@@ -112,35 +107,22 @@ def _printer(args: argparse.Namespace, phase: str):
     return inspect if wanted else None
 
 
-def _torchair_report(gm, phase: str, phase_dir: Path, args: argparse.Namespace, layer) -> str:
-    """Check the phase's graph for torchair's GE mode; write torchair.json and, when the GE graph
-    was built, ge_graph.pbtxt beside the dumps (each written whole or not at all). For a graph-mode
-    phase (torchair decode) the graph checked is the one the compiler is handed for the smallest
-    batch bucket; other dumps are symbolic (torchair compiles static graphs per bucket), so their
-    dynamic dims are not reported and the GE conversion does not run on them."""
+def _torchair_report(gm, phase: str, phase_dir: Path, args: argparse.Namespace, layer):
+    """Check the phase's graph for torchair's GE mode as `mla-graph check` does; write torchair.json and,
+    when the GE graph was built, ge_graph.pbtxt beside the dumps (each written whole or not at all)."""
     from ..dumptool.files import write_text_atomic
     from ..dumptool.loading import GE_GRAPH_NAME, TORCHAIR_NAME
-    from ..torchair_compat import check_torchair
-    from .check import smallest_bucket_graph
 
-    runtime = TARGETS[args.target].runtimes.get(phase)
     # a pipeline stopped early (--stop-after) may not be runnable in graph mode yet
-    runner = runtime(gm, {}, layer.config, args.block_size) if runtime and args.stop_after is None else None
-    if runner is not None and not runner.on_npu:
-        checked = smallest_bucket_graph(runner, layer, args.block_size)
-        what = (f"the graph the compiler is handed for batch bucket {runner.options.graph_batch_sizes[0]} "
-                f"(AOT-traced, static shapes; node names are the trace's)")
-        report = check_torchair(checked, static_dims=True, toolchain=args.toolchain)
-    else:
-        what = "the lowered graph (symbolic sizes: torchair compiles one static graph per bucket; dynamic dims " \
-               "are not reported)"
-        report = check_torchair(gm, static_dims=False, toolchain=args.toolchain)
-    data = {**report.to_json(), "graph": what}
-    if report.pbtxt is not None:
-        write_text_atomic(phase_dir / GE_GRAPH_NAME, report.pbtxt)
+    result = check_phase(gm, args.target, phase, layer, args.block_size, static_dims=args.static_dims,
+                         toolchain=args.toolchain, graph_mode=args.stop_after is None)
+    data = {**result.report.to_json(), "graph": result.graph}
+    if result.report.pbtxt is not None:
+        write_text_atomic(phase_dir / GE_GRAPH_NAME, result.report.pbtxt)
         data["ge_graph"] = GE_GRAPH_NAME
     write_text_atomic(phase_dir / TORCHAIR_NAME, json.dumps(data, indent=2))
-    return f"graph: {what}\n{report.table()}"
+    print(f"graph: {result.graph}\n{result.report.table()}")
+    return result.report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,9 +147,8 @@ def run(args: argparse.Namespace) -> int:
     selected = phases(args.phase)
     pipelines = {phase: [pass_name(fn) for fn in spec.pipeline(phase)] for phase in selected}
     _check_pass_names(args, pipelines)
+    out = writable_dir(args.out, "--out")
     spec.prepare()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     totals = {phase: PhaseTotals(phase) for phase in selected}
     graphs = {}
@@ -201,16 +182,25 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"{config.name} -> {args.target}: {args.layers} layer(s), {', '.join(selected)}, "
           f"{time.perf_counter() - start:.1f}s")
+    failed = []   # phases whose torchair check found errors
+    graph_phases = spec.runtimes
     for phase in selected:
         report = totals[phase].reports[0]
         for stale in (TORCHAIR_NAME, GE_GRAPH_NAME):   # an earlier run's would pass for this one's
             (out / phase / stale).unlink(missing_ok=True)
-        print(f"\n[{args.target} / {phase}] {len(report.records)} passes"
+        print(f"\n[{phase_label(args.target, phase)}] {len(report.records)} passes"
               f"{f' (stopped after {args.stop_after})' if args.stop_after else ''}, {report.seconds * 1e3:.1f} ms")
         print(report.table(only_changed=args.only_changed))
         print("ops: " + ", ".join(f"{op} x{n}" for op, n in report.final_ops.items()))
-        if args.check_torchair or args.target.startswith("torchair"):
-            print(_torchair_report(graphs[phase], phase, out / phase, args, dumped_layer))
+        # Checked on its own: the finished graph of a phase the target compiles as a graph (torchair
+        # decode). A torchair target's other phases run the npu pipeline eagerly: GE never sees them.
+        if args.check_torchair or (phase in graph_phases and args.stop_after is None):
+            checked = _torchair_report(graphs[phase], phase, out / phase, args, dumped_layer)
+            failed += [] if checked.ok else [f"{phase} ({len(checked.errors())} error(s))"]
+        elif graph_phases:
+            why = (f"{phase}, which {args.target} runs eagerly" if phase not in graph_phases
+                   else f"a pipeline stopped after {args.stop_after}")
+            print(f"torchair check: not run for {why}; --check-torchair checks it anyway")
     meta = {"model": config.name, "target": args.target, "phases": selected, "dtype": args.dtype,
             "block_size": args.block_size, "tp_size": args.tp_size, "layers": args.layers,
             "formats": list(args.format), "stop_after": args.stop_after}
@@ -222,4 +212,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {write_report(out, only_changed=args.only_changed)}")
     else:
         (out / REPORT_NAME).unlink(missing_ok=True)   # it would describe an earlier run
+    if failed:
+        print(f"mla-graph: the torchair check found errors in {', '.join(failed)}: see the table(s) above and "
+              f"{out}/<phase>/torchair.json", file=sys.stderr)
+        return 1
     return 0
