@@ -192,3 +192,17 @@ def test_backend_resolves_by_name_in_a_fresh_interpreter():
                           env={**os.environ, "MLA_GRAPH_DUMP": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ok", "1"]
+
+
+def test_log_says_what_was_lowered(stack, capfd, monkeypatch):
+    """MLA_GRAPH_LOG=1: the backend says on stderr how many MLA layers it found and where the rest went."""
+    import logging
+
+    from mla_graph.compile_backend import backend as backend_module
+    monkeypatch.setenv(backend_module.LOG_ENV, "1")
+    monkeypatch.setattr(backend_module.log, "handlers", [])
+    monkeypatch.setattr(backend_module.log, "level", logging.NOTSET)
+    compiled = torch.compile(stack, backend=mla_graph_backend, options={"target": "reference", "inner_backend": "eager"})
+    run_schedule(compiled, SCHEDULE[:1])
+    err = capfd.readouterr().err
+    assert "[mla_graph] mla_graph backend: 2 MLA layer(s) lowered lazily for target reference" in err, err

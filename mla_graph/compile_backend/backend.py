@@ -24,6 +24,7 @@ Inference only: the lowered layers run under no_grad and mla::layer has no autog
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import weakref
@@ -40,6 +41,30 @@ from ..targets import TARGETS
 from .layer_op import registered_layer, unflatten
 
 BACKEND_NAME = "mla_graph"
+log = logging.getLogger("mla_graph.compile")
+LOG_ENV = "MLA_GRAPH_LOG"
+# MLA modules of other libraries: a graph holding one but no mla::layer was handed an unconverted model
+FOREIGN_MLA = {
+    "DeepseekV3Attention": "convert the model first: mla_graph.hf.convert(model, target=...)",
+    "DeepseekV2Attention": "convert the model first: mla_graph.hf.convert(model, target=...)",
+    "MultiHeadLatentAttentionWrapper": "run it inside vLLM with MLA_GRAPH_VLLM=1 (docs/vllm.md)",
+    "DeepseekV2MLAAttention": "run it inside vLLM with MLA_GRAPH_VLLM=1 (docs/vllm.md)",
+    "MLAForHF": ("a model converted by mla_graph.hf runs its lowered MLA as it is; this backend does not "
+                 "take converted Hugging Face models yet: call the model (or generate) without torch.compile"),
+}
+
+
+class UnconvertedModelError(ValueError):
+    """The graph holds another library's MLA modules, which this backend cannot lower."""
+
+
+def _log_to_stderr_if_asked() -> None:
+    """MLA_GRAPH_LOG=1: the backend says what it lowered (logger "mla_graph.compile", on stderr)."""
+    if os.environ.get(LOG_ENV, "").strip().lower() in ("1", "true", "yes", "on", "info") and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[mla_graph] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 # Dynamo records the op packet; graphs made by make_fx / AOT record the overload
 LAYER_OPS = (torch.ops.mla.layer, torch.ops.mla.layer.default)
 
@@ -88,9 +113,20 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
                          f"{{'inner_backend': ...}} to choose how non-MLA code is compiled")
     opts = BackendOptions.parse(options)
     inner = opts.inner_compiler()
+    _log_to_stderr_if_asked()
     mla_nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
     if not mla_nodes:
+        foreign = _foreign_mla_modules(gm)
+        if foreign:
+            (path, name), = list(foreign.items())[:1]
+            raise UnconvertedModelError(
+                f"{BACKEND_NAME} backend: this graph holds {len(foreign)} {name} module(s) ({path}, ...) and no "
+                f"mla-graph MLA layer, so it would lower nothing; {FOREIGN_MLA[name]}")
+        log.info("%s backend: no MLA layer in this graph (%d nodes); all of it goes to %s",
+                 BACKEND_NAME, len(gm.graph.nodes), opts.inner_backend)
         return inner(gm, example_inputs)
+    log.info("%s backend: %d MLA layer(s) lowered lazily for target %s; the code between them goes to %s",
+             BACKEND_NAME, len(mla_nodes), opts.target, opts.inner_backend)
 
     split = _split_at_layers(gm, mla_nodes)
     mla_pieces = {name for name, piece in split.named_children()
@@ -99,6 +135,18 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
     for name in mla_pieces:
         _run_lowered_in(getattr(split, name), opts)
     return split
+
+
+def _foreign_mla_modules(gm: GraphModule) -> dict[str, str]:
+    """{module path: class name} of FOREIGN_MLA modules the graph's nodes came from (Dynamo's
+    nn_module_stack)."""
+    found = {}
+    for node in gm.graph.nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            name = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1]
+            if name in FOREIGN_MLA:
+                found.setdefault(path, name)
+    return found
 
 
 def _is_layer_op(node: Node) -> bool:
