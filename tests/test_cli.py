@@ -132,6 +132,29 @@ def test_bench_checks_docs_before_measuring(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_keeps_the_sections_measured_before_a_failure(tmp_path, capsys, monkeypatch):
+    """A section that fails after minutes of measuring loses nothing measured before it."""
+    import json
+
+    import mla_graph.bench as bench
+
+    monkeypatch.setattr(bench, "unfilled_layers", lambda *a, **k: [None])
+    monkeypatch.setattr(bench, "kernels_per_decode", lambda s, layer: {"targets": {}, "marker": "kernels"})
+    monkeypatch.setattr(bench, "lowering_cost", lambda s, layers, log: {"marker": "lowering"})
+
+    def fails(s, log):
+        raise RuntimeError("decode step broke")
+    monkeypatch.setattr(bench, "decode_step", fails)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="decode step broke"):
+        main(["bench", "--quick", "--out", str(out)])
+    saved = json.loads((out / "results.partial.json").read_text())
+    assert saved["partial"] is True
+    assert saved["kernels_per_decode"]["marker"] == "kernels" and saved["lowering_cost"]["marker"] == "lowering"
+    assert "decode_step" not in saved
+    assert f"the sections measured so far are in {out / 'results.partial.json'}" in capsys.readouterr().err
+
+
 # ---- --verify --------------------------------------------------------------------------------------
 
 @graph_pass()

@@ -26,8 +26,12 @@ __all__ = ["DOCS_BEGIN", "DOCS_END", "Settings", "count_kernels", "kv_cache_byte
            "summary", "write_outputs"]
 
 
-def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str = "mla-graph bench") -> dict:
+def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str = "mla-graph bench",
+                   on_section: Callable[[dict], None] | None = None) -> dict:
+    """Every section's figures into one dict; `on_section(data)` after each section (so a caller can
+    save what is measured so far: a later section's failure then loses nothing)."""
     start = time.perf_counter()
+    done = on_section or (lambda data: None)
     data: dict = {"schema": 1, "mode": "quick" if s.quick else "default", "command": command,
                   "machine": machine()}
     layers = unfilled_layers(s.lowering_config, max(s.layer_counts + s.separate_counts), dtype=s.dtype,
@@ -37,10 +41,13 @@ def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str
     for t, v in data["kernels_per_decode"]["targets"].items():
         log(f"  {t}: {v['total']} kernels ({', '.join(f'{k} x{n}' for k, n in v['by_op'].items())})")
     log(f"  vllm-ascend eager decode: {len(VLLM_ASCEND_EAGER_DECODE)} kernels")
+    done(data)
     log("1. lowering cost")
     data["lowering_cost"] = lowering_cost(s, layers, log)
+    done(data)
     log("3. CPU decode step vs Hugging Face DeepseekV3Attention")
     data["decode_step"] = decode_step(s, log)
+    done(data)
     log("4. KV cache bytes per token per layer")
     data["kv_cache_bytes"] = kv_cache_bytes(s)
     for name, v in data["kv_cache_bytes"]["presets"].items():

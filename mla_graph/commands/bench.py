@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import sys
 
 from ._common import EXIT_STATUS, positive_int, writable_dir
 
@@ -41,7 +44,22 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.quick_run() if args.quick else Settings.default()
     if args.repeats is not None:
         settings = dataclasses.replace(settings, repeats=args.repeats)
-    data = run_benchmarks(settings, log=lambda line: print(line, flush=True), command=command_line(args))
+    partial = os.path.join(args.out, "results.partial.json")
+
+    def save_so_far(data: dict) -> None:
+        with open(partial, "w", encoding="utf-8") as fh:
+            json.dump({**data, "partial": True}, fh, indent=1, default=str)
+
+    try:
+        data = run_benchmarks(settings, log=lambda line: print(line, flush=True), command=command_line(args),
+                              on_section=save_so_far)
+    except BaseException:
+        if os.path.exists(partial):
+            print(f"mla-graph bench: stopped early; the sections measured so far are in {partial}",
+                  file=sys.stderr, flush=True)
+        raise
+    if os.path.exists(partial):
+        os.remove(partial)
     for path in write_outputs(data, args.out, docs=args.docs):
         print(f"wrote {path}")
     return 0
