@@ -32,7 +32,7 @@ BATCHES = {
     "mixed": [(1, 20), (1, 5), (6, 0), (3, 17)],   # decodes first, then prefills (one with a cached prefix)
     "decode": [(1, 20), (1, 5), (1, 33)],
 }
-TARGETS = ("plain", "reference", "npu", "torchair")
+TARGETS = ("plain", "reference", "cpu", "npu", "torchair")
 # What a rejection may raise: ours, each with the field, the value and what is allowed.
 OUR_ERRORS = (ValueError, TypeError, LoweringError, CacheFullError)
 
