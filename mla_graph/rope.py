@@ -40,7 +40,7 @@ def attention_mscale(config: MLAConfig) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_table(config_key: tuple, config: MLAConfig) -> torch.Tensor:
+def _cached_table(config: MLAConfig) -> torch.Tensor:
     inv_freq = inverse_frequencies(config)
     positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
@@ -51,9 +51,9 @@ def _cached_table(config_key: tuple, config: MLAConfig) -> torch.Tensor:
 
 
 def cos_sin_table(config: MLAConfig) -> torch.Tensor:
-    """[max_position_embeddings, qk_rope_head_dim] float32; shared, never written."""
-    key = (config.qk_rope_head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
-    return _cached_table(key, config)
+    """[max_position_embeddings, qk_rope_head_dim] float32; shared by equal configs (every layer of
+    a model), never written."""
+    return _cached_table(config)
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:

@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -5,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+# Checked mode (value checks on metadata and positions before anything is written) is on in tests
+# unless a test turns it off; see README "Checked mode".
+os.environ.setdefault("MLA_GRAPH_CHECKED", "1")
 
 from mla_graph import MLAConfig, YarnScaling  # noqa: E402
 
@@ -53,3 +57,34 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
         for p in module.parameters():
             p.copy_((torch.randn(p.shape, generator=gen) * std + (1.0 if p.dim() == 1 else 0.0)).to(p.dtype))
     return module.requires_grad_(False)
+
+
+# The tiny configs above have mscale == mscale_all_dim, so the rope table's mscale factor is 1 and
+# dropping it changes nothing. These two make it 1.053 and 0.950 (the ratio of yarn mscales):
+# the branch every checkpoint with mscale != mscale_all_dim takes.
+V3_TINY_MSCALE = V3_TINY.replace(rope_scaling=YarnScaling(
+    factor=8, original_max_position_embeddings=128, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.707),
+    name="v3-tiny-mscale")
+V2_LITE_TINY_MSCALE = V2_LITE_TINY.replace(rope_scaling=YarnScaling(
+    factor=8, original_max_position_embeddings=128, beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=1.0),
+    name="v2-lite-tiny-mscale")
+MSCALE_CONFIGS = {"v3-mscale": V3_TINY_MSCALE, "v2lite-mscale": V2_LITE_TINY_MSCALE}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype`'s grid at |x| (float32 result): 2**floor(log2|x|) * eps, and the
+    subnormal spacing below the smallest normal."""
+    info = torch.finfo(dtype)
+    mag = x.detach().float().abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    """Flat row indices ([num_blocks, block_size, ...] -> slots) whose bytes differ between two
+    copies of a cache; NaN compares equal to NaN here, bit for bit."""
+    rows = before.shape[0] * before.shape[1]
+    a, b = before.reshape(rows, -1), after.reshape(rows, -1)
+    if a.dtype.is_floating_point:
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(bits), b.contiguous().view(bits)
+    return (a != b).any(1).nonzero().flatten().tolist()

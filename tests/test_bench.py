@@ -1,7 +1,10 @@
 """mla-graph bench: --quick writes well-formed JSON, a PNG and Markdown tables (numbers not judged),
 and the helpers it is built from count and measure what they say."""
+import dataclasses
+import importlib
 import json
 
+import pytest
 import torch
 
 from mla_graph import MLAConfig, lower
@@ -9,6 +12,7 @@ from passes.base import VIEW_OPS
 
 from mla_graph.bench import (DOCS_BEGIN, DOCS_END, Settings, count_kernels, kv_cache_bytes,
                              peak_bytes, summary)
+from mla_graph.bench.decode_step import HF_AGREEMENT_EPS, DisagreesWithHuggingFace, agreement_with_hf
 from mla_graph.cli import main
 from mla_graph.targets import TARGETS
 
@@ -41,7 +45,8 @@ def test_quick_run_writes_json_png_markdown_and_docs_section(tmp_path, capsys):
         for name, v in case["impls"].items():
             assert set(v["seconds"]) == STAT_KEYS and v["peak_bytes"] >= 0
             if name != "hf":   # the same weights and cache contents: the same output as HF's
-                assert v["max_abs_diff_vs_hf"] < 0.1, (case["batch"], case["context"], name)
+                assert v["matches_hf"] and v["rel_diff_vs_hf"] <= v["hf_tolerance"], (case, name)
+                assert v["hf_tolerance"] == HF_AGREEMENT_EPS * torch.finfo(torch.bfloat16).eps
     assert set(data["kv_cache_bytes"]["presets"]) >= {"deepseek-v3", "deepseek-v2-lite"}
 
     assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -83,3 +88,33 @@ def test_peak_bytes_sees_a_transient_allocation():
 def test_summary_quartiles():
     s = summary([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (s["median"], s["q1"], s["q3"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+
+
+def test_agreement_with_hf_is_relative_to_the_largest_element_in_eps_of_the_dtype():
+    hf = torch.tensor([[0.5, -0.25], [0.125, 0.0]], dtype=torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert agreement_with_hf(hf.clone(), hf)["matches_hf"]
+    one_ulp = hf.clone()
+    one_ulp[0, 0] += 0.5 * eps                         # 0.5 -> next bf16 value: one eps of the largest
+    got = agreement_with_hf(one_ulp, hf)
+    assert got["rel_diff_vs_hf"] == pytest.approx(eps) and got["matches_hf"]
+    off = hf.float() * 1.05                            # 5% off everywhere: ~6 eps
+    got = agreement_with_hf(off, hf)
+    assert not got["matches_hf"] and got["rel_diff_vs_hf"] == pytest.approx(0.05, rel=1e-3)
+
+
+@pytest.mark.parametrize("factor", [1.59, 1.05])
+def test_decode_step_refuses_to_time_a_wrong_softmax_scale(monkeypatch, factor):
+    """The benchmark's own check: a layer whose softmax scale is off (59%, and only 5%) differs
+    from Hugging Face's output by more than the tolerance, and the run stops saying so."""
+    module = importlib.import_module("mla_graph.bench.decode_step")
+
+    class ScaledMLA(module.MLAAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale *= factor
+
+    monkeypatch.setattr(module, "MLAAttention", ScaledMLA)
+    settings = dataclasses.replace(Settings.quick_run(), repeats=1, batches=(1,), contexts=(32,))
+    with pytest.raises(DisagreesWithHuggingFace, match="reference's output differs from Hugging Face's by"):
+        module.decode_step(settings, lambda line: None)

@@ -1,6 +1,7 @@
 """lower_layers: each layer shape is lowered once, further layers re-bound to their own weights."""
 import pytest
 import torch
+from conftest import randomize
 
 import mla_graph.lowering as lowering_module
 import mla_graph.model_lowering as model_lowering
@@ -13,9 +14,11 @@ TINY = MLAConfig.preset("deepseek-v2-lite").replace(
 BLOCK = 16
 
 
-def make_layers(count, config=TINY, seed=0):
-    torch.manual_seed(seed)
-    return [MLAAttention(config).requires_grad_(False) for _ in range(count)]
+def make_layers(count, config=TINY, seed=0, dtype=torch.float32):
+    """Layers with weights of their own, norm gammas included (1 + noise): a graph re-bound to
+    another layer's gamma, or to the template's, computes something else."""
+    std = 0.2 if dtype == torch.float32 else 0.1   # bf16: smaller logits, noise within the layer tolerance
+    return [randomize(MLAAttention(config, dtype=dtype), seed=100 * seed + i, std=std) for i in range(count)]
 
 
 @pytest.fixture
@@ -120,8 +123,7 @@ def test_graph_mode_and_prefill_graphs_are_reused_too(captures):
     config = MLAConfig.preset("deepseek-v3").replace(
         hidden_size=64, num_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
         qk_rope_head_dim=8, v_head_dim=16)
-    torch.manual_seed(1)
-    layers = [MLAAttention(config, dtype=torch.bfloat16).requires_grad_(False) for _ in range(2)]
+    layers = make_layers(2, config, seed=1, dtype=torch.bfloat16)
     lowered = lower_layers(layers, "torchair", ["decode", "prefill"], block_size=BLOCK,
                            target_options={"graph_batch_sizes": [4]})
     assert sorted(captures) == ["decode", "prefill"]

@@ -1,7 +1,7 @@
 """Target "torchair": static-bucket decode graphs, equal to the reference target, within budget."""
 import pytest
 import torch
-from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, randomize
+from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, changed_rows, randomize
 
 from mla_graph import MLAAttention, MLAConfig, PagedLatentCache, build_metadata, lower, positions_for
 from mla_graph.cache import PADDING_BLOCK
@@ -21,7 +21,8 @@ def _layer(config, dtype):
 
 def _run_steps(layer, lowered_a, lowered_b, dtype, batch_plan):
     """A prefill of 5 requests, then decode steps with the given numbers of live requests. Both
-    caches start from the same random contents, so a stray write shows."""
+    caches start from the same random contents, so a stray write shows: after every step, the
+    slots whose bytes changed must be that step's tokens' slots (or in the padding block)."""
     config = layer.config
     caches = [PagedLatentCache.allocate(config, 48, BS, dtype=dtype, shuffle_blocks=True, seed=2) for _ in range(2)]
     gen = torch.Generator().manual_seed(9)
@@ -32,6 +33,7 @@ def _run_steps(layer, lowered_a, lowered_b, dtype, batch_plan):
     prompts = [3, 17, 9, 30, 5]
     rows = [[] for _ in prompts]
     gen = torch.Generator().manual_seed(5)
+    padding_slots = set(range(PADDING_BLOCK * BS, (PADDING_BLOCK + 1) * BS))
     outputs = []
     for step, live in enumerate(batch_plan):
         requests = [(p, 0) for p in prompts] if step == 0 else [(1, prompts[i] + step - 1) for i in range(live)]
@@ -40,7 +42,14 @@ def _run_steps(layer, lowered_a, lowered_b, dtype, batch_plan):
         md = build_metadata(requests, rows[: len(requests)], BS)
         x = torch.randn(md.num_tokens, config.hidden_size, generator=gen).to(dtype)
         pos = positions_for(requests)
+        before = [cache.clone() for cache in caches]
         outputs.append((lowered_a(x, pos, caches[0], md), lowered_b(x, pos, caches[1], md)))
+        for name, old, new in zip(("reference", "graph"), before, caches):
+            for part in ("latent", "rope"):
+                changed = set(changed_rows(getattr(old, part), getattr(new, part)))
+                stray = sorted(changed - set(md.slot_mapping.tolist()) - padding_slots)
+                assert not stray, (f"step {step} ({live} requests): {name} wrote {part} slots {stray}, "
+                                   f"which no token of the step owns")
     return outputs, caches
 
 
@@ -117,7 +126,7 @@ def test_bad_options_and_oversized_batches():
     layer = MLAAttention(V3_TINY, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="unknown option\\(s\\) \\['buckets'\\] for target 'torchair'; valid: graph_batch_sizes"):
         lower(layer, "torchair", ["decode"], block_size=BS, target_options={"buckets": [1]})
-    with pytest.raises(ValueError, match="graph_batch_sizes must be positive ints"):
+    with pytest.raises(ValueError, match="graph_batch_sizes must be a non-empty list of positive ints"):
         lower(layer, "torchair", ["decode"], block_size=BS, target_options={"graph_batch_sizes": [0]})
     # torchair's air FIA runs only in GE graph mode (its kernel raises under reduce-overhead)
     with pytest.raises(ValueError, match="mode must be 'max-autotune', got 'reduce-overhead'.*only in GE graph mode"):
@@ -140,14 +149,17 @@ def test_bucket_graphs_pass_the_torchair_check(config, dtype):
     for target in ("torchair", "torchair-multistream"):
         graph = lower(layer, target, ["decode"], block_size=BS, target_options={"graph_batch_sizes": [1, 4]})
         cache = PagedLatentCache.allocate(config, 4, BS, dtype=dtype)
-        cache.latent.fill_(float("nan"))
-        cache.rope.fill_(float("nan"))
+        gen = torch.Generator().manual_seed(3)
+        for part in (cache.latent, cache.rope):
+            part.copy_(torch.randn(part.shape, generator=gen).to(dtype))
+        before = cache.clone()
         compiled = graph.runners["decode"].warmup(cache, layer.cos_sin)
         assert len(compiled) == 2
-        # the dummy batch is all padding: it writes into the padding block and nowhere else
-        owned = [b for b in range(cache.num_blocks) if b != PADDING_BLOCK]
-        assert cache.latent[owned].isnan().all() and cache.rope[owned].isnan().all()
-        assert not cache.latent[PADDING_BLOCK, :4].isnan().any()
+        # the dummy batch is all padding: its 4 rows write rows 0-3 of the padding block, nothing else
+        padding_rows = [PADDING_BLOCK * BS + i for i in range(4)]
+        for part in ("latent", "rope"):
+            changed = changed_rows(getattr(before, part), getattr(cache, part))
+            assert changed == padding_rows, f"{target} warm-up changed {part} slots {changed}, expected {padding_rows}"
         for gm in compiled:
             report = check_torchair(gm, static_dims=True, toolchain=False)
             assert report.ok, report.table()
@@ -169,10 +181,12 @@ def test_padded_rows_and_empty_slots_write_only_the_padding_block():
     md.slot_mapping[1] = -1
     cache.latent.fill_(float("nan"))
     cache.rope.fill_(float("nan"))
+    before = cache.clone()
     graph(torch.randn(3, V3_NPU.hidden_size).bfloat16(), positions_for(requests), cache, md)
-    written = {int(s) for s in md.slot_mapping if s >= 0}
-    flat = cache.latent.view(-1, cache.latent.shape[-1])
-    for slot in range(flat.shape[0]):
-        if slot // BS == PADDING_BLOCK:
-            continue
-        assert bool(flat[slot].isnan().all()) == (slot not in written), slot
+    written = sorted(int(s) for s in md.slot_mapping if s >= 0)
+    # the padded row and the -1 request's row go to two distinct rows of the padding block
+    expected = sorted(written + [PADDING_BLOCK * BS + 1, PADDING_BLOCK * BS + 3])
+    for part in ("latent", "rope"):
+        changed = changed_rows(getattr(before, part), getattr(cache, part))
+        assert changed == expected, f"{part} slots {changed} changed, expected {expected}"
+        assert not getattr(cache, part).view(-1, getattr(cache, part).shape[-1])[expected].isnan().any()

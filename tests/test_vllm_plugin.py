@@ -35,6 +35,7 @@ except ImportError as exc:  # a missing vLLM must be loud: the issue's acceptanc
                 f"MLA_GRAPH_NO_VLLM=1 to run without the vLLM plugin tests", pytrace=False)
 
 from conftest import V2_LITE_NPU, V3_TINY, randomize  # noqa: E402
+from hf_oracle import hf_attention, hf_prefill  # noqa: E402
 
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower  # noqa: E402
 from mla_graph.checking import LAYER_TOLERANCES, PHASE_BATCHES, random_batch  # noqa: E402
@@ -230,24 +231,44 @@ def _vllm_can_decode() -> bool:
     return hasattr(torch.ops._C, "mla_decode_kvcache")
 
 
-def test_plugin_matches_reference_target_and_vllm_over_prefill_and_decode(vllm_setup):
+def _hf_oracle(mla_config, weights):
+    """Hugging Face's DeepseekV3Attention with the same weights: an outside implementation."""
+    hf, rotary = hf_attention(mla_config, torch.float32)
+    hf.load_state_dict(_plain_layer(mla_config, weights).state_dict())
+    return hf.requires_grad_(False), rotary
+
+
+def test_plugin_matches_hugging_face_reference_target_and_vllm_over_prefill_and_decode(vllm_setup):
+    """Every step, prefill and decode, against Hugging Face's attention over each request's whole
+    history (an independent implementation, whatever vLLM build is installed), against plugin-off
+    vLLM where vLLM can decode on this build, and against our reference target (the same code as
+    the plugin's: it checks the plugin's wiring, not the math)."""
     config, layers, weights = vllm_setup
     if not _vllm_can_decode():   # said out loud: the comparison with plugin-off vLLM is prefill only
         warnings.warn("vLLM's CPU decode kernel (torch.ops._C.mla_decode_kvcache, CPU builds only) is "
-                      "absent: decode steps are compared with our reference target, not with "
-                      "plugin-off vLLM", stacklevel=1)
+                      "absent: decode steps are compared with Hugging Face and our reference target, "
+                      "not with plugin-off vLLM", stacklevel=1)
     mla_config = config_from_hf(config.model_config.hf_config)
     assert mla_config.softmax_scale == pytest.approx(layers["vllm"].mla_attn.mla_attn.scale, rel=1e-7)
+    hf, rotary = _hf_oracle(mla_config, weights)
 
     # our reference target over an independent copy of the weights, in our own cache layout
     reference = lower(_plain_layer(mla_config, weights), "reference", block_size=BLOCK)
     steps = Steps(mla_config)
     ref_cache = steps.oracle_cache
+    history = [torch.zeros(0, 64) for _ in STEPS[0]]   # each request's hidden states so far
     # vLLM's layout: [num_blocks, 1, block_size, kv_lora_rank + rope] per layer
     caches = {name: torch.zeros(12, 1, BLOCK, L + R) for name in ("vllm", "plugin")}
     for step, shape in enumerate(STEPS):
         common, metadata, hidden, positions = steps.next(shape)
         out = _run(config, layers["plugin"], common, hidden, positions, caches["plugin"])
+        starts = metadata.query_start_loc.tolist()
+        for b in range(len(history)):
+            history[b] = torch.cat([history[b], hidden[starts[b]:starts[b + 1]]])
+            with torch.no_grad():
+                hf_rows = hf_prefill(hf, rotary, history[b])[-(starts[b + 1] - starts[b]):]
+            torch.testing.assert_close(out[starts[b]:starts[b + 1]], hf_rows, **TOL,
+                                       msg=lambda m: f"step {step}, request {b} vs Hugging Face: {m}")
         expected = reference(hidden, positions, ref_cache, metadata)
         torch.testing.assert_close(out, expected, **TOL, msg=lambda m: f"step {step}: {m}")
         # the plugin wrote into vLLM's cache, in place: same contents as our reference cache
@@ -501,3 +522,73 @@ def test_plugin_found_through_entry_point_in_fresh_interpreter():
     assert "ENTRY mla_graph.vllm_plugin:register" in run.stdout
     assert "REPLACED mla_graph.vllm_plugin.layer.MLAGraphAttention" in run.stdout
     assert "mla_graph.vllm mla-graph: replaced vLLM's pluggable layer 'multi_head_latent_attention'" in run.stderr
+
+
+@pytest.mark.parametrize("env, extra, device, expected", [
+    (None, None, "cpu", ("reference", "reference")),
+    (None, None, "npu", ("npu", "npu")),                     # vllm-ascend: eager kernels
+    (None, {"mla_graph": {"target": "npu"}}, "cpu", ("npu", "npu")),
+    ("reference", {"mla_graph": {"target": "npu"}}, "npu", ("reference", "reference")),   # the env var wins
+    (None, {"torchair_graph_config": {"enabled": True}}, "npu", ("npu", "torchair")),
+    (None, {"torchair_graph_config": {"enabled": False}}, "npu", ("npu", "npu")),
+    (None, {"torchair_graph_config": {"enabled": True}, "mla_graph": {"decode_target": "torchair-multistream"}},
+     "npu", ("npu", "torchair-multistream")),                # decode_target wins over torchair's flag
+    ("npu", {"mla_graph": {"decode_target": "reference"}}, "cpu", ("npu", "reference")),
+    ("torchair", {"torchair_graph_config": {"enabled": False}}, "cpu", ("torchair", "torchair")),
+], ids=["cpu-default", "npu-default", "config-target", "env-over-config", "torchair-graph-mode",
+        "torchair-graph-mode-off", "decode-target-over-graph-mode", "decode-target", "env-target-every-phase"])
+def test_target_choice_from_env_additional_config_and_torchair_graph_mode(monkeypatch, env, extra, device, expected):
+    from mla_graph.vllm_plugin.targets import TARGET_ENV, choose_targets
+
+    if env is None:
+        monkeypatch.delenv(TARGET_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TARGET_ENV, env)
+    base, decode = expected
+    assert choose_targets(extra, device) == {"prefill": base, "mixed": base, "decode": decode}
+
+
+def test_target_choice_rejects_unknown_targets(monkeypatch):
+    from mla_graph.vllm_plugin.targets import TARGET_ENV, choose_targets
+
+    monkeypatch.setenv(TARGET_ENV, "gpu")
+    with pytest.raises(ValueError, match="mla-graph target 'gpu' \\(from MLA_GRAPH_VLLM_TARGET, additional_config or "
+                                         "torchair_graph_config\\) is not a target; known: reference, npu, torchair"):
+        choose_targets(None, "cpu")
+    monkeypatch.delenv(TARGET_ENV)
+    with pytest.raises(ValueError, match="mla-graph decode target 'fast' .* is not a target"):
+        choose_targets({"mla_graph": {"decode_target": "fast"}}, "npu")
+    with pytest.raises(ValueError, match="additional_config\\['mla_graph'\\] must be a dict, got 'npu'"):
+        choose_targets({"mla_graph": "npu"}, "npu")
+
+
+def test_tensor_parallel_all_reduce_only_with_more_than_one_rank(vllm_setup, monkeypatch):
+    """With tp_size 1 (vLLM's one-rank path) the layer's output is returned as computed: no
+    all-reduce. With tp_size > 1 each rank holds a share of the heads and a partial o_proj sum:
+    forward all-reduces it once per call and returns the reduced tensor. reduce_results=False
+    (vLLM's o_proj leaving the reduction to its caller) skips it."""
+    import mla_graph.vllm_plugin.layer as layer_module
+
+    config, layers, _ = vllm_setup
+    ours = layers["plugin"].mla_attn
+    reduced = []
+
+    def all_reduce(partial):
+        reduced.append(partial.clone())
+        return partial * 2   # as two ranks with equal partial sums would give
+
+    monkeypatch.setattr(layer_module, "tensor_model_parallel_all_reduce", all_reduce)
+    steps = Steps(config_from_hf(config.model_config.hf_config), seed=8)
+    common, _, hidden, positions = steps.next((19, 7))
+    cache = torch.zeros(12, 1, BLOCK, L + R)
+    single = _run(config, layers["plugin"], common, hidden, positions, cache.clone())
+    assert ours.tp_size == 1 and ours.reduce_results
+    assert not reduced, f"tp_size 1: the output was all-reduced {len(reduced)} time(s)"
+    monkeypatch.setattr(ours, "tp_size", 2)
+    out = _run(config, layers["plugin"], common, hidden, positions, cache.clone())
+    assert len(reduced) == 1, f"tp_size 2: the output was all-reduced {len(reduced)} time(s), expected once"
+    assert torch.equal(reduced[0], single), "the all-reduce must receive this rank's output"
+    assert torch.equal(out, 2 * single), "forward must return the all-reduced output"
+    monkeypatch.setattr(ours, "reduce_results", False)
+    assert torch.equal(_run(config, layers["plugin"], common, hidden, positions, cache.clone()), single)
+    assert len(reduced) == 1, "reduce_results=False: the output was all-reduced anyway"

@@ -87,12 +87,45 @@ def peak_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
     return peak, result
 
 
+# How close our output must be to Hugging Face's, in eps of the dtype, relative to the largest
+# |element| of HF's output. Each side computes in its dtype, rounding after every projection, and
+# both end within an ulp or so of the exact result at the largest element (measured in bf16: 0.35-1.0
+# eps at the quick and the default sizes); two eps is the sum of one per side. A softmax scale 5%
+# off is 3.4-4.9 eps away, 59% off 44-60 eps.
+HF_AGREEMENT_EPS = 2.0
+
+
+class DisagreesWithHuggingFace(AssertionError):
+    """A benchmarked implementation computed something else than Hugging Face's attention."""
+
+
+def agreement_with_hf(ours: torch.Tensor, hf: torch.Tensor) -> dict:
+    """max |ours - hf|, that relative to max |hf|, the tolerance HF_AGREEMENT_EPS * eps of hf's
+    dtype, and whether it is met."""
+    diff = float((ours.float() - hf.float()).abs().max())
+    relative = diff / max(float(hf.float().abs().max()), torch.finfo(torch.float32).tiny)
+    tolerance = HF_AGREEMENT_EPS * torch.finfo(hf.dtype).eps
+    return {"max_abs_diff_vs_hf": diff, "rel_diff_vs_hf": relative, "hf_tolerance": tolerance,
+            "matches_hf": relative <= tolerance}
+
+
+def _random_norm_weights(hf: torch.nn.Module, gen: torch.Generator) -> None:
+    """Norm gammas around 1 rather than Hugging Face's ones: a gamma dropped or swapped shows."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layernorm" in name:
+                p.copy_((1 + 0.2 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+
+
 def decode_step(s: Settings, log: Callable[[str], None]) -> dict:
+    """Times each implementation and checks it against Hugging Face's output (agreement_with_hf);
+    raises DisagreesWithHuggingFace if one differs: its timings would compare another computation."""
     from transformers import DynamicCache
 
     config, dtype = s.decode_config, s.dtype
     torch.manual_seed(0)
     hf, rotary = hf_deepseek_attention(config, dtype)
+    _random_norm_weights(hf, torch.Generator().manual_seed(0))
     layer = MLAAttention(config, dtype=dtype).requires_grad_(False)
     layer.load_state_dict(hf.state_dict())   # the same weights
     # Not the npu target: its emulated kernels are written to be obviously right, not fast (FIA
@@ -124,8 +157,13 @@ def decode_step(s: Settings, log: Callable[[str], None]) -> dict:
                     peak, results[name] = peak_bytes(fn)       # also the warm-up and the output compared
                     case["impls"][name] = {"seconds": timed(fn, s.repeats), "peak_bytes": peak}
                 for name in ours:
-                    case["impls"][name]["max_abs_diff_vs_hf"] = float((results[name].float()
-                                                                       - results["hf"].float()).abs().max())
+                    agreement = agreement_with_hf(results[name], results["hf"])
+                    if not agreement["matches_hf"]:
+                        raise DisagreesWithHuggingFace(
+                            f"decode B={batch} ctx={context}: {name}'s output differs from Hugging Face's by "
+                            f"{agreement['rel_diff_vs_hf']:.3g} of its largest element, more than the "
+                            f"{agreement['hf_tolerance']:.3g} allowed ({HF_AGREEMENT_EPS:g} eps of {dtype})")
+                    case["impls"][name].update(agreement)
                     case["impls"][name]["time_ratio_vs_hf"] = (case["impls"][name]["seconds"]["median"]
                                                                / case["impls"]["hf"]["seconds"]["median"])
             out["cases"].append(case)

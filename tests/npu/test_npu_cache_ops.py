@@ -2,6 +2,7 @@
 atb reshape_and_cache against formulas and explicit loops written here."""
 import pytest
 import torch
+from conftest import changed_rows
 
 from mla_graph.npu import ensure_npu_ops
 
@@ -29,10 +30,11 @@ def inputs():
 
 def test_norm_mode_v1_returns_copies_and_leaves_inputs():
     kv, gamma, cos, sin = inputs()
-    index = torch.tensor([[0, 2, -1], [5, -1, 1]])
-    k_cache, ckv_cache = torch.zeros(B, 1, 6, DR), torch.zeros(B, 1, 6, DN)
+    index = torch.tensor([[0, 2, -1], [4, -1, 1]])   # position 5, where -1 would land, is never written
+    k_cache, ckv_cache = random_caches(B, 1, 6)
+    k_before, ckv_before = k_cache.clone(), ckv_cache.clone()
     k_new, ckv_new, k_rope, c_kv = npu.npu_kv_rmsnorm_rope_cache(kv, gamma, cos, sin, index, k_cache, ckv_cache)
-    assert k_cache.abs().sum() == 0 and ckv_cache.abs().sum() == 0
+    assert torch.equal(k_cache, k_before) and torch.equal(ckv_cache, ckv_before)
     exp_rope, exp_ckv = expected_kv(kv, gamma, cos, sin)
     torch.testing.assert_close(k_rope, exp_rope)
     torch.testing.assert_close(c_kv, exp_ckv)
@@ -43,40 +45,87 @@ def test_norm_mode_v1_returns_copies_and_leaves_inputs():
                 torch.testing.assert_close(k_new[b, 0, pos], exp_rope[b, 0, s])
                 torch.testing.assert_close(ckv_new[b, 0, pos], exp_ckv[b, 0, s])
     written = {(b, int(p)) for b in range(B) for p in index[b] if p >= 0}
-    untouched = [(b, p) for b in range(B) for p in range(6) if (b, p) not in written]
-    assert all(k_new[b, 0, p].abs().sum() == 0 for b, p in untouched)
+    for before, after in ((k_before, k_new), (ckv_before, ckv_new)):
+        untouched = [(b, p) for b in range(B) for p in range(6) if (b, p) not in written]
+        changed = [(b, p) for b, p in untouched if not torch.equal(after[b, 0, p], before[b, 0, p])]
+        assert not changed, f"(batch, position) {changed} were written by no token"
 
 
+def random_caches(*shape_but_last: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """k_cache and ckv_cache pre-filled with random values: a stray write (zeros included) shows."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape_but_last, DR, generator=gen), torch.randn(*shape_but_last, DN, generator=gen)
+
+
+def assert_only_slots_written(before, after, written: dict[int, torch.Tensor]) -> None:
+    """Rows (flat slots) in `written` hold the given values; every other row keeps its bytes."""
+    expected = before.clone().reshape(before.shape[0] * before.shape[1], -1)
+    for slot, row in written.items():
+        expected[slot] = row.reshape(-1)
+    wrong = changed_rows(expected.view(before.shape), after)
+    assert not wrong, f"slots {wrong} differ from the expected contents (slots written: {sorted(written)})"
+
+
+# Slot -1 writes nothing. None of these lists writes the caches' last slot (11), where a -1 used as
+# an index would land; -1 stands first, in the middle and last.
+PAGED_SLOTS = [[0, 7, -1, 3, 4, 10], [-1, 2, 9, 1, 5, -1], [-1] * 6]
+
+
+@pytest.mark.parametrize("slots", PAGED_SLOTS, ids=["middle", "first-last", "all"])
 @pytest.mark.parametrize("mode", ["PA", "PA_BNSD"])
-def test_paged_modes_v2_mutates_in_place(mode):
+def test_paged_modes_v2_mutates_in_place(mode, slots):
     kv, gamma, cos, sin = inputs()
-    slots = torch.tensor([0, 7, -1, 3, 4, 11])  # B*S flat slot ids
-    k_cache, ckv_cache = torch.zeros(3, 4, 1, DR), torch.zeros(3, 4, 1, DN)
-    k_rope, c_kv = npu.npu_kv_rmsnorm_rope_cache_v2(kv, gamma, cos, sin, slots, k_cache, ckv_cache, cache_mode=mode)
+    k_cache, ckv_cache = random_caches(3, 4, 1)
+    k_before, ckv_before = k_cache.clone(), ckv_cache.clone()
+    k_rope, c_kv = npu.npu_kv_rmsnorm_rope_cache_v2(kv, gamma, cos, sin, torch.tensor(slots), k_cache, ckv_cache,
+                                                    cache_mode=mode)
     exp_rope, exp_ckv = expected_kv(kv, gamma, cos, sin)
     flat_k, flat_c = k_cache.reshape(-1, DR), ckv_cache.reshape(-1, DN)
-    for t, slot in enumerate(slots.tolist()):
+    for t, slot in enumerate(slots):
         if slot >= 0:
             torch.testing.assert_close(flat_k[slot], exp_rope[t // S, 0, t % S])
             torch.testing.assert_close(flat_c[slot], exp_ckv[t // S, 0, t % S])
-    assert flat_k[[1, 2, 5, 6, 8, 9, 10]].abs().sum() == 0
+    assert_only_slots_written(k_before, k_cache, {s: flat_k[s] for s in slots if s >= 0})
+    assert_only_slots_written(ckv_before, ckv_cache, {s: flat_c[s] for s in slots if s >= 0})
     torch.testing.assert_close(k_rope, exp_rope)
+    torch.testing.assert_close(c_kv, exp_ckv)
+
+
+@pytest.mark.parametrize("slots", PAGED_SLOTS, ids=["middle", "first-last", "all"])
+def test_v1_pa_mode_returns_updated_copies(slots):
+    """The functional form torchair's decode graph uses: the inputs keep their bytes, the returned
+    caches differ from them in the written slots only."""
+    kv, gamma, cos, sin = inputs()
+    k_cache, ckv_cache = random_caches(3, 4, 1)
+    k_before, ckv_before = k_cache.clone(), ckv_cache.clone()
+    k_new, ckv_new, k_rope, c_kv = npu.npu_kv_rmsnorm_rope_cache(kv, gamma, cos, sin, torch.tensor(slots), k_cache,
+                                                                 ckv_cache, cache_mode="PA")
+    assert torch.equal(k_cache, k_before) and torch.equal(ckv_cache, ckv_before)
+    exp_rope, exp_ckv = expected_kv(kv, gamma, cos, sin)
+    torch.testing.assert_close(k_rope, exp_rope)
+    live = [(t, s) for t, s in enumerate(slots) if s >= 0]
+    for t, slot in live:
+        torch.testing.assert_close(k_new.reshape(-1, DR)[slot], exp_rope[t // S, 0, t % S])
+    assert_only_slots_written(k_before, k_new, {s: k_new.reshape(-1, DR)[s] for _, s in live})
+    assert_only_slots_written(ckv_before, ckv_new, {s: ckv_new.reshape(-1, DN)[s] for _, s in live})
 
 
 def test_pa_blk_bnsd_block_start_slots_and_functional_form():
     kv, gamma, cos, sin = inputs()
     # block_size 2, S=3 -> 2 blocks per batch; batch 1's second block is skipped (-1)
-    starts = torch.tensor([0, 6, 2, -1])
-    k_cache, ckv_cache = torch.zeros(4, 2, 1, DR), torch.zeros(4, 2, 1, DN)
+    starts = torch.tensor([0, 4, 2, -1])
+    k_cache, ckv_cache = random_caches(4, 2, 1)
+    k_before = k_cache.clone()
     k_rope, c_kv, k_new, ckv_new = npu.npu_kv_rmsnorm_rope_cache_v2_functional(
         kv, gamma, cos, sin, starts, k_cache, ckv_cache, cache_mode="PA_BLK_BNSD")
-    assert k_cache.abs().sum() == 0
+    assert torch.equal(k_cache, k_before)
     exp_rope, _ = expected_kv(kv, gamma, cos, sin)
     flat = k_new.reshape(-1, DR)
-    expected_slot = {(0, 0): 0, (0, 1): 1, (0, 2): 6, (1, 0): 2, (1, 1): 3}
+    expected_slot = {(0, 0): 0, (0, 1): 1, (0, 2): 4, (1, 0): 2, (1, 1): 3}
     for (b, s), slot in expected_slot.items():
         torch.testing.assert_close(flat[slot], exp_rope[b, 0, s])
-    assert flat[[4, 5, 7]].abs().sum() == 0
+    # slots 5-7 (the last block, where a -1 start would land) are written by no token
+    assert_only_slots_written(k_before, k_new, {slot: flat[slot] for slot in expected_slot.values()})
 
 
 def test_scatter_update_offsets_along_axis():
@@ -110,10 +159,9 @@ def test_scatter_nd_update():
 def test_atb_reshape_and_cache():
     torch.manual_seed(1)
     key, value = torch.randn(3, 2, 4), torch.randn(3, 2, 6)
-    key_cache, value_cache = torch.zeros(2, 4, 2, 4), torch.zeros(2, 4, 2, 6)
-    slots = torch.tensor([5, -1, 0], dtype=torch.int32)
+    key_cache, value_cache = torch.randn(2, 4, 2, 4), torch.randn(2, 4, 2, 6)
+    before = key_cache.clone(), value_cache.clone()
+    slots = torch.tensor([5, -1, 0], dtype=torch.int32)   # slot 7, where -1 would land, is not written
     assert atb._npu_reshape_and_cache(key, value, key_cache, value_cache, slots) is None
-    torch.testing.assert_close(key_cache[1, 1], key[0])
-    torch.testing.assert_close(key_cache[0, 0], key[2])
-    torch.testing.assert_close(value_cache[1, 1], value[0])
-    assert key_cache.abs().sum() == key[0].abs().sum() + key[2].abs().sum()
+    assert_only_slots_written(before[0], key_cache, {5: key[0], 0: key[2]})
+    assert_only_slots_written(before[1], value_cache, {5: value[0], 0: value[2]})
