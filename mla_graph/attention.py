@@ -6,21 +6,19 @@ Parameter names match Hugging Face's DeepseekV3Attention so its state_dict loads
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from . import primitives  # noqa: F401  (registers torch.ops.mla)
 from .cache import PagedLatentCache
 from .config import MLAConfig
+from .envflags import env_flag
 from .metadata import MLAMetadata, MetadataError
 from .rope import cos_sin_table
 
 mla = torch.ops.mla
 
 CHECKED_ENV = "MLA_GRAPH_CHECKED"
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 class RMSNorm(nn.Module):
@@ -184,12 +182,7 @@ def checked_mode(setting: bool | None = None) -> bool:
     """Whether value checks run: `setting` when given, else $MLA_GRAPH_CHECKED (1/true/yes/on)."""
     if setting is not None:
         return bool(setting)
-    value = os.environ.get(CHECKED_ENV, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{CHECKED_ENV}={os.environ[CHECKED_ENV]!r}; expected one of {_TRUE + _FALSE[1:]}")
+    return env_flag(CHECKED_ENV)
 
 
 def check_values(config: MLAConfig, positions: torch.Tensor, kv_cache: PagedLatentCache,

@@ -10,22 +10,15 @@ vLLM builds afterwards is ours. Why this integration point: docs/vllm.md.
 from __future__ import annotations
 
 import logging
-import os
+
+from ..envflags import env_flag
 
 ENABLE_ENV = "MLA_GRAPH_VLLM"
 logger = logging.getLogger("mla_graph.vllm")
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
-
 
 def enabled() -> bool:
-    value = os.environ.get(ENABLE_ENV, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{ENABLE_ENV}={os.environ[ENABLE_ENV]!r}; expected one of {_TRUE + _FALSE[1:]}")
+    return env_flag(ENABLE_ENV)
 
 
 def register() -> bool:
