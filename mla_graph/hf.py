@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import MLAAttention
 from .cache import PagedLatentCache
@@ -125,15 +126,7 @@ class Step:
     new_per_row: list[int]
 
 
-def _cache_classes():
-    from transformers.cache_utils import Cache, CacheLayerMixin
-    return Cache, CacheLayerMixin
-
-
-_Cache, _CacheLayerMixin = _cache_classes()
-
-
-class PagedMLALayer(_CacheLayerMixin):
+class PagedMLALayer(CacheLayerMixin):
     """The per-layer face transformers expects of a cache layer (lengths for its mask code); the
     latents live in the owner's paged caches."""
 
@@ -165,7 +158,7 @@ class PagedMLALayer(_CacheLayerMixin):
         pass
 
 
-class PagedMLACache(_Cache):
+class PagedMLACache(Cache):
     """A transformers Cache over mla-graph's paged latent caches (one PagedLatentCache per layer,
     one block allocator for all: every layer's request b has the same block table row).
 

@@ -140,11 +140,6 @@ def _empty_batch(x: Inputs) -> None:
     md.num_decodes = md.num_decode_tokens = md.num_prefills = 0
 
 
-def _tokens_without_requests(x: Inputs) -> None:
-    _empty_batch(x)
-    x.hidden_states = x.hidden_states.new_zeros(0, x.hidden_states.shape[1])
-
-
 def _requests_without_tokens(x: Inputs) -> None:
     x.hidden_states = x.hidden_states[:0]
     x.positions = x.positions[:0]
@@ -237,10 +232,6 @@ class BuilderCase:
     name: str
     what: str
     call: Callable[[], Any]
-
-
-def _dyn(fn: Callable[[Inputs], None]) -> Callable[[Inputs], None]:
-    return fn
 
 
 CALL_CASES: list[CallCase] = [
