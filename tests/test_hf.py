@@ -13,8 +13,7 @@ import torch
 
 from tiny_models import VARIANTS, hf_config, randomize_
 
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the test extra")
-from mla_graph.hf import ConversionError, MLAForHF, PagedMLACache, convert  # noqa: E402
+from mla_graph.hf import ConversionError, MLAForHF, PagedMLACache, convert  # noqa: E402  (needs transformers: the test extra)
 
 BLOCK = 16
 NEW_TOKENS = 40   # prompts of 5..11 tokens + 40 new: 3 to 4 cache blocks per row
