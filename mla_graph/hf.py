@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import MLAAttention
+from .attention import MLAAttention, check_call
 from .cache import PagedLatentCache
 from .capture import PHASES
 from .config import MLAConfig
@@ -110,8 +110,16 @@ class MLAForHF(nn.Module):
         out = hidden_states.new_zeros(B * S, H)
         if step.token_index.numel():
             flat = hidden_states.reshape(B * S, H).index_select(0, step.token_index)
-            out.index_copy_(0, step.token_index,
-                            self.lowered(flat, step.positions, cache.latent_caches[self.layer_idx], step.metadata))
+            kv_cache = cache.latent_caches[self.layer_idx]
+            if torch.compiler.is_compiling():
+                # torch.compile: one mla::layer node, which the "mla_graph" backend lowers (see
+                # compile_backend); other backends run it as the plain definition
+                from .compile_backend.layer_op import call_layer
+                check_call(self.config, self.source.dtype, flat, step.positions, kv_cache, step.metadata)
+                attended = call_layer(self.source, flat, step.positions, kv_cache, step.metadata)
+            else:
+                attended = self.lowered(flat, step.positions, kv_cache, step.metadata)
+            out.index_copy_(0, step.token_index, attended)
         return out.view(B, S, H), None
 
 
@@ -265,6 +273,7 @@ class PagedMLACache(Cache):
         self.step = None
 
 
+@torch._dynamo.disable   # host-side bookkeeping: under torch.compile it runs eagerly, between graphs
 def _begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if not isinstance(cache, PagedMLACache):
@@ -277,6 +286,7 @@ def _begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
     cache.begin_step(shape[1], kwargs.get("attention_mask"))
 
 
+@torch._dynamo.disable
 def _end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, PagedMLACache):
@@ -315,6 +325,7 @@ def convert(model: nn.Module, target: str = "reference", *, block_size: int = 16
     lowered = lower_layers(sources, target, phases, block_size=block_size, target_options=target_options)
     for i, (layer, attention, source, module) in enumerate(zip(layers, attentions, sources, lowered)):
         module.checked = checked
+        source.__dict__["prelowered"] = module   # what the mla_graph backend runs for this layer and target
         layer.self_attn = MLAForHF(attention, i, module, source)
     base = getattr(model, "model", model)
     base.register_forward_pre_hook(_begin, with_kwargs=True)

@@ -49,8 +49,6 @@ FOREIGN_MLA = {
     "DeepseekV2Attention": "convert the model first: mla_graph.hf.convert(model, target=...)",
     "MultiHeadLatentAttentionWrapper": "run it inside vLLM with MLA_GRAPH_VLLM=1 (docs/vllm.md)",
     "DeepseekV2MLAAttention": "run it inside vLLM with MLA_GRAPH_VLLM=1 (docs/vllm.md)",
-    "MLAForHF": ("a model converted by mla_graph.hf runs its lowered MLA as it is; this backend does not "
-                 "take converted Hugging Face models yet: call the model (or generate) without torch.compile"),
 }
 
 
@@ -74,6 +72,7 @@ class BackendOptions:
     target: str = "npu"                       # a key of mla_graph.targets.TARGETS
     dump_dir: str | None = None               # per-layer lowering dumps: <dump_dir>/<layer>/<phase>/
     inner_backend: str = "inductor"           # compiles everything that is not an MLA layer
+    target_options: Mapping[str, Any] | None = None   # as lower(..., target_options=): torchair's graph_batch_sizes, ...
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
@@ -91,7 +90,22 @@ class BackendOptions:
             raise ValueError(f"{BACKEND_NAME} option inner_backend must name another torch.compile backend, "
                              f"got {parsed.inner_backend!r}; valid: {', '.join(_inner_backends())}")
         parsed.inner_compiler()   # fails now, with the valid names, on a backend that does not exist
+        spec = TARGETS[parsed.target]
+        if parsed.target_options is not None and not isinstance(parsed.target_options, Mapping):
+            raise ValueError(f"{BACKEND_NAME} option target_options must be a dict, got {parsed.target_options!r}")
+        unknown = sorted(set(parsed.target_options or {}) - set(spec.options))
+        if unknown:
+            raise ValueError(f"unknown target option(s) {unknown} for target {parsed.target!r}; valid: "
+                             f"{', '.join(spec.options) or 'none'}")
+        if spec.parse_options is not None:
+            spec.parse_options(dict(parsed.target_options or {}))   # bad values fail here
         return parsed
+
+    @property
+    def options_key(self) -> tuple:
+        """target_options as a hashable key (lowerings are cached per options)."""
+        return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                            for k, v in (self.target_options or {}).items()))
 
     def inner_compiler(self) -> Callable:
         try:
@@ -134,7 +148,32 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
     _compile_pieces(split, gm, example_inputs, mla_pieces, inner)
     for name in mla_pieces:
         _run_lowered_in(getattr(split, name), opts)
+    if "decode" in TARGETS[opts.target].runtimes:
+        return _whole_step(gm, example_inputs, mla_nodes, split, opts)
     return split
+
+
+def _whole_step(gm: GraphModule, example_inputs: Sequence[Any], mla_nodes: list[Node], split: Callable,
+                opts: BackendOptions) -> Callable:
+    """Graph-mode targets: decode steps as one inlined graph per bucket (whole_step), the rest split."""
+    from ..torchair_runtime import TorchairOptions
+    from .whole_step import WholeStep
+
+    placeholders = {n: real for n, real in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+    latent = placeholders.get(mla_nodes[0].args[2])
+    if not isinstance(latent, torch.Tensor):
+        log.info("decode steps: layer by layer (the first layer's cache is not a graph input)")
+        return split
+    block_size = int(latent.shape[1])
+    base = opts.dump_dir or os.environ.get("MLA_GRAPH_DUMP")
+    layers = [(node.args[8], os.path.join(os.fspath(base), _layer_path(node)) if base else None)
+              for node in mla_nodes]
+
+    def lower_layers() -> list[LoweredMLA]:
+        return [lowered_for(registered_layer(key), opts.target, block_size, "decode", dump_dir, opts)
+                for key, dump_dir in layers]
+    return WholeStep(gm, example_inputs, opts.target, lower_layers, block_size, split,
+                     TorchairOptions.from_dict(dict(opts.target_options or {})))
 
 
 def _foreign_mla_modules(gm: GraphModule) -> dict[str, str]:
@@ -218,7 +257,7 @@ def _run_lowered_in(piece: GraphModule, options: BackendOptions) -> None:
     (node,) = [n for n in piece.graph.nodes if _is_layer_op(n)]
     base = options.dump_dir or os.environ.get("MLA_GRAPH_DUMP")   # as lower() falls back to it
     dump_dir = os.path.join(os.fspath(base), _layer_path(node)) if base else None
-    piece.add_submodule("run_lowered", _RunLowered(options.target, dump_dir))
+    piece.add_submodule("run_lowered", _RunLowered(options, dump_dir))
     node.op, node.target = "call_module", "run_lowered"
     piece.recompile()
 
@@ -228,21 +267,28 @@ def _run_lowered_in(piece: GraphModule, options: BackendOptions) -> None:
 _LOWERED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, LoweredMLA]]" = weakref.WeakKeyDictionary()
 
 
-def lowered_for(layer: nn.Module, target: str, block_size: int, phase: str, dump_dir: str | None) -> LoweredMLA:
+def lowered_for(layer: nn.Module, target: str, block_size: int, phase: str, dump_dir: str | None,
+                options: BackendOptions | None = None) -> LoweredMLA:
     """The layer lowered for `target` and one phase; lowered on first use, then cached."""
     cache = _LOWERED.setdefault(layer, {})
-    key = (target, block_size, phase, dump_dir)
+    key = (target, block_size, phase, dump_dir, options.options_key if options else ())
+    pre = layer.__dict__.get("prelowered")   # lowered already (mla_graph.hf.convert): the same module
+    if (key not in cache and pre is not None and pre.target.name == target and pre.block_size == block_size
+            and phase in pre.graphs and dump_dir is None
+            and pre.target_options == dict((options.target_options if options else None) or {})):
+        cache[key] = pre
     if key not in cache:
-        cache[key] = lower(layer, target, [phase], block_size=block_size, dump_dir=dump_dir)
+        cache[key] = lower(layer, target, [phase], block_size=block_size, dump_dir=dump_dir,
+                           target_options=dict(options.target_options or {}) if options else None)
     return cache[key]
 
 
 class _RunLowered(nn.Module):
     """Same arguments as mla::layer; runs the layer's LoweredMLA for this batch's phase."""
 
-    def __init__(self, target: str, dump_dir: str | None) -> None:
+    def __init__(self, options: BackendOptions, dump_dir: str | None) -> None:
         super().__init__()
-        self.target, self.dump_dir = target, dump_dir
+        self.options, self.dump_dir = options, dump_dir
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor,
                 rope_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
@@ -250,6 +296,6 @@ class _RunLowered(nn.Module):
                 num_prefills: int) -> torch.Tensor:
         kv_cache, metadata = unflatten(latent_cache, rope_cache, slot_mapping, block_table, seq_lens,
                                        query_start_loc, int(num_decodes), int(num_prefills))
-        lowered = lowered_for(registered_layer(layer_key), self.target, kv_cache.block_size, metadata.phase,
-                              self.dump_dir)
+        lowered = lowered_for(registered_layer(layer_key), self.options.target, kv_cache.block_size,
+                              metadata.phase, self.dump_dir, self.options)
         return lowered(hidden_states, positions, kv_cache, metadata)

@@ -1,0 +1,392 @@
+"""Whole-model decode steps in graph mode: every layer's lowered decode graph inlined into the
+model's graph, one compiled graph per batch bucket for the whole step.
+
+For a target with a graph-mode decode runtime (torchair, torchair-multistream), the backend
+returns a `WholeStep` instead of a graph split at the MLA layers. On a decode batch (every request
+one new token) it runs:
+
+    pad the step's inputs to the bucket  ->  per-step inputs, once  ->  one graph per bucket
+    (rows of every token-major input,       (rope cos/sin rows of the      (Dynamo's graph with each
+     metadata as BucketedDecode pads it)     positions, int64 lengths)      mla::layer replaced by the
+                                                                            layer's lowered decode graph)
+
+The inlined graph goes to torchair on Ascend (the stand-in backend elsewhere) with static shapes:
+a bucket reused is the same compiled graph, never a recompile. Prefill and mixed batches, and
+graphs a bucket cannot pad safely (see `plan`), run as the split graph does: each MLA layer's
+lowered module between pieces compiled by the inner backend.
+
+Padding needs the token count symbolic in Dynamo's graph (so the code between the layers runs at
+any bucket size). While Dynamo still specialises it (the first batch size seen, unless
+torch.compile(dynamic=True)), the step runs at its own size: one graph for that size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from ..attention import check_values, checked_mode
+from ..cache import PADDING_BLOCK, PagedLatentCache
+from ..capture import GRAPH_INPUTS, Call
+from ..lowering import LoweredMLA
+from ..metadata import MLAMetadata
+from ..torchair_runtime import StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend
+from .layer_op import registered_layer
+
+log = logging.getLogger("mla_graph.compile")
+
+# mla::layer's arguments, by position
+HIDDEN, POSITIONS, LATENT, ROPE, SLOTS, TABLE, SEQ_LENS, QSL, KEY, NUM_DECODES, NUM_PREFILLS = range(11)
+STEP_ARGS = {POSITIONS: "positions", SLOTS: "slot_mapping", TABLE: "block_table", SEQ_LENS: "seq_lens",
+             QSL: "query_start_loc", NUM_DECODES: "num_decodes", NUM_PREFILLS: "num_prefills"}
+# lowered-graph inputs that are one of mla::layer's arguments; the others are per-step inputs
+LAYER_INPUTS = {"hidden_states": HIDDEN, "positions": POSITIONS, "latent_cache": LATENT, "rope_cache": ROPE,
+                "slot_mapping": SLOTS, "block_table": TABLE, "seq_lens": SEQ_LENS, "query_start_loc": QSL}
+
+# live WholeStep runners, for tests and debugging (compiled_steps())
+_STEPS: "weakref.WeakSet[WholeStep]" = weakref.WeakSet()
+
+
+def compiled_steps() -> list["WholeStep"]:
+    """The WholeStep runners the backend made that are still alive (oldest first)."""
+    return sorted(_STEPS, key=lambda s: s.serial)
+
+
+@dataclasses.dataclass
+class Plan:
+    """How a Dynamo graph's inputs are padded to a bucket: placeholder index -> role."""
+    step: dict[str, int]            # STEP_ARGS name -> placeholder index (or absent: a constant in the graph)
+    constants: dict[str, int]       # num_decodes / num_prefills baked into the graph
+    caches: list[tuple[int, int]]   # per layer: (latent, rope) cache placeholder indices
+    token_rows: list[int]           # tensor inputs with one row per token: zero rows appended
+    sym_values: dict[int, str]      # SymInt placeholder index -> "tokens" | "width" | "num_prefills"
+    token_outputs: list[int]        # outputs with one row per token: cut back to the batch
+    padded: bool                    # False: the token count is static, the step runs at its own size
+    width_padded: bool              # the block-table width is symbolic: padded to the graph's width
+
+
+class WholeStep:
+    """What the backend returns for a graph-mode target: decode batches as one graph per bucket for
+    the whole step, other batches through `split` (the graph split at the MLA layers)."""
+
+    _serial = 0
+
+    def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], target: str,
+                 lower_layers: Callable[[], list[LoweredMLA]], block_size: int, split: Callable,
+                 options: TorchairOptions) -> None:
+        WholeStep._serial += 1
+        self.serial = WholeStep._serial
+        self.target = target
+        self.split = split
+        self.options = options
+        self.block_size = block_size
+        self.gm = gm
+        self._lower_layers = lower_layers
+        self.lowered: list[LoweredMLA] = []
+        self.plan, self.reason = plan(gm, example_inputs)
+        self.buckets_run: list[int] = []
+        self.whole_steps = 0
+        self.split_steps = 0
+        self.graphs: list[GraphModule] = []     # what the stand-in compiled (Ascend: torchair does not expose them)
+        self._compiled = None
+        if self.plan is None:
+            log.info("decode steps: layer by layer (%s)", self.reason)
+        _STEPS.add(self)
+
+    def _prepare(self) -> None:
+        """At the first decode step (outside Dynamo's trace, where lowering may run its own fake mode):
+        lower every layer for decode, inline them, set up the bucket compiler."""
+        self.lowered = self._lower_layers()
+        self.width = max(m.runners["decode"].width for m in self.lowered)
+        self.inlined, self.step_inputs = inline_layers(self.gm, self.lowered)
+        on_npu = all(m.runners["decode"].on_npu for m in self.lowered)
+        self.backend = _torchair_backend(self.options) if on_npu else StandInBackend(self.graphs)
+        self._compiled = torch.compile(_own_code(self._run, self.serial), backend=self.backend,
+                                       fullgraph=True, dynamic=False)
+        limit = len(self.options.graph_batch_sizes) + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
+        log.info("decode steps: %d MLA layer(s) inlined, one %s graph per batch bucket %s%s", len(self.lowered),
+                 self.target, list(self.options.graph_batch_sizes),
+                 "" if self.plan.padded else " (token count static here: one graph at this size)")
+
+    def _run(self, *inputs: Any) -> Any:
+        return self.inlined(*inputs)
+
+    def __call__(self, *args: Any) -> Any:
+        p = self.plan
+        if p is None:
+            self.split_steps += 1
+            return self.split(*args)
+        counts = {name: (args[p.step[name]] if name in p.step else p.constants[name])
+                  for name in ("num_decodes", "num_prefills")}
+        tokens = args[p.step["slot_mapping"]].shape[0]
+        decode = counts["num_prefills"] == 0 and counts["num_decodes"] == tokens > 0 \
+            and all(args[i].shape[1] == self.block_size for i, _ in p.caches)
+        if not decode or (p.padded and tokens > self.options.graph_batch_sizes[-1]):
+            self.split_steps += 1
+            return self.split(*args)
+        if self._compiled is None:
+            self._prepare()
+        self.whole_steps += 1
+        return self._decode(args, tokens)
+
+    def _decode(self, args: Sequence[Any], tokens: int) -> Any:
+        p = self.plan
+        metadata = MLAMetadata(*(args[p.step[n]] for n in ("slot_mapping", "block_table", "seq_lens",
+                                                            "query_start_loc")),
+                               num_decodes=tokens, num_decode_tokens=tokens, num_prefills=0)
+        positions = args[p.step["positions"]]
+        self._check(args, positions, metadata)
+        size = next((s for s in self.options.graph_batch_sizes if s >= tokens), tokens) if p.padded else tokens
+        width = self.width if p.width_padded else metadata.block_table.shape[1]
+        if metadata.block_table.shape[1] > width:
+            raise ValueError(f"block_table has {metadata.block_table.shape[1]} columns but the decode graph was "
+                             f"built for max_blocks_per_req={width}; raise the torchair max_blocks_per_req option")
+        padded = _pad_metadata(metadata, size, width, self.block_size)
+        values = list(args)
+        values[p.step["positions"]] = _pad_rows(positions, size, 0)
+        values[p.step["slot_mapping"]] = padded.slot_mapping
+        values[p.step["block_table"]] = padded.block_table.to(torch.int32)
+        values[p.step["seq_lens"]] = padded.seq_lens
+        values[p.step["query_start_loc"]] = padded.query_start_loc
+        for name in ("num_decodes", "num_prefills"):
+            if name in p.step:
+                values[p.step[name]] = size if name == "num_decodes" else 0
+        for i in p.token_rows:
+            values[i] = _pad_rows(args[i], size, 0)
+        for i, role in p.sym_values.items():
+            values[i] = {"tokens": size, "width": width, "num_prefills": 0}[role]
+        for lowered in self.lowered:
+            lowered.refresh_derived(by_value=checked_mode(lowered.checked))
+        # the per-step inputs the layers' graphs read, computed once for the whole step
+        extra = [fn(values[p.step["positions"]], padded, dtype) for fn, dtype in self.step_inputs]
+        self.buckets_run.append(size)
+        with torch.no_grad():
+            out = self._compiled(*values, *extra)
+        if size == tokens:
+            return out
+        return type(out)(o[:tokens] if i in p.token_outputs else o for i, o in enumerate(out))
+
+    def _check(self, args: Sequence[Any], positions: torch.Tensor, metadata: MLAMetadata) -> None:
+        """Checked mode: the step's metadata and positions against every layer's cache, once per
+        distinct cache shape (graph mode writes padded rows into the padding block, which no
+        request may hold)."""
+        seen = set()
+        for lowered, (latent, rope) in zip(self.lowered, self._caches(args)):
+            if not checked_mode(lowered.checked):
+                continue
+            key = (lowered.config, tuple(latent.shape), tuple(rope.shape))
+            if key not in seen:
+                seen.add(key)
+                check_values(lowered.config, positions, PagedLatentCache(latent, rope), metadata, PADDING_BLOCK)
+
+    def _caches(self, args: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(args[i], args[j]) for i, j in self.plan.caches]
+
+
+def _own_code(method: Callable, serial: int) -> Callable:
+    """A code object of its own per runner: Dynamo caches compiled graphs (and counts recompiles)
+    per code object."""
+    fn = method.__func__
+    clone = types.FunctionType(fn.__code__.replace(co_name=f"mla_whole_step_{serial}"),
+                               fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(clone, method.__self__)
+
+
+def _expr(value: Any) -> Any:
+    """A size as Dynamo knows it: the sympy expression of a SymInt with the equalities Dynamo has
+    guarded on substituted (two inputs checked to have one length share one symbol), else the int."""
+    if not isinstance(value, torch.SymInt):
+        return value
+    expr = value.node.shape_env.simplify(value.node.expr)
+    return int(expr) if expr.is_number else expr
+
+
+def _example(node: Node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, str]:
+    """How to pad this graph's inputs to a bucket, or (None, why not)."""
+    from .backend import _is_layer_op
+
+    nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+    step, constants = {}, {}
+    for position, name in STEP_ARGS.items():
+        args = {n.args[position] for n in nodes}
+        if len(args) != 1:
+            return None, f"the layers do not share one {name}"
+        (arg,) = args
+        if isinstance(arg, Node):
+            if arg not in index:
+                return None, f"{name} is computed inside the graph, not a graph input"
+            step[name] = index[arg]
+        elif name in ("num_decodes", "num_prefills"):
+            constants[name] = arg
+        else:
+            return None, f"{name} is not a tensor input"
+    tokens = _expr(_example(placeholders[step["slot_mapping"]]).shape[0])
+    width = _expr(_example(placeholders[step["block_table"]]).shape[1])
+    padded = not isinstance(tokens, int)
+    width_padded = not isinstance(width, int)
+    if padded and width == tokens:
+        return None, "the block-table width and the token count are one symbol in this graph"
+    caches = []
+    for n in nodes:
+        if not all(isinstance(n.args[i], Node) and n.args[i] in index for i in (LATENT, ROPE)):
+            return None, "a layer's cache is not a graph input"
+        caches.append((index[n.args[LATENT]], index[n.args[ROPE]]))
+    layer_inputs = {i for pair in caches for i in pair}
+    token_rows, sym_values = [], {}
+    for i, (node, real) in enumerate(zip(placeholders, example_inputs)):
+        if i in step.values() or i in layer_inputs:
+            continue
+        value = _example(node)
+        if isinstance(value, torch.SymInt):
+            expr = _expr(value)
+            if expr == tokens:
+                sym_values[i] = "tokens"
+            elif width_padded and expr == width:
+                sym_values[i] = "width"
+            continue
+        if not isinstance(value, torch.Tensor) or not padded:
+            continue
+        dims = [_expr(d) for d in value.shape]
+        if tokens in dims[1:]:
+            return None, f"input {node.name} has the token count in a dimension other than its first"
+        if dims and dims[0] == tokens:
+            if isinstance(real, nn.Parameter):
+                return None, f"parameter {node.name} has one row per token"
+            if not value.is_floating_point():
+                # rows of zeros appended to an index would point at real rows
+                return None, f"{value.dtype} input {node.name} has one entry per token, which a bucket cannot pad"
+            token_rows.append(i)
+    if padded:
+        for i, n in ((i, placeholders[i]) for i in layer_inputs):
+            if tokens in [_expr(d) for d in _example(n).shape]:
+                return None, f"cache {n.name} has the token count in its shape"
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    token_outputs = [i for i, o in enumerate(outs) if isinstance(o, Node) and isinstance(_example(o), torch.Tensor)
+                     and _example(o).dim() and _expr(_example(o).shape[0]) == tokens]
+    return Plan(step, constants, caches, token_rows, sym_values, token_outputs, padded, width_padded), ""
+
+
+def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModule, list]:
+    """Dynamo's graph with each mla::layer node replaced by its layer's lowered decode graph.
+
+    The lowered graphs' inputs that are not mla::layer arguments (rope rows, int64 lengths) become
+    per-step inputs of the whole graph, appended after Dynamo's: one per (name, rope table, dtype),
+    so layers that share a rope table share its rows. Returns the graph and, per appended input,
+    (fn(positions, padded metadata, dtype) -> value, dtype)."""
+    from .backend import _is_layer_op
+
+    graph = Graph()
+    attrs: dict[str, Any] = {}
+    env: dict[Node, Node] = {}
+    step_inputs: list = []
+    step_nodes: dict[tuple, Node] = {}
+    tables: list[torch.Tensor] = []
+    nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
+    mla_index = {n: i for i, n in enumerate(nodes)}
+    output_node = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            output_node = node
+            continue
+        if node.op in ("get_attr", "call_module"):
+            attrs[node.target] = _fetch(gm, node.target)
+        if node in mla_index:
+            env[node] = _inline(graph, node, layers[mla_index[node]], mla_index[node], env, attrs, step_nodes,
+                                tables)
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    # per-step inputs: placeholders after Dynamo's (their order is the call's order)
+    for (name, table_id, dtype), placeholder in step_nodes.items():
+        step_inputs.append((_step_input(name, tables[table_id]), dtype))
+    graph.output(torch.fx.graph.map_arg(output_node.args[0], lambda n: env[n]))
+    graph.eliminate_dead_code()
+    inlined = GraphModule(attrs, graph, class_name="MLAWholeStep")
+    return inlined, step_inputs
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _inline(graph: Graph, node: Node, lowered: LoweredMLA, layer: int, env: dict, attrs: dict,
+            step_nodes: dict, tables: list) -> Node:
+    gm = lowered.graphs["decode"]
+    table = next((i for i, t in enumerate(tables) if t.shape == lowered.cos_sin.shape and torch.equal(t, lowered.cos_sin)),
+                 None)
+    if table is None:
+        tables.append(lowered.cos_sin)
+        table = len(tables) - 1
+    inner: dict[Node, Node] = {}
+    result = None
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in LAYER_INPUTS:
+                inner[n] = env[node.args[LAYER_INPUTS[n.name]]]
+            else:
+                if n.name not in GRAPH_INPUTS:
+                    raise ValueError(f"layer {layer}'s decode graph reads {n.name!r}, which a whole step cannot provide")
+                key = (n.name, table, lowered._dtype)
+                if key not in step_nodes:
+                    # placeholders must come first: insert before the first non-placeholder
+                    first = next((m for m in graph.nodes if m.op != "placeholder"), None)
+                    if first is not None:
+                        with graph.inserting_before(first):
+                            step_nodes[key] = graph.placeholder(f"step_{n.name}_{len(step_nodes)}")
+                    else:
+                        step_nodes[key] = graph.placeholder(f"step_{n.name}_{len(step_nodes)}")
+                    step_nodes[key].meta.update(n.meta)
+                inner[n] = step_nodes[key]
+        elif n.op == "output":
+            result = torch.fx.graph.map_arg(n.args[0], lambda m: inner[m])
+        else:
+            if n.op in ("get_attr", "call_module"):
+                name = f"mla{layer}_{n.target.replace('.', '_')}"
+                attrs[name] = _fetch(gm, n.target)
+                copy = graph.node_copy(n, lambda m: inner[m])
+                copy.target = name
+            else:
+                copy = graph.node_copy(n, lambda m: inner[m])
+            inner[n] = copy
+    if isinstance(result, (tuple, list)):
+        (result,) = result
+    return result
+
+
+def _step_input(name: str, cos_sin: torch.Tensor) -> Callable:
+    """fn(positions, padded metadata, dtype) -> the value of per-step input `name` (capture.GRAPH_INPUTS)."""
+    fn = GRAPH_INPUTS[name]
+
+    def compute(positions: torch.Tensor, metadata: MLAMetadata, dtype: torch.dtype):
+        hidden = torch.empty(positions.shape[0], 0, dtype=dtype)   # only its dtype and row count are read
+        return fn(Call(hidden, positions, _NO_CACHE, metadata, cos_sin))
+    return compute
+
+
+class _NoCache:
+    """Per-step inputs never read the caches (context_slots does, and no decode graph takes it)."""
+
+    def __getattr__(self, name: str):
+        raise ValueError("a per-step input of a whole decode step cannot read a layer's cache")
+
+
+_NO_CACHE = _NoCache()
+
