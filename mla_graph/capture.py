@@ -90,6 +90,49 @@ def context_slots(metadata: MLAMetadata, block_size: int) -> torch.Tensor:
 BATCH_PARTS = ("decode", "prefill")
 
 
+# Inputs derived from the step, not the layer, and what each depends on: the layers of one step
+# get the same positions and metadata tensors, so each is computed once per step (for the first
+# layer) and reused by the others while those tensors are the same objects, unwritten since.
+STEP_DERIVED: dict[str, Callable[[Call], tuple]] = {
+    "rope_cos": lambda c: (c.positions, c.cos_sin, c.hidden_states.dtype),
+    "rope_sin": lambda c: (c.positions, c.cos_sin, c.hidden_states.dtype),
+    "seq_lens_int64": lambda c: (c.metadata.seq_lens,),
+    "seq_lens_list": lambda c: (c.metadata.seq_lens,),
+    "query_ends_list": lambda c: (c.metadata.query_start_loc,),
+    "context_ends_list": lambda c: (c.metadata.seq_lens,),
+    "context_slots": lambda c: (c.metadata.block_table, c.metadata.seq_lens, c.kv_cache.block_size),
+}
+# name -> (what it was computed from, their versions, value): the last step's only
+_STEP_VALUES: dict[str, tuple[tuple, tuple, object]] = {}
+
+
+def _same(key: tuple, versions: tuple, seen: tuple[tuple, tuple, object] | None) -> bool:
+    if seen is None or len(seen[0]) != len(key):
+        return False
+    for a, b in zip(key, seen[0]):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if a is not b:
+                return False
+        elif a != b:
+            return False
+    return versions == seen[1]
+
+
+def step_input(name: str, call: Call) -> object:
+    """GRAPH_INPUTS[name](call); for step-derived inputs, the value already computed this step."""
+    depends = STEP_DERIVED.get(name)
+    if depends is None:
+        return GRAPH_INPUTS[name](call)
+    key = depends(call)
+    versions = tuple(t._version for t in key if isinstance(t, torch.Tensor))
+    seen = _STEP_VALUES.get(name)
+    if _same(key, versions, seen):
+        return seen[2]
+    value = GRAPH_INPUTS[name](call)
+    _STEP_VALUES[name] = (key, versions, value)
+    return value
+
+
 def graph_inputs(gm: GraphModule, call: Call) -> list[object]:
     parts: dict[str, Call] = {}
     values = []
@@ -100,7 +143,7 @@ def graph_inputs(gm: GraphModule, call: Call) -> list[object]:
                 parts[part] = part_of(call, part)
             values.append(GRAPH_INPUTS[base](parts[part]))
         else:
-            values.append(GRAPH_INPUTS[name](call))
+            values.append(step_input(name, call))
     return values
 
 

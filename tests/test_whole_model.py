@@ -218,3 +218,44 @@ def test_converted_hf_model_generates_through_torch_compile():
     ran = {id(m) for m in lowered}
     # the backend ran the modules convert() lowered (no second lowering), for both layers
     assert ran == {id(layer.self_attn.lowered) for layer in converted.model.layers}
+
+
+def test_step_inputs_are_computed_once_per_step(monkeypatch):
+    """Layers run one by one (the npu target): the rope rows and host lengths every layer's graph
+    reads are computed by the first layer of a step and reused by the second, then computed anew
+    for the next step (new positions), or after the positions are written in place."""
+    import importlib
+    capture = importlib.import_module("mla_graph.capture")   # the module (mla_graph.capture is also a function)
+
+    calls = []
+    for name in ("rope_cos", "rope_sin", "seq_lens_list"):
+        fn = capture.GRAPH_INPUTS[name]
+        monkeypatch.setitem(capture.GRAPH_INPUTS, name, lambda c, fn=fn, name=name: calls.append(name) or fn(c))
+    config, dtype = V2_LITE_TINY, torch.float32
+    model = model_for(config, dtype)
+    compiled = torch.compile(model, backend="mla_graph", options={"target": "npu", "inner_backend": "eager"})
+    plan = [5, 5, 5]
+    want, _, _ = run_steps(model, config, dtype, plan)
+    calls.clear()
+    got, _, _ = run_steps(compiled, config, dtype, plan)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+    per_step = len(calls) / len(plan)
+    assert calls.count("rope_cos") == calls.count("rope_sin") == len(plan), calls   # not 2 per step
+    assert per_step == int(per_step) and calls[: int(per_step)] == calls[int(per_step): 2 * int(per_step)]
+
+    # the same positions tensor written in place: recomputed, not reused stale
+    layer = model.attn[0]
+    from mla_graph import lower
+    lowered = lower(layer, "npu", ["decode"], block_size=BS)
+    caches = [PagedLatentCache.allocate(config, 8, BS)]
+    rows = [caches[0].allocator.grow([], 6, BS)]
+    md = build_metadata([(1, 5)], rows, BS)
+    positions, x = positions_for([(1, 5)]), torch.randn(1, config.hidden_size)
+    calls.clear()
+    lowered(x, positions, caches[0], md)
+    lowered(x, positions, caches[0], md)
+    assert calls.count("rope_cos") == 1
+    positions.copy_(positions)           # a write: the version moves
+    lowered(x, positions, caches[0], md)
+    assert calls.count("rope_cos") == 2
