@@ -1,7 +1,8 @@
 """The "mla_graph" torch.compile backend: MLA layers through their lowering, the rest to a normal backend.
 
     torch.compile(model, backend="mla_graph",
-                  options={"target": "npu", "dump_dir": "dumps", "inner_backend": "inductor"})
+                  options={"target": "npu", "dump_dir": "dumps", "inner_backend": "inductor",
+                           "target_options": {...}})   # the target's own options, as lower() takes them
 
 Dynamo's graph holds one `mla::layer` node per MLAAttention call (see layer_op). The graph is
 split at those nodes (torch.fx.passes.split_module, as vLLM's split_graph does): every piece
@@ -19,6 +20,10 @@ counts) to the first batch's values; the first batch that differs recompiles onc
 symbolic (automatic dynamic shapes), and a change in the number of requests may recompile once
 more. After that every composition reuses the graph: the phase is chosen per call, at run time.
 Recompiles re-split the graph but reuse the cached lowerings.
+
+Targets with a graph-mode decode runtime (torchair, torchair-multistream) get more: a decode
+batch runs the whole step as one graph per batch bucket, every layer's lowered decode graph
+inlined into Dynamo's graph (see whole_step); other batches run split as above.
 
 Inference only: the lowered layers run under no_grad and mla::layer has no autograd formula.
 """
