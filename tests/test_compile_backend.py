@@ -122,9 +122,15 @@ def test_dump_dir_gets_one_folder_per_layer(stack, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"targets": "npu"}, "unknown mla_graph option(s) ['targets']; valid options: target, dump_dir, inner_backend"),
+    ({"targets": "npu"}, "unknown mla_graph option(s) ['targets']; valid options: target, dump_dir, inner_backend, target_options"),
     ({"target": "gpu"}, "unknown mla_graph target 'gpu'; valid targets: " + ", ".join(TARGETS)),
     ({"inner_backend": "no-such-backend"}, "inner_backend='no-such-backend' is not a torch.compile backend; valid: "),
+    ({"target": "npu", "target_options": {"graph_batch_sizes": [2]}},
+     "unknown target option(s) ['graph_batch_sizes'] for target 'npu'; valid: none"),
+    ({"target": "torchair", "target_options": {"graph_batch_sizes": []}},
+     "graph_batch_sizes must be a non-empty list of positive ints"),
+    ({"target": "torchair", "target_options": [("graph_batch_sizes", [2])]},
+     "option target_options must be a dict, got [('graph_batch_sizes', [2])]"),
 ])
 def test_bad_options_name_the_valid_ones(stack, options, message):
     for call in (lambda: BackendOptions.parse(options), lambda: mla_graph_backend(None, [], options=options)):
