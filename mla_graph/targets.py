@@ -12,6 +12,7 @@ from passes.absorb import absorb_kv_weights
 from passes.attention_fallback import lower_paged_attention_to_aten
 from passes.base import GraphPass, graph_pass
 from passes.cost_model import choose_attention_form
+from passes.cpu_lower import lower_paged_attention_to_cpu
 from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
                               lower_paged_attention, lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
@@ -45,11 +46,12 @@ def _reference_pipeline(phase: str) -> list[GraphPass]:
 
 def _cpu_pipeline(phase: str) -> list[GraphPass]:
     return [
-        remove_noop_views,       # capture leaves reshapes to the shape a tensor already has
-        choose_attention_form,   # cost model per attention: absorbed for decode, decompressed for long prefill
-        absorb_kv_weights,       # where absorbed won: W_UK / W_UV folded once, no per-step decompression
-        page_latent_attention,   # latent attention reads each request's blocks (no gather of the context)
-        eliminate_dead_code,     # gathers and splits the rewrites orphaned
+        remove_noop_views,              # capture leaves reshapes to the shape a tensor already has
+        choose_attention_form,          # cost model per attention: absorbed for decode, decompressed for long prefill
+        absorb_kv_weights,              # where absorbed won: W_UK / W_UV folded once, no per-step decompression
+        page_latent_attention,          # latent attention reads each request's blocks (no gather of the context)
+        lower_paged_attention_to_cpu,   # after page: the paged attention it lowers exists only then
+        eliminate_dead_code,            # gathers and splits the rewrites orphaned
     ]
 
 
@@ -148,6 +150,7 @@ TARGETS: dict[str, Target] = {
                                    _torchair_multistream_pipeline, prepare=_prepare_torchair,
                                    runtimes={"decode": _bucketed_decode}, options=_torchair_option_names(),
                                    parse_options=_parse_torchair_options),
-    "cpu": Target("cpu", "absorbed / paged forms chosen per phase by the cost model, mla:: primitives as "
-                  "PyTorch CPU code (no device kernels)", _cpu_pipeline),
+    "cpu": Target("cpu", "absorbed / paged forms chosen per phase by the cost model; latent attention as "
+                  "per-request GEMMs (mla_cpu::paged_attention), other mla:: primitives as PyTorch CPU code",
+                  _cpu_pipeline),
 }

@@ -12,7 +12,8 @@ from passes.base import VIEW_OPS
 
 from mla_graph.bench import (DOCS_BEGIN, DOCS_END, Settings, count_kernels, kv_cache_bytes,
                              peak_bytes, summary)
-from mla_graph.bench.decode_step import HF_AGREEMENT_EPS, DisagreesWithHuggingFace, agreement_with_hf
+from mla_graph.bench.decode_step import (CORE_AGREEMENT_EPS, HF_AGREEMENT_EPS, DisagreesWithHuggingFace,
+                                        absorbed_core, agreement_with_hf, textbook_core)
 from mla_graph.cli import main
 from mla_graph.targets import TARGETS
 
@@ -39,19 +40,33 @@ def test_quick_run_writes_json_png_markdown_and_docs_section(tmp_path, capsys):
     assert all(v["total"] == sum(v["by_op"].values()) > 0 for v in kernels["targets"].values())
     assert kernels["vllm_ascend_eager_decode"]["total"] == len(kernels["vllm_ascend_eager_decode"]["kernels"])
     cases = data["decode_step"]["cases"]
-    assert [(c["batch"], c["context"]) for c in cases] == [(1, 32), (1, 96), (2, 32), (2, 96)]
+    assert [(c["dtype"], c["batch"], c["context"]) for c in cases] == [
+        (dtype, batch, context) for dtype in ("bfloat16", "float32") for batch in (1, 2) for context in (32, 96)]
     for case in cases:
-        assert set(case["impls"]) == {"hf", "reference", "absorbed-cpu"}
+        assert set(case["impls"]) == {"hf", "reference", "cpu", "core"}
+        dtype = getattr(torch, case["dtype"])
+        eps = torch.finfo(dtype).eps
         for name, v in case["impls"].items():
             assert set(v["seconds"]) == STAT_KEYS and v["peak_bytes"] >= 0
-            if name != "hf":   # the same weights and cache contents: the same output as HF's
+            if name in ("reference", "cpu"):   # the same weights and cache contents: the same output as HF's
                 assert v["matches_hf"] and v["rel_diff_vs_hf"] <= v["hf_tolerance"], (case, name)
-                assert v["hf_tolerance"] == HF_AGREEMENT_EPS * torch.finfo(torch.bfloat16).eps
+                assert v["hf_tolerance"] == HF_AGREEMENT_EPS[dtype] * eps
+                assert v["time_ratio_vs_core"] > 0
+        core = case["impls"]["core"]   # no projections: checked against the textbook, not against HF
+        assert "matches_hf" not in core and "not Hugging Face" in core["checked_against"]
+        assert core["matches_exact"] and core["rel_diff_vs_exact"] <= core["exact_tolerance"]
+        assert core["exact_tolerance"] == CORE_AGREEMENT_EPS[dtype] * eps
+    generate = data["generate"]
+    assert set(generate["models"]) == {"hf", "cpu"} and generate["tokens_equal"] is True
+    assert generate["tokens"]["hf"] == generate["tokens"]["cpu"]
+    assert len(generate["tokens"]["hf"]) == generate["new_tokens"]
+    assert all(v["tokens_per_second"] > 0 for v in generate["models"].values())
     assert set(data["kv_cache_bytes"]["presets"]) >= {"deepseek-v3", "deepseek-v2-lite"}
 
     assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tables = (tmp_path / "out" / "results.md").read_text()
-    for heading in ("### 1. Lowering cost", "### 2. Device kernels", "### 3. CPU decode step", "### 4. KV cache"):
+    for heading in ("### 1. Lowering cost", "### 2. Device kernels", "### 3. CPU decode step", "### 4. KV cache",
+                    "### 5. generate"):
         assert heading in tables
     assert "| reference |" in tables and "| deepseek-v3 | 1152 | 81920 |" in tables
     text = docs.read_text()
@@ -118,3 +133,22 @@ def test_decode_step_refuses_to_time_a_wrong_softmax_scale(monkeypatch, factor):
     settings = dataclasses.replace(Settings.quick_run(), repeats=1, batches=(1,), contexts=(32,))
     with pytest.raises(DisagreesWithHuggingFace, match="reference's output differs from Hugging Face's by"):
         module.decode_step(settings, lambda line: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hand_written_core_is_the_textbook_attention_of_each_requests_context(dtype):
+    """The benchmark's core over ragged contexts in shuffled blocks equals the float64 textbook within
+    CORE_AGREEMENT_EPS; with the scale 5% off it does not (the check can fail)."""
+    gen = torch.Generator().manual_seed(0)
+    bs, N, L, R = 8, 4, 64, 16
+    latent = torch.randn(12, bs, 1, L, generator=gen).to(dtype)
+    rope = torch.randn(12, bs, 1, R, generator=gen).to(dtype)
+    table = (torch.randperm(11, generator=gen)[:9] + 1).view(3, 3).int()
+    seq_lens = torch.tensor([21, 5, 24], dtype=torch.int32)
+    q = torch.randn(3, N, L + R, generator=gen).to(dtype)
+    exact = textbook_core(q, latent, rope, table, seq_lens, 0.15)
+    tolerance = CORE_AGREEMENT_EPS[dtype] * torch.finfo(dtype).eps
+    for scale, ok in ((0.15, True), (0.15 * 1.05, False)):
+        got = absorbed_core(q, latent, rope, table, seq_lens, scale)
+        relative = float((got.double() - exact).abs().max() / exact.abs().max())
+        assert (relative <= tolerance) is ok, (scale, relative, tolerance)

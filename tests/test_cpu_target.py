@@ -1,9 +1,11 @@
-"""The `cpu` target: the absorbed / paged forms the cost model picks, as PyTorch CPU code,
-checked against the plain definition like every target."""
+"""The `cpu` target: the absorbed / paged forms the cost model picks, latent attention on the cpu
+kernel (mla_cpu::paged_attention), checked against the plain definition like every target."""
 from __future__ import annotations
 
 import pytest
 import torch
+
+from torch.testing import FileCheck
 
 from conftest import CONFIGS, randomize
 from mla_graph import MLAAttention, lower
@@ -22,12 +24,15 @@ def test_every_phase_agrees_with_the_definition(name, dtype):
 
 
 def test_decode_is_absorbed_and_paged():
-    """Decode attends over the latent in place: no kv_b_proj decompression of the context, no
-    gather of whole block-table rows; W_UK / W_UV are folded once at lowering."""
+    """Decode attends over the latent in place with the cpu kernel: no kv_b_proj decompression of the
+    context, no gather of whole block-table rows, no reference paged_attention left; W_UK / W_UV are
+    folded once at lowering."""
     layer = randomize(MLAAttention(CONFIGS["v3"]))
     gm = lower(layer, "cpu", ["decode"], block_size=16).graphs["decode"]
+    FileCheck().check_count("torch.ops.mla_cpu.paged_attention.default", 1, exactly=True).run(gm.code)
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count("mla.paged_attention.default") == 1, targets
-    assert not any("gather_paged" in t or t == "mla.attention.default" for t in targets), targets
+    assert targets.count("mla_cpu.paged_attention.default") == 1, targets
+    assert not any("gather_paged" in t or t in ("mla.attention.default", "mla.paged_attention.default")
+                   for t in targets), targets
     assert gm.meta.get("mla_attention_form") == "absorbed"
     assert gm.meta.get("mla_derived_constants"), "absorbed W_UK / W_UV are recut when the weights change"

@@ -1,11 +1,13 @@
 """Benchmarks: what the lowering costs and buys, measured on this machine's CPU.
 
-Four sections, each a function returning plain JSON data:
+Five sections, each a function returning plain JSON data:
   lowering_cost      lower 1 / 8 / 61 layers per target (shapes lowered once, then re-bound), beside
                      lowering every layer on its own and beside torch.compile(inductor) of the same module
   kernels_per_decode device kernels in each target's lowered decode graph (views excluded)
-  decode_step        one CPU decode step: our lowered modules vs Hugging Face's DeepseekV3Attention
+  decode_step        one CPU decode step per dtype: our lowered modules (the reference and cpu targets) vs
+                     Hugging Face's DeepseekV3Attention, beside a hand-written absorbed attention core
   kv_cache_bytes     cache bytes per token per layer, latent vs decompressed K/V, per preset
+  generate           greedy generate of a tiny Hugging Face DeepSeek-V3, converted to the cpu target vs not
 
 Timings are medians of repeated runs in this process, with quartiles and min/max. Nothing here
 asserts a number; `run_benchmarks` returns the data and `write_outputs` writes JSON, PNG and Markdown.
@@ -16,6 +18,7 @@ import time
 from typing import Callable
 
 from .decode_step import decode_step, peak_bytes
+from .generate import generate_throughput
 from .kernel_counts import VLLM_ASCEND_EAGER_DECODE, count_kernels, kernels_per_decode
 from .kv_cache import kv_cache_bytes
 from .lowering_cost import lowering_cost, unfilled_layers
@@ -45,12 +48,15 @@ def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str
     log("1. lowering cost")
     data["lowering_cost"] = lowering_cost(s, layers, log)
     done(data)
-    log("3. CPU decode step vs Hugging Face DeepseekV3Attention")
+    log("3. CPU decode step vs Hugging Face DeepseekV3Attention and a hand-written absorbed core")
     data["decode_step"] = decode_step(s, log)
     done(data)
     log("4. KV cache bytes per token per layer")
     data["kv_cache_bytes"] = kv_cache_bytes(s)
     for name, v in data["kv_cache_bytes"]["presets"].items():
         log(f"  {name}: latent {v['latent']} B, decompressed K/V {v['decompressed_kv']} B (x{v['ratio']:.1f})")
+    done(data)
+    log("5. generate: tiny Hugging Face DeepSeek-V3, converted to the cpu target vs unconverted")
+    data["generate"] = generate_throughput(s, log)
     data["total_seconds"] = time.perf_counter() - start
     return data

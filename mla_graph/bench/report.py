@@ -84,29 +84,83 @@ def markdown(data: dict) -> str:
     rows.append(["vllm-ascend eager decode (#2459)", str(k["vllm_ascend_eager_decode"]["total"]),
                  ", ".join(k["vllm_ascend_eager_decode"]["kernels"])])
     parts.append(_table(["path", "kernels", "which"], rows))
-    d = data["decode_step"]
-    impls = list(d["cases"][0]["impls"])
-    parts.append(f"\n### 3. CPU decode step, {d['config']['name']} dimensions ({d['config']['num_heads']} heads), "
-                 f"{d['dtype']}\n\nTime in ms, median (IQR); ratio = ours / Hugging Face; peak = working "
-                 "memory of the step in MiB.\n\n")
-    header = ["batch", "context"]
-    for name in impls:
-        header += [f"{name} ms", f"{name} peak"] + ([f"{name} ratio"] if name != "hf" else [])
-    rows = []
-    for case in d["cases"]:
-        row = [str(case["batch"]), str(case["context"])]
-        for name in impls:
-            v = case["impls"][name]
-            row += [_ms(v["seconds"]), f"{v['peak_bytes'] / 2**20:.0f}"]
-            if name != "hf":
-                row.append(f"{v['time_ratio_vs_hf']:.2f}")
-        rows.append(row)
-    parts.append(_table(header, rows))
+    parts.append(decode_markdown(data["decode_step"]))
     kv = data["kv_cache_bytes"]
     parts.append(f"\n### 4. KV cache bytes per token per layer ({kv['dtype']}, all heads)\n\n")
     parts.append(_table(["preset", "latent (ours)", "decompressed K/V", "ratio"],
                         [[n, str(v["latent"]), str(v["decompressed_kv"]), f"{v['ratio']:.1f}"]
                          for n, v in kv["presets"].items()]))
+    if "generate" in data:
+        parts.append(generate_markdown(data["generate"]))
+    return "".join(parts)
+
+
+# The issue's aims for the cpu target at AIM_CONTEXT tokens, batch AIM_BATCH: this much faster than
+# Hugging Face, and at most this many times the hand-written core's time.
+AIM_BATCH, AIM_CONTEXT, AIM_SPEEDUP_VS_HF, AIM_RATIO_VS_CORE = 8, 4096, 50.0, 1.5
+
+
+def decode_markdown(d: dict) -> str:
+    impls = list(d["cases"][0]["impls"])
+    parts = [f"\n### 3. CPU decode step, {d['config']['name']} dimensions ({d['config']['num_heads']} heads)\n\n"
+             "Time in ms, median (IQR); peak = working memory of the step in MiB; x HF = Hugging Face's time / "
+             "ours (higher is faster); / core = ours / the hand-written core's time (the core has no projections "
+             "and no cache write).\n"]
+    for dtype in d["dtypes"]:
+        parts.append(f"\n{dtype}:\n\n")
+        header = ["batch", "context"]
+        for name in impls:
+            header += [f"{name} ms", f"{name} peak"]
+        header += [f"{name} x HF" for name in impls if name != "hf"]
+        header += [f"{name} / core" for name in d["full_layer_impls"]]
+        rows = []
+        for case in (c for c in d["cases"] if c["dtype"] == dtype):
+            row = [str(case["batch"]), str(case["context"])]
+            for name in impls:
+                v = case["impls"][name]
+                row += [_ms(v["seconds"]), f"{v['peak_bytes'] / 2**20:.0f}"]
+            row += [f"{1 / case['impls'][name]['time_ratio_vs_hf']:.1f}" for name in impls if name != "hf"]
+            row += [f"{case['impls'][name]['time_ratio_vs_core']:.2f}" for name in d["full_layer_impls"]]
+            rows.append(row)
+        parts.append(_table(header, rows))
+    aims = aims_at_4k(d)
+    if aims:
+        parts.append(f"\nAims for the cpu target at batch {AIM_BATCH}, context {AIM_CONTEXT}: at least "
+                     f"{AIM_SPEEDUP_VS_HF:g}x faster than Hugging Face, within {AIM_RATIO_VS_CORE:g}x of the core's "
+                     "time.\n\n")
+        parts.append(_table(["dtype", "cpu ms", "hf ms", "core ms", "x HF", "aim x HF met", "/ core",
+                             "aim / core met"],
+                            [[a["dtype"], f"{a['cpu_ms']:.1f}", f"{a['hf_ms']:.1f}", f"{a['core_ms']:.1f}",
+                              f"{a['speedup_vs_hf']:.1f}", "yes" if a["speedup_met"] else "no",
+                              f"{a['ratio_vs_core']:.2f}", "yes" if a["core_met"] else "no"] for a in aims]))
+    return "".join(parts)
+
+
+def aims_at_4k(d: dict) -> list[dict]:
+    """The cpu target against the aims, per dtype, where the run measured batch 8 at 4096 tokens."""
+    out = []
+    for case in d["cases"]:
+        if (case["batch"], case["context"]) != (AIM_BATCH, AIM_CONTEXT) or "cpu" not in case["impls"]:
+            continue
+        cpu, hf, core = (case["impls"][n]["seconds"]["median"] for n in ("cpu", "hf", "core"))
+        out.append({"dtype": case["dtype"], "cpu_ms": cpu * 1e3, "hf_ms": hf * 1e3, "core_ms": core * 1e3,
+                    "speedup_vs_hf": hf / cpu, "speedup_met": hf / cpu >= AIM_SPEEDUP_VS_HF,
+                    "ratio_vs_core": cpu / core, "core_met": cpu / core <= AIM_RATIO_VS_CORE})
+    return out
+
+
+def generate_markdown(g: dict) -> str:
+    parts = [f"\n### 5. generate: {g['model']}, {g['dtype']}, batch {g['batch']}, greedy\n\n"
+             f"{g['new_tokens']} new tokens after a {g['prompt_tokens']}-token prompt; whole = the generate call, "
+             "prefill = the same call for one new token, decode = the rest. Seconds: median (IQR).\n\n"]
+    rows = []
+    for name, v in g["models"].items():
+        rows.append([name, f"{v['seconds']['median']:.2f} ({v['seconds']['q1']:.2f}-{v['seconds']['q3']:.2f})",
+                     f"{v['prefill_seconds']['median']:.2f}", f"{v['tokens_per_second']:.1f}",
+                     f"{v['decode_tokens_per_second']:.1f}"])
+    parts.append(_table(["model", "whole s", "prefill s", "tokens/s", "decode tokens/s"], rows))
+    parts.append(f"\nConverted / unconverted tokens/s: x{g['speedup_tokens_per_second']:.2f}. Greedy tokens equal: "
+                 f"{'yes' if g['tokens_equal'] else 'no'}.\n")
     return "".join(parts)
 
 
@@ -138,11 +192,12 @@ def plot(data: dict, path: str) -> None:
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     ax = axes[1][0]
     d = data["decode_step"]
-    for batch in sorted({c["batch"] for c in d["cases"]}):
-        cases = [c for c in d["cases"] if c["batch"] == batch]
-        for name in cases[0]["impls"]:
-            ax.plot([c["context"] for c in cases], [c["impls"][name]["seconds"]["median"] for c in cases],
-                    marker="o", label=f"{name}, batch {batch}")
+    for dtype in d["dtypes"]:
+        for batch in sorted({c["batch"] for c in d["cases"]}):
+            cases = [c for c in d["cases"] if c["batch"] == batch and c["dtype"] == dtype]
+            for name in cases[0]["impls"]:
+                ax.plot([c["context"] for c in cases], [c["impls"][name]["seconds"]["median"] for c in cases],
+                        marker="o", label=f"{name}, {dtype}, batch {batch}")
     ax.set(title=f"CPU decode step, {d['config']['name']}", xlabel="context tokens", ylabel="seconds",
            xscale="log", yscale="log")
     ax.legend(fontsize=7)

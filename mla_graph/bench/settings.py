@@ -15,7 +15,7 @@ from ..config import MLAConfig
 
 @dataclass(frozen=True)
 class Settings:
-    """What to measure. `Settings.default()` fits 10 minutes on 2 CPU cores, `quick_run()` one minute."""
+    """What to measure. `Settings.default()` fits 15 minutes on 2 CPU cores, `quick_run()` one minute."""
 
     quick: bool
     repeats: int
@@ -27,8 +27,11 @@ class Settings:
     decode_config: MLAConfig
     batches: tuple[int, ...]
     contexts: tuple[int, ...]
-    dtype: torch.dtype = torch.bfloat16
+    dtype: torch.dtype = torch.bfloat16   # lowering cost and KV cache bytes
+    decode_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)
     block_size: int = 128
+    generate_prompt_tokens: int = 4096    # 5. generate: prompt length of the tiny Hugging Face model
+    generate_new_tokens: int = 32         # greedy tokens generated after it
 
     @classmethod
     def default(cls) -> "Settings":
@@ -44,7 +47,12 @@ class Settings:
             v_head_dim=32, name="tiny-v2-lite")
         return cls(quick=True, repeats=2, lowering_config=tiny, lowering_tp=1,
                    layer_counts=(1, 2), separate_counts=(2,), compile_counts=(), decode_config=tiny,
-                   batches=(1, 2), contexts=(32, 96), block_size=16)
+                   batches=(1, 2), contexts=(32, 96), block_size=16,
+                   generate_prompt_tokens=64, generate_new_tokens=4)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def summary(samples: list[float]) -> dict:
