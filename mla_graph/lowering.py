@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from passes import PassManager, PassRecord, PipelineReport
+from passes.base import GraphPass
 from passes.dump import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode
@@ -137,11 +138,33 @@ def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> l
     return out
 
 
+# stages after which no pass rewrites the graph (cleanup and checks): a plain list of user passes runs
+# before them
+FINAL_STAGES = ("finish", "check-lowered", "multistream")
+
+
+def _with_passes(spec: Target, passes: Mapping[str, Sequence[GraphPass]] | Sequence[GraphPass] | None) -> Target:
+    if passes is None:
+        return spec
+    if isinstance(passes, Mapping):
+        return spec.extended(passes)
+    if callable(passes) or isinstance(passes, (str, bytes)) or not all(callable(p) for p in passes):
+        raise ValueError(f"passes must be a list of passes (GraphModule -> PassResult) or a dict "
+                         f"{{stage: [pass, ...]}}, got {passes!r}")
+    after = {}
+    for phase in PHASES:
+        stages = [s for s in spec.stages(phase) if s not in FINAL_STAGES]
+        if stages:
+            after[stages[-1]] = list(passes)
+    return spec.extended(after)
+
+
 def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,
           block_size: int = 128, dump_dir: str | os.PathLike | None = None, verify: bool = True,
           on_pass: Callable[[str, PassRecord], None] | None = None,
           target_options: dict | None = None, dump_formats: Iterable[str] | None = None,
-          checked: bool | None = None) -> LoweredMLA:
+          checked: bool | None = None,
+          passes: Mapping[str, Sequence[GraphPass]] | Sequence[GraphPass] | None = None) -> LoweredMLA:
     """Lower `layer` for `target`. Never mutates `layer` or its weights; derived weights are new
     tensors held by the lowered graphs. With `dump_dir`, writes `<dump_dir>/<phase>/NN-<pass>.*`.
     `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set; `dump_formats` (txt, dot, svg, html) to
@@ -149,7 +172,13 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
 
     `checked=True` checks the values of each call's metadata and positions before anything is
     written (a device sync per call; see check_values); False never; None (default): when
-    $MLA_GRAPH_CHECKED is set to 1/true/yes/on. Shape, dtype and count checks always run."""
+    $MLA_GRAPH_CHECKED is set to 1/true/yes/on. Shape, dtype and count checks always run.
+
+    `passes` adds your own passes (docs/writing-a-pass.md): `{stage: [pass, ...]}` runs them right
+    after that stage of the target's pipeline (mla_graph.targets.STAGES; `Target.stages` gives a
+    target's per phase), a plain list right after the target's last rewriting stage, before the
+    final dead-code elimination and checks. The verifier and the stage invariants judge them as
+    they judge ours."""
     if checked not in (None, True, False):
         raise ValueError(f"checked must be True, False or None ($MLA_GRAPH_CHECKED decides), got {checked!r}")
     if target not in TARGETS:
@@ -164,7 +193,7 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
         raise ValueError(f"block_size must be a positive int (tokens per cache block), got {block_size!r}")
     if target_options is not None and not isinstance(target_options, dict):
         raise ValueError(f"target_options must be a dict of option name -> value, got {target_options!r}")
-    spec = TARGETS[target]
+    spec = _with_passes(TARGETS[target], passes)
     unknown = sorted(set(target_options or {}) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for target {target!r}; valid: {', '.join(spec.options) or 'none'}")

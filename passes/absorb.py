@@ -6,14 +6,36 @@ from functools import partial
 import torch
 from torch.fx import GraphModule
 
-from .base import PassResult, graph_pass
+from .base import Invariant, PassResult, Violation, graph_pass
 from .graph_utils import add_constant, call, first_user_position
 from .mla_patterns import match_decompressed_attention, val
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
 
-@graph_pass()
+def _latent_where_chosen(gm: GraphModule) -> list[Violation]:
+    """Every attention the cost model chose to absorb attends in latent space (its values are the
+    kv_lora_rank-wide latent): a pass run before this one that changes the pattern it matches would
+    otherwise leave the decompressed form in place, silently."""
+    config = gm.meta.get("mla_config")
+    if config is None:
+        return []
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not mla.attention.default:
+            continue
+        form = node.meta.get("mla_attention_form", gm.meta.get("mla_attention_form"))
+        if form == "absorbed" and val(node.args[2]).shape[-1] != config.kv_lora_rank:
+            out.append((node, f"the cost model chose 'absorbed' for {node.name} but it still attends over "
+                              f"decompressed values (kv_b_proj not folded): a pass before absorb_kv_weights "
+                              f"changed the pattern it matches"))
+    return out
+
+
+LATENT_WHERE_CHOSEN = Invariant("absorbed where the cost model chose it", _latent_where_chosen)
+
+
+@graph_pass(ensures=[LATENT_WHERE_CHOSEN])
 def absorb_kv_weights(gm: GraphModule) -> PassResult:
     """Fold kv_b_proj into the query and output (DeepSeek's weight absorption).
 

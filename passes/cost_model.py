@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch.fx import GraphModule
 
-from .base import PassResult, graph_pass
+from .base import Invariant, PassResult, Violation, graph_pass
 from .mla_patterns import DecompressedAttention, match_decompressed_attention, val
 
 # Representative batches: (requests, new tokens per request, context tokens per request).
@@ -65,7 +66,24 @@ def attention_costs(d: Dims, requests: int, new: int, context: int) -> dict[str,
     return {"decompressed": decompressed, "absorbed": absorbed}
 
 
-@graph_pass()
+def _every_attention_costed(gm: GraphModule) -> list[Violation]:
+    """Every attention over decompressed values has a form: one the matcher did not recognise
+    (a pass run before this one changed its pattern) would silently keep the decompressed form."""
+    config = gm.meta.get("mla_config")
+    if config is None:
+        return []
+    return [(n, f"{n.name} attends over decompressed values but is not in the pattern the cost model "
+                f"matches (mla_patterns.match_decompressed_attention): a pass run before it changed the "
+                f"pattern, so the layer would keep the decompressed form; run that pass after the "
+                f"absorb-page stage") for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.mla.attention.default
+            and "mla_attention_form" not in n.meta and val(n.args[2]).shape[-1] != config.kv_lora_rank]
+
+
+EVERY_ATTENTION_COSTED = Invariant("every decompressed attention has a form", _every_attention_costed)
+
+
+@graph_pass(ensures=[EVERY_ATTENTION_COSTED])
 def choose_attention_form(gm: GraphModule, *, admissible: Callable[[DecompressedAttention], str] | None = None
                           ) -> PassResult:
     """Records the form of each attention for the absorb pass (node.meta['mla_attention_form'], and

@@ -15,7 +15,7 @@ from mla_graph.npu import limits
 from mla_graph.npu.limits import Violation
 
 from .base import PassResult, graph_pass
-from .cost_model import choose_attention_form
+from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
 from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
 from .mla_patterns import KvCacheWrite, _is, match_decompressed_attention, match_kv_cache_write, val
 from .split_mixed import PARTS
@@ -217,7 +217,7 @@ def lower_paged_attention(gm: GraphModule) -> PassResult:
     return result
 
 
-@graph_pass()
+@graph_pass(ensures=[EVERY_ATTENTION_COSTED])
 def choose_npu_attention_form(gm: GraphModule) -> PassResult:
     """choose_attention_form, with the decompressed form only where FIA's TND layout admits it
     (bf16, 192/128 head dims, 8..128 heads): elsewhere absorbed, the form every dtype can run."""

@@ -1,7 +1,6 @@
 """The mla-graph command line, end to end: exit codes, messages, files written or not, and the
 defaults and lists every subcommand shares."""
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -177,7 +176,7 @@ def claims_too_much(gm):
 
 def with_extra_pass(extra):
     reference = TARGETS["reference"]
-    return dataclasses.replace(reference, pipeline=lambda phase: [extra, *reference.pipeline(phase)])
+    return reference.extended({"tidy": [extra]})
 
 
 def test_verify_reports_a_wrong_lowering_and_exits_1(tiny_hf_config, capsys, monkeypatch):

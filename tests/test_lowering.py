@@ -7,7 +7,7 @@ from conftest import V3_NPU, V3_TINY, randomize
 
 from mla_graph import MLAAttention, LoweringError, lower
 from mla_graph.checking import compare_with_plain, random_batch
-from mla_graph.targets import TARGETS, Target
+from mla_graph.targets import TARGETS
 from passes import PassResult
 
 
@@ -56,7 +56,7 @@ def test_failed_lowering_leaves_layer_untouched(monkeypatch):
         gm.kv_b_proj.weight = torch.nn.Parameter(torch.zeros_like(gm.kv_b_proj.weight))
         raise RuntimeError("pass crashed")
 
-    monkeypatch.setitem(TARGETS, "broken", Target("broken", "test", lambda phase: [scribble_then_fail]))
+    monkeypatch.setitem(TARGETS, "broken", TARGETS["reference"].extended({"tidy": [scribble_then_fail]}, name="broken"))
     layer = randomize(MLAAttention(V3_TINY))
     state, ids = _snapshot(layer)
     with pytest.raises(RuntimeError, match="pass crashed"):
@@ -78,7 +78,7 @@ def test_pass_writing_a_weight_in_place_is_named(monkeypatch):
         gm.o_proj.weight.mul_(2)
         return PassResult(changed=False)
 
-    monkeypatch.setitem(TARGETS, "inplace", Target("inplace", "test", lambda phase: [scales_weight]))
+    monkeypatch.setitem(TARGETS, "inplace", TARGETS["reference"].extended({"tidy": [scales_weight]}, name="inplace"))
     with pytest.raises(PassVerificationError, match="'scales_weight': wrote to weight 'o_proj.weight' in place"):
         lower(MLAAttention(V3_TINY).requires_grad_(False), "inplace", phases=["decode"], block_size=16)
 

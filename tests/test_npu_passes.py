@@ -23,7 +23,7 @@ from mla_graph import MLAAttention, MLAConfig, capture
 from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
-from mla_graph.targets import _npu_pipeline
+from mla_graph.targets import pipeline as target_pipeline
 from passes import PassManager, PassResult, remove_noop_views
 from passes.absorb import absorb_kv_weights
 from passes.attention_fallback import FALLBACK_RULE, lower_paged_attention_to_aten
@@ -75,7 +75,7 @@ def _random_layer(config: MLAConfig, dtype: torch.dtype) -> MLAAttention:
 def _prepared(layer: MLAAttention, phase: str, upto, *, block: int = BLOCK, pipeline=None) -> torch.fx.GraphModule:
     """The captured graph with every pipeline pass before `upto` already run, in pipeline order."""
     gm = _capture(layer, phase, block)
-    pipeline = _npu_pipeline(phase) if pipeline is None else pipeline
+    pipeline = target_pipeline("npu", phase) if pipeline is None else pipeline
     PassManager(pipeline[: pipeline.index(upto)]).run(gm)
     return gm
 
@@ -605,7 +605,7 @@ def test_lower_context_attention_does_not_fire_on_absorbed_attention(config, dty
 def test_lower_context_attention_refuses_decompressed_attention_fia_tnd_cannot_take():
     """With the cost model alone (no admission check) the tiny prefill stays decompressed; the
     lowering names the limit instead of emitting a TND call the kernel would reject."""
-    pipeline = [choose_attention_form if p is choose_npu_attention_form else p for p in _npu_pipeline("prefill")]
+    pipeline = [choose_attention_form if p is choose_npu_attention_form else p for p in target_pipeline("npu", "prefill")]
     gm = _prepared(_layer(V3_TINY), "prefill", lower_context_attention, pipeline=pipeline)
     assert gm.meta["mla_attention_form"] == "decompressed"
     with pytest.raises(ValueError, match="FIA TND kernel cannot take.*query.dtype=torch.float32"):
@@ -659,6 +659,6 @@ def test_lowered_graph_can_be_deep_copied():
     """No pass leaves graph Nodes in gm.meta (a deep copy of the module must still work)."""
     layer = _layer(V3_TINY, torch.float32)
     gm = _capture(layer, "mixed")
-    PassManager(_npu_pipeline("mixed")).run(gm)
+    PassManager(target_pipeline("npu", "mixed")).run(gm)
     clone = copy.deepcopy(gm)
     assert clone.code == gm.code

@@ -14,7 +14,7 @@ from mla_graph import MLAAttention, MLAConfig, PagedLatentCache, build_metadata,
 from mla_graph.cache import PADDING_BLOCK
 from mla_graph.checking import LAYER_TOLERANCES, PHASE_BATCHES, compare_with_plain, random_batch
 from mla_graph.npu import EMULATED_SCHEMAS, npu_backend
-from mla_graph.targets import _npu_pipeline
+from mla_graph.targets import pipeline as target_pipeline
 from passes import PassManager, PassResult, PassVerificationError
 from passes.page import page_latent_attention
 
@@ -279,7 +279,7 @@ def test_cli_lower_npu(capsys, config, dtype, fia):
         assert "absorb_kv_weights" in out and "split_mixed_batch" in out
         assert (FIA in out) == fia
         assert "MISMATCH" not in out
-        page = _npu_pipeline("decode").index(page_latent_attention) + 1
+        page = target_pipeline("npu", "decode").index(page_latent_attention) + 1
         assert (pathlib.Path(tmp) / "d" / "decode" / f"{page:02d}-page_latent_attention.after.txt").exists()
         aten_dumps = list((pathlib.Path(tmp) / "d").glob("*/*-lower_paged_attention_to_aten.after.txt"))
         assert bool(aten_dumps) == (not fia)     # the fallback changed a graph only where FIA did not fit

@@ -20,7 +20,7 @@ from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.npu.formats import npu_format
 from mla_graph.npu.limits import ACL_FORMAT_FRACTAL_NZ
-from mla_graph.targets import _npu_pipeline, _torchair_decode_passes
+from mla_graph.targets import pipeline as target_pipeline
 from mla_graph.torchair_compat.air_ops import ensure_air_ops
 from passes import PassManager
 from passes.multistream import insert_multistream_scopes
@@ -62,7 +62,7 @@ def _prepared(config: MLAConfig, dtype: torch.dtype, upto=None, *, phase: str = 
     """A fresh copy of the captured graph with the pipeline's passes before `upto` run, in order
     (all of them when `upto` is None). Default pipeline: the torchair decode passes."""
     gm = snapshot(_captured(config, dtype, phase))
-    passes = list(pipeline if pipeline is not None else _torchair_decode_passes())
+    passes = list(pipeline if pipeline is not None else target_pipeline("torchair", "decode"))
     PassManager(passes if upto is None else passes[: passes.index(upto)]).run(gm)
     return gm
 
@@ -206,7 +206,7 @@ def test_lengths_as_tensors_does_not_fire_without_fia():
 def test_lengths_as_tensors_leaves_a_list_with_no_tensor_form():
     """A mixed batch's FIAs read the lengths of their part of the batch (decode_*/prefill_* host
     lists), which have no tensor form: left as they are, and said so."""
-    pipeline = _npu_pipeline("mixed")
+    pipeline = target_pipeline("npu", "mixed")
     gm = _prepared(V2_LITE_NPU, torch.bfloat16, pipeline[-1], phase="mixed", pipeline=pipeline)
     FileCheck().check_count(f"torch.ops.{NPU_FIA}(", 2).run(gm.code)
     inputs = list(gm.meta["mla_inputs"])

@@ -1,0 +1,127 @@
+"""Users' own passes: lower(..., passes=), Target.extended, named stages, and docs/writing-a-pass.md
+run as written."""
+import pathlib
+import re
+
+import pytest
+import torch
+from conftest import V3_TINY, randomize
+
+from mla_graph import MLAAttention, lower
+from mla_graph.checking import compare_with_plain
+from mla_graph.targets import STAGES, TARGETS, pipeline
+from passes import PassResult, PassVerificationError, pass_name
+from passes.graph_utils import call
+
+aten = torch.ops.aten
+DOC = pathlib.Path(__file__).parent.parent / "docs" / "writing-a-pass.md"
+
+
+@pytest.fixture(scope="module")
+def doc_scope():
+    """Every python block of the page, run in order in one namespace."""
+    scope: dict = {}
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)):
+        exec(compile(code, f"docs/writing-a-pass.md block {i}", "exec"), scope)
+    return scope
+
+
+def test_the_page_runs_as_written(doc_scope, monkeypatch):
+    assert doc_scope["check"].record.matches_by_rule == {"o_proj in float32": 1}
+    names = [r.name for r in doc_scope["lowered"].reports["decode"].records]
+    assert names[:3] == ["remove_noop_views", "o_proj_in_float32", "split_mixed_batch"]
+    # the page's own target: registered under its name, the npu pipeline plus the pass after "tidy"
+    extended = TARGETS.pop("npu-o-proj-fp32")
+    assert [pass_name(p) for p in extended.pipeline("decode")] == \
+        ["remove_noop_views", "o_proj_in_float32"] + [pass_name(p) for p in pipeline("npu", "decode")][1:]
+    # what the page prints is what the code gives
+    assert "('tidy', 'split-mixed', 'choose-npu-form', 'absorb-page', 'npu-kernels', 'finish', 'check-lowered')" \
+        in DOC.read_text() and TARGETS["npu"].stages("decode") == (
+            "tidy", "split-mixed", "choose-npu-form", "absorb-page", "npu-kernels", "finish", "check-lowered")
+
+
+def test_the_pages_pass_keeps_the_layer_right(doc_scope):
+    """The bf16 layer lowered with the page's pass still computes MLA (checked against the plain
+    definition), and its o_proj really runs in float32."""
+    layer = randomize(MLAAttention(V3_TINY, dtype=torch.bfloat16))
+    lowered = lower(layer, "npu", block_size=16, passes={"tidy": [doc_scope["o_proj_in_float32"]]})
+    for phase in ("decode", "prefill", "mixed"):
+        assert compare_with_plain(layer, lowered, phase, seed=0).ok, phase
+        gm = lowered.graphs[phase]
+        linears = [n for n in gm.graph.nodes if n.target is aten.linear.default
+                   and getattr(n.args[1], "op", None) != "get_attr"]
+        assert len(linears) == 1 and linears[0].meta["val"].dtype == torch.float32
+
+
+def counting_pass(seen):
+    def count(gm):
+        seen.append(gm.meta["mla_phase"])
+        return PassResult(changed=False)
+    return count
+
+
+@pytest.mark.parametrize("target, last", [("reference", "remove_noop_views"), ("cpu", "lower_paged_attention_to_cpu"),
+                                          ("npu", "lower_paged_attention_to_aten"),
+                                          ("torchair", "decompose_linear")])
+def test_a_list_runs_after_the_last_rewriting_stage(target, last):
+    seen = []
+    mine = counting_pass(seen)
+    lowered = lower(MLAAttention(V3_TINY), target, ["decode", "prefill"], block_size=16, passes=[mine])
+    assert seen == ["decode", "prefill"]
+    names = [r.name for r in lowered.reports["decode"].records]
+    assert names[names.index("count") - 1] == last
+    assert names[names.index("count") + 1] == "eliminate_dead_code"
+    # the target itself is unchanged
+    assert "count" not in [pass_name(p) for p in TARGETS[target].pipeline("decode")]
+
+
+def test_bad_passes_say_what_is_allowed():
+    layer = MLAAttention(V3_TINY)
+    mine = counting_pass([])
+    with pytest.raises(ValueError, match="unknown stage 'absorb' for target 'npu'; its stages: tidy, split-mixed"):
+        lower(layer, "npu", ["decode"], passes={"absorb": [mine]})
+    with pytest.raises(ValueError, match="passes must be a list of passes .* or a dict"):
+        lower(layer, "npu", ["decode"], passes=mine)
+    with pytest.raises(ValueError, match="passes after stage 'tidy' must be a list of passes"):
+        lower(layer, "npu", ["decode"], passes={"tidy": mine})
+    with pytest.raises(ValueError, match="passes must be a list"):
+        lower(layer, "npu", ["decode"], passes=["not a pass"])
+
+
+def linear_to_matmul(gm):
+    """Every aten.linear as matmul with the transposed weight (same math, another pattern)."""
+    result = PassResult(changed=False)
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is aten.linear.default:
+            with g.inserting_before(node):
+                out = call(g, aten.matmul.default, node.args[0], call(g, aten.t.default, node.args[1]))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+            result.count("linear -> matmul")
+    return result
+
+
+@pytest.mark.parametrize("target, chooser", [("cpu", "choose_attention_form"), ("npu", "choose_npu_attention_form"),
+                                             ("torchair", "choose_npu_attention_form")])
+def test_a_pass_that_hides_the_pattern_is_stopped_not_ignored(target, chooser):
+    """Placed before the cost model, a rewrite of kv_b_proj's linear would leave the decompressed
+    form in place (the cost model and absorb match aten.linear): the manager stops instead. After
+    absorb-page the same pass is fine."""
+    layer = randomize(MLAAttention(V3_TINY))
+    with pytest.raises(PassVerificationError, match=f"after pass '{chooser}'.*not in the pattern the cost model"):
+        lower(layer, target, ["decode"], block_size=16, passes={"tidy": [linear_to_matmul]})
+    lowered = lower(layer, target, ["decode"], block_size=16, passes={"absorb-page": [linear_to_matmul]})
+    assert compare_with_plain(layer, lowered, "decode", seed=0).ok
+    assert lowered.graphs["decode"].meta["mla_attention_form"] == "absorbed"
+
+
+def test_pipelines_are_their_stages():
+    """Every target's pipeline is the concatenation of its stages, for every phase."""
+    for name, target in TARGETS.items():
+        for phase in ("prefill", "decode", "mixed"):
+            stages = target.stages(phase)
+            assert all(s in STAGES for s in stages), (name, phase, stages)
+            assert target.pipeline(phase) == [p for s in stages for p in STAGES[s]]
+    with pytest.raises(ValueError, match="unknown target 'gpu'"):
+        pipeline("gpu", "decode")
