@@ -13,10 +13,12 @@ from . import primitives  # noqa: F401  (registers torch.ops.mla)
 from .cache import PagedLatentCache
 from .config import MLAConfig
 from .envflags import env_flag
+from .layer_op import call_layer, ensure_layer_op
 from .metadata import MLAMetadata, MetadataError
 from .rope import cos_sin_table
 
 mla = torch.ops.mla
+ensure_layer_op()   # mla::layer, what torch.compile records for a layer, exists wherever the layer does
 
 CHECKED_ENV = "MLA_GRAPH_CHECKED"
 
@@ -76,9 +78,7 @@ class MLAAttention(nn.Module):
         check_call(self.config, self.dtype, hidden_states, positions, kv_cache, metadata)
         if torch.compiler.is_compiling():
             # torch.compile: the whole layer becomes one opaque mla::layer node, so the "mla_graph"
-            # backend can find it and lower it (other backends run it eagerly). Imported here, not
-            # at the top: the backend imports lowering, which imports this module.
-            from .compile_backend.layer_op import call_layer
+            # backend can find it and lower it (other backends run it eagerly)
             return call_layer(self, hidden_states, positions, kv_cache, metadata)
         if checked_mode(self.checked):
             check_values(self.config, positions, kv_cache, metadata)

@@ -29,6 +29,7 @@ from .attention import MLAAttention, check_call
 from .cache import PagedLatentCache
 from .capture import PHASES
 from .config import MLAConfig
+from .layer_op import call_layer
 from .lowering import LoweredMLA
 from .metadata import MLAMetadata, build_metadata, positions_for
 from .model_lowering import lower_layers
@@ -114,7 +115,6 @@ class MLAForHF(nn.Module):
             if torch.compiler.is_compiling():
                 # torch.compile: one mla::layer node, which the "mla_graph" backend lowers (see
                 # compile_backend); other backends run it as the plain definition
-                from .compile_backend.layer_op import call_layer
                 check_call(self.config, self.source.dtype, flat, step.positions, kv_cache, step.metadata)
                 attended = call_layer(self.source, flat, step.positions, kv_cache, step.metadata)
             else:

@@ -19,3 +19,89 @@ def test_passes_do_not_import_vllm_torch_npu_or_cli():
                           or n.startswith("mla_graph.cli")]
     assert offenders == []
     assert len(list(root.rglob("*.py"))) >= 5  # the scan really saw the package
+
+
+# The module DAG, bottom to top: a module imports only modules of its own layer or below (at the top
+# of the file or inside a function alike). The definition and its primitives at the bottom, users at
+# the top. A new module must be placed here (the test says so).
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("primitives", ("mla_graph.config", "mla_graph.envflags", "mla_graph.rope", "mla_graph.cache",
+                    "mla_graph.metadata", "mla_graph.primitives", "mla_graph.cpu_kernels", "mla_graph.npu",
+                    "mla_graph.layer_op")),
+    ("definition", ("mla_graph.attention", "mla_graph.checking")),
+    # passes, capture, the dump format (passes.dump writes dumps; mla_graph.dumptool reads them and
+    # renders the HTML report lower() writes with dump_formats=html), kernel accounting, torchair's rules
+    ("compiler", ("passes", "mla_graph.capture", "mla_graph.dumptool", "mla_graph.kernels",
+                  "mla_graph.torchair_compat", "mla_graph.ascend_toolchain")),
+    ("lowering", ("mla_graph.targets", "mla_graph.torchair_runtime", "mla_graph.lowering",
+                  "mla_graph.model_lowering")),
+    ("users", ("mla_graph.compile_backend", "mla_graph.hf", "mla_graph.vllm_plugin", "mla_graph.bench",
+               "mla_graph.commands", "mla_graph.cli", "mla_graph")),
+]
+
+
+def _unit(module: str) -> str | None:
+    """The LAYERS entry a module belongs to (its longest matching prefix)."""
+    # "mla_graph" stands for the package's __init__ only (its re-exports), not for everything in it
+    names = [n for _, names in LAYERS for n in names
+             if module == n or (module.startswith(n + ".") and n != "mla_graph")]
+    return max(names, key=len) if names else None
+
+
+def project_imports(sources: dict[str, str]) -> list[tuple[str, str]]:
+    """(importer, imported) module pairs within the project, from each module's source."""
+    edges = []
+    for module, text in sources.items():
+        is_package = module.endswith(".__init__")
+        name = module[: -len(".__init__")] if is_package else module
+        for node in ast.walk(ast.parse(text)):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                parts = name.split(".") if is_package else name.split(".")[:-1]
+                base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+                target = ".".join(p for p in (base, node.module) if p)
+                # `from . import x` imports the module x, not the package
+                targets = [f"{target}.{a.name}" for a in node.names] if node.module is None else [target]
+            edges += [(name, t) for t in targets if t.split(".")[0] in ("mla_graph", "passes")]
+    return edges
+
+
+def back_edges(sources: dict[str, str]) -> list[str]:
+    rank = {n: i for i, (_, names) in enumerate(LAYERS) for n in names}
+    problems = []
+    for importer, imported in project_imports(sources):
+        a, b = _unit(importer), _unit(imported)
+        if a is None:
+            problems.append(f"{importer} is in no layer of LAYERS (tests/test_layering.py): place it")
+        elif b is not None and rank[b] > rank[a]:
+            problems.append(f"{importer} ({LAYERS[rank[a]][0]}) imports {imported} ({LAYERS[rank[b]][0]}): a back edge")
+    return sorted(set(problems))
+
+
+def _sources() -> dict[str, str]:
+    root = pathlib.Path(__file__).parent.parent
+    out = {}
+    for package in ("mla_graph", "passes"):
+        for path in sorted((root / package).rglob("*.py")):
+            out[".".join(path.relative_to(root).with_suffix("").parts)] = path.read_text()
+    return out
+
+
+def test_no_back_edges_in_the_module_dag():
+    sources = _sources()
+    assert len(sources) > 60   # the scan saw the packages
+    assert back_edges(sources) == []
+
+
+def test_a_back_edge_fails_the_dag_test():
+    """The definition importing a user (as attention.py once imported the compile backend), a lazy
+    import inside a function included; and a module placed in no layer."""
+    sources = _sources()
+    sources["mla_graph.attention"] += "\n\ndef _lazy():\n    from .compile_backend import backend\n"
+    sources["mla_graph.newthing"] = "from .config import MLAConfig\n"
+    assert back_edges(sources) == [
+        "mla_graph.attention (definition) imports mla_graph.compile_backend (users): a back edge",
+        "mla_graph.newthing is in no layer of LAYERS (tests/test_layering.py): place it",
+    ]

@@ -4,7 +4,7 @@
                   options={"target": "npu", "dump_dir": "dumps", "inner_backend": "inductor",
                            "target_options": {...}})   # the target's own options, as lower() takes them
 
-Dynamo's graph holds one `mla::layer` node per MLAAttention call (see layer_op). The graph is
+Dynamo's graph holds one `mla::layer` node per MLAAttention call (see mla_graph.layer_op). The graph is
 split at those nodes (torch.fx.passes.split_module, as vLLM's split_graph does): every piece
 between them is compiled by the inner backend; every MLA piece runs the layer's LoweredMLA for
 the target, outside the inner backend, so the paged caches are written in place and never
@@ -43,7 +43,7 @@ from torch.fx.passes.split_module import split_module
 
 from ..lowering import LoweredMLA, lower
 from ..targets import TARGETS
-from .layer_op import registered_layer, unflatten
+from ..layer_op import ensure_layer_op, registered_layer, unflatten
 
 BACKEND_NAME = "mla_graph"
 log = logging.getLogger("mla_graph.compile")
@@ -69,6 +69,7 @@ def _log_to_stderr_if_asked() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
 # Dynamo records the op packet; graphs made by make_fx / AOT record the overload
+ensure_layer_op()
 LAYER_OPS = (torch.ops.mla.layer, torch.ops.mla.layer.default)
 
 

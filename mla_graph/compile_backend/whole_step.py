@@ -37,7 +37,7 @@ from ..capture import GRAPH_INPUTS, Call
 from ..lowering import LoweredMLA
 from ..metadata import MLAMetadata
 from ..torchair_runtime import StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend
-from .layer_op import registered_layer
+from ..layer_op import registered_layer
 
 log = logging.getLogger("mla_graph.compile")
 

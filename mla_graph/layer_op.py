@@ -17,14 +17,26 @@ import weakref
 
 import torch
 
-from ..cache import PagedLatentCache
-from ..metadata import MLAMetadata
+from .cache import PagedLatentCache
+from .metadata import MLAMetadata
 
-_lib = torch.library.Library("mla", "FRAGMENT")
-_lib.define(
-    "layer(Tensor hidden_states, Tensor positions, Tensor(a!) latent_cache, Tensor(b!) rope_cache, "
-    "Tensor slot_mapping, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, int layer_key, "
-    "SymInt num_decodes, SymInt num_prefills) -> Tensor")
+_lib: torch.library.Library | None = None
+
+
+def ensure_layer_op() -> None:
+    """Define `mla::layer` (its kernel: the eager layer; its fake: a [T, hidden] output), once.
+    Called by call_layer and by the backend, not as a side effect of importing this module."""
+    global _lib
+    if _lib is not None:
+        return
+    lib = torch.library.Library("mla", "FRAGMENT")
+    lib.define(
+        "layer(Tensor hidden_states, Tensor positions, Tensor(a!) latent_cache, Tensor(b!) rope_cache, "
+        "Tensor slot_mapping, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, int layer_key, "
+        "SymInt num_decodes, SymInt num_prefills) -> Tensor")
+    lib.impl("layer", _layer_eager, "CompositeExplicitAutograd")
+    torch.library.register_fake("mla::layer", _layer_fake, lib=lib)
+    _lib = lib
 
 _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 
@@ -47,6 +59,7 @@ def registered_layer(key: int) -> torch.nn.Module:
 def call_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, positions: torch.Tensor,
                kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
     """What `MLAAttention.forward` does under torch.compile: one `mla::layer` node."""
+    ensure_layer_op()
     return torch.ops.mla.layer(hidden_states, positions, kv_cache.latent, kv_cache.rope,
                                metadata.slot_mapping, metadata.block_table, metadata.seq_lens,
                                metadata.query_start_loc, layer_key(layer), metadata.num_decodes,
@@ -73,6 +86,3 @@ def _layer_fake(hidden_states, positions, latent_cache, rope_cache, slot_mapping
                 query_start_loc, layer_key, num_decodes, num_prefills):
     return torch.empty_like(hidden_states)   # o_proj maps back to hidden_size: [T, hidden]
 
-
-_lib.impl("layer", _layer_eager, "CompositeExplicitAutograd")
-torch.library.register_fake("mla::layer", _layer_fake, lib=_lib)
