@@ -53,7 +53,9 @@ def insert_multistream_scopes(gm: GraphModule) -> PassResult:
             result.notes.append(f"{attn.name}: one producer chain; nothing to overlap")
             continue
         side = branches[0]
-        first = next(n for n in g.nodes if _compute(n))
+        moved = set(side)
+        # the scope opens before the first op that stays: the branch may itself start the graph
+        first = next(n for n in g.nodes if _compute(n) and n not in moved)
         with g.inserting_before(first):
             call(g, torch.ops.air.scope_enter.default, STREAM_KEYS, ["mla_secondary", "0"])
         for node in side:

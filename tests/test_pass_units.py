@@ -919,9 +919,6 @@ def test_insert_multistream_scopes():
     _check_multistream(_two_branch_graph())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: when the graph's first compute node belongs to the branch that moves, "
-                   "insert_multistream_scopes prepends the branch before that same node and puts scope_exit before "
-                   "it too: 'used before it has been defined' (graph lint), and the node lands outside the scope")
 def test_insert_multistream_scopes_when_the_moved_branch_comes_first():
     _check_multistream(_two_branch_graph(key_first=True))
 
