@@ -21,7 +21,8 @@ from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_ca
 from passes.page import page_latent_attention
 from passes.multistream import insert_multistream_scopes
 from passes.split_mixed import split_mixed_batch
-from passes.torchair_lower import decompose_linear, lengths_as_tensors, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog
+from passes.torchair_lower import (WRITEBACK_ORDER, decompose_linear, fuse_kv_rmsnorm_rope_cache_functional,
+                                   fuse_mla_prolog, lengths_as_tensors)
 
 from .npu import ensure_npu_ops
 
@@ -29,9 +30,10 @@ from .npu import ensure_npu_ops
 # Stages: named, ordered groups of passes. A target's pipeline for a phase is a sequence of stages
 # (Target.stages); each stage's list says why every pass sits where it does. Users add passes after
 # a stage by name (lower(..., passes={stage: [...]}) or Target.extended).
-@graph_pass(ensures=[no_namespace("mla")])
+@graph_pass(ensures=[no_namespace("mla"), WRITEBACK_ORDER])
 def check_fully_lowered(gm):
-    """No mla:: primitive is left for the NPU to run (checked by the manager, changes nothing)."""
+    """No mla:: primitive is left for the NPU to run, and functional cache writes are still read and
+    copied back in order (checked by the manager after every pass, a user's included; changes nothing)."""
     from passes import PassResult
     return PassResult(changed=False)
 

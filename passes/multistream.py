@@ -7,6 +7,7 @@ from torch.fx import GraphModule, Node
 
 from .base import VIEW_OPS, PassResult, graph_pass
 from .graph_utils import call
+from .torchair_lower import WRITEBACK_ORDER
 
 aten = torch.ops.aten
 STREAM_KEYS = ["_user_stream_label", "_user_stream_priority"]   # what torchair.scope.npu_stream_switch sets
@@ -20,7 +21,7 @@ def _compute(node: Node) -> bool:
     return node.op == "call_function"
 
 
-@graph_pass()
+@graph_pass(ensures=[WRITEBACK_ORDER])
 def insert_multistream_scopes(gm: GraphModule) -> PassResult:
     """Split the attention's producers into branches that share only graph inputs and weights
     (weakly connected components of its ancestor DAG); the branch with fewer ops moves, as one

@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Node
 from mla_graph.npu import limits
 from mla_graph.npu.limits import Violation
 
-from .base import PassResult, graph_pass
+from .base import Invariant, PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, first_user_position
 from .mla_patterns import KvCacheWrite, _is, _split_part, match_kv_cache_write, val
 from .npu_lower import _npu, _rope_cos_sin, rewrite_kv_cache_writes
@@ -38,6 +38,32 @@ def _writeback(gm: GraphModule, cache: Node, updated: Node, after: Node) -> None
     out = next(n for n in gm.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(out):
         call(gm.graph, aten.copy_.default, cache, updated)
+
+
+def _writeback_order(gm: GraphModule) -> list[tuple[Node | None, str]]:
+    """Around each functional cache write and its `copy_` back into the graph input: one copy back
+    per cache; nothing reads the cache input after the write that updated it (it would read the
+    old contents: read the write's output) or after the copy back (GE's Assign happens at the end)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out, seen = [], set()
+    for copy in [n for n in gm.graph.nodes if _is(n, aten.copy_.default) and n.args[0].op == "placeholder"]:
+        cache, updated = copy.args[0], copy.args[1]
+        if cache in seen:
+            out.append((copy, f"{cache.name} is copied back twice"))
+        seen.add(cache)
+        writer = updated.args[0] if _is(updated, operator.getitem) else updated
+        for user in cache.users:
+            if user is copy or user is writer:
+                continue
+            if order[user] > order[copy]:
+                out.append((user, f"{user.name} reads {cache.name} after its copy back ({copy.name})"))
+            elif order[user] > order[writer]:
+                out.append((user, f"{user.name} reads {cache.name} as it was before {writer.name} updated it; "
+                                  f"it must read {updated.name}"))
+    return out
+
+
+WRITEBACK_ORDER = Invariant("functional cache writes: readers use the update, one copy back, last", _writeback_order)
 
 
 def _match_prolog(attn: Node) -> dict | None:
@@ -94,7 +120,7 @@ def prolog_weight(weight: torch.Tensor) -> torch.Tensor:
         return _npu().npu_format_cast(transposed(weight), limits.ACL_FORMAT_FRACTAL_NZ)
 
 
-@graph_pass()
+@graph_pass(ensures=[WRITEBACK_ORDER])
 def fuse_mla_prolog(gm: GraphModule) -> PassResult:
     """The whole absorbed decode prolog -> npu_mla_prolog_v3_functional (configs with q_lora).
 
@@ -152,7 +178,7 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
     return result
 
 
-@graph_pass()
+@graph_pass(ensures=[WRITEBACK_ORDER])
 def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
     """rms_norm + rope + cache write -> npu_kv_rmsnorm_rope_cache (v1: returns the updated caches).
 
@@ -171,7 +197,7 @@ def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
     return rewrite_kv_cache_writes(gm, emit, "rmsnorm+rope+cache write (functional)")
 
 
-@graph_pass()
+@graph_pass(ensures=[WRITEBACK_ORDER])
 def decompose_linear(gm: GraphModule) -> PassResult:
     """aten.linear has no GE converter (torchair's AOT step would decompose it): mm with the
     transposed weight (a view, no kernel).

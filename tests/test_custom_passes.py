@@ -125,3 +125,43 @@ def test_pipelines_are_their_stages():
             assert target.pipeline(phase) == [p for s in stages for p in STAGES[s]]
     with pytest.raises(ValueError, match="unknown target 'gpu'"):
         pipeline("gpu", "decode")
+
+
+def reads_after_copy_back(gm):
+    """Adds a read of the latent cache input at the end of the graph (folded into the output with
+    weight 0), after the copy back: in GE the Assign runs last, so that read would see other values."""
+    result = PassResult(changed=False)
+    g = gm.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    cache = next(n for n in g.nodes if n.op == "placeholder" and n.name == "latent_cache")
+    with g.inserting_before(out):
+        peek = call(g, aten.sum.default, call(g, aten.slice.Tensor, cache, 0, 0, 1))
+        new = call(g, aten.add.Tensor, out.args[0], call(g, aten.mul.Tensor, peek, 0.0))
+    out.args = (new,)
+    result.count("read after copy back")
+    return result
+
+
+def reads_the_old_cache(gm):
+    """Points the attention back at the cache input instead of the functional write's output."""
+    result = PassResult(changed=False)
+    for node in list(gm.graph.nodes):
+        if node.target is aten.copy_.default and node.args[0].op == "placeholder":
+            cache, updated = node.args
+            for user in list(updated.users):
+                if user is not node:
+                    user.replace_input_with(updated, cache)
+                    result.count("stale read")
+    return result
+
+
+@pytest.mark.parametrize("bad, message", [(reads_after_copy_back, "after its copy back"),
+                                          (reads_the_old_cache, "as it was before")])
+def test_cache_writeback_order_is_checked_after_any_pass(bad, message):
+    """torchair decode graphs write caches functionally and copy them back last; a pass (a user's
+    included, wherever it runs) that breaks that order is stopped by the final check."""
+    from conftest import V3_NPU
+    layer = MLAAttention(V3_NPU, dtype=torch.bfloat16)
+    lower(layer, "torchair", ["decode"], block_size=16)    # as it is: fine
+    with pytest.raises(PassVerificationError, match=f"after pass 'check_fully_lowered'.*{message}"):
+        lower(layer, "torchair", ["decode"], block_size=16, passes=[bad])
