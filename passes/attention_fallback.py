@@ -13,7 +13,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .base import PassResult, graph_pass
-from .graph_utils import call
+from .graph_utils import call, same_size
 from .mla_patterns import _is, val
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -51,7 +51,7 @@ def _emit(g, ql: Node, q_pe: Node, latent: Node, rope: Node, bt: Node, qsl: Node
     T, N, L = val(ql).shape
     R = val(q_pe).shape[-1]
     BS = val(latent).shape[1]
-    one_token_per_request = str(T) == str(val(bt).shape[0])
+    one_token_per_request = same_size(T, val(bt).shape[0])
     # sizes that are symbols are read from the graph (aten.sym_size), never baked in as numbers
     S = call(g, operator.mul, call(g, aten.sym_size.int, bt, 1), BS)                  # keys per token
     if one_token_per_request:

@@ -5,6 +5,7 @@ import torch
 from torch.fx import GraphModule
 
 from .base import PassResult, graph_pass
+from .graph_utils import same_size
 
 aten = torch.ops.aten
 
@@ -50,4 +51,4 @@ def remove_noop_views(gm: GraphModule) -> PassResult:
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dim() == b.dim() and all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
+    return a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.shape, b.shape))

@@ -85,3 +85,17 @@ def add_constant(gm, name: str, value: torch.Tensor, before: Node) -> Node:
 def first_user_position(gm) -> Node:
     """The first node that is neither a placeholder nor a get_attr: where constants go."""
     return next(n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Two sizes are equal for every batch: equal ints, or SymInts of one expression once the
+    equalities their shape environment knows are substituted (never by their printed form)."""
+    if isinstance(a, torch.SymInt) != isinstance(b, torch.SymInt):
+        return False
+    if not isinstance(a, torch.SymInt):
+        return a == b
+    ea, eb = a.node.expr, b.node.expr
+    env = a.node.shape_env
+    if env is not None and env is b.node.shape_env:
+        ea, eb = env.simplify(ea), env.simplify(eb)
+    return bool(ea == eb)
