@@ -45,7 +45,8 @@ class LoweredMLA(nn.Module):
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
         self.target_options = dict(target_options or {})
         self.checked = checked   # value checks before each call; None: $MLA_GRAPH_CHECKED decides
-        self._derived = _derived_constants(layer, graphs)
+        # fingerprints only where checked mode will compare them (they cost a float64 pass over the weight)
+        self._derived = _derived_constants(layer, graphs, fingerprint=checked_mode(checked))
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
         self.runners = {phase: target.runtimes[phase](gm, self.target_options, layer.config, block_size)
                         for phase, gm in graphs.items() if phase in target.runtimes}
@@ -98,13 +99,14 @@ class LoweredMLA(nn.Module):
         refreshed = 0
         for derived in self._derived:
             stale = force or derived.source._version != derived.version
-            if not stale and by_value:
-                stale = _fingerprint(derived.source) != derived.fingerprint
+            if not stale and by_value:   # no baseline yet (lowered outside checked mode): recut once
+                stale = derived.fingerprint is None or _fingerprint(derived.source) != derived.fingerprint
             if stale:
                 with torch.no_grad():
                     getattr(derived.gm, derived.buffer).copy_(derived.derive(derived.source))
                 derived.version = derived.source._version
-                derived.fingerprint = _fingerprint(derived.source)
+                derived.fingerprint = (_fingerprint(derived.source)
+                                       if by_value or derived.fingerprint is not None else None)
                 refreshed += 1
         return refreshed
 
@@ -125,16 +127,18 @@ class DerivedWeight:
     source: torch.Tensor                                 # the layer's weight it was cut from
     derive: Callable[[torch.Tensor], torch.Tensor]       # source -> value
     version: int                                         # source._version when last cut
-    fingerprint: tuple[float, float]                     # _fingerprint(source) when last cut
+    fingerprint: tuple[float, float] | None              # _fingerprint(source) when last cut (checked mode)
 
 
-def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule]) -> list[DerivedWeight]:
-    out = []
+def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule], fingerprint: bool) -> list[DerivedWeight]:
+    out, prints = [], {}
     for gm in graphs.values():
         for buffer, recipe in gm.meta.get("mla_derived_constants", {}).items():
             if recipe is not None:
                 source = layer.get_parameter(recipe[0])
-                out.append(DerivedWeight(gm, buffer, source, recipe[1], source._version, _fingerprint(source)))
+                if fingerprint and recipe[0] not in prints:   # once per source weight
+                    prints[recipe[0]] = _fingerprint(source)
+                out.append(DerivedWeight(gm, buffer, source, recipe[1], source._version, prints.get(recipe[0])))
     return out
 
 

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from passes.verifier import PassVerificationError, verify_attrs
+
 from .attention import MLAAttention
 from .capture import PHASES
 from .lowering import LoweredMLA, lower
@@ -72,7 +74,7 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
         group.reason = _why_not_rebindable(template, set(_layer_tensors(layers[first])))
         group.reused = not group.reason
         for i in group.layers[1:]:
-            out[i] = (rebind(template, layers[i]) if group.reused
+            out[i] = (rebind(template, layers[i], verify=verify) if group.reused
                       else lower(layers[i], target, phases, block_size=block_size, verify=verify,
                                  target_options=target_options))
     if summary is not None:
@@ -80,8 +82,12 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
     return out  # type: ignore[return-value]
 
 
-def rebind(template: LoweredMLA, layer: MLAAttention) -> LoweredMLA:
-    """`template`'s lowered graphs reading `layer`'s tensors; derived constants recomputed from them."""
+def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True) -> LoweredMLA:
+    """`template`'s lowered graphs reading `layer`'s tensors; derived constants recomputed from them.
+
+    The graphs are the template's, node for node, so the full verifier (which the template passed)
+    is not run again; with `verify`, what re-binding can break is: every tensor a graph reads
+    (the layer's own and each recut constant) has the shape and dtype its node records."""
     if (layer.config, layer.dtype, layer.num_heads) != (template.config, template._dtype, template.num_heads):
         raise ValueError(f"cannot rebind a lowering of {template.config.name} ({template._dtype}, "
                          f"{template.num_heads} heads) to a layer of {layer.config.name} ({layer.dtype}, "
@@ -107,8 +113,12 @@ def rebind(template: LoweredMLA, layer: MLAAttention) -> LoweredMLA:
                     derived_cache[key] = derive(own[source])
                 tensors[target] = derived_cache[key]
         graphs[phase] = _graph_module(gm, tensors)
+        problems = verify_attrs(graphs[phase]) if verify else []
+        if problems:
+            node, message = problems[0]
+            raise PassVerificationError("rebind", node, f"{phase} graph re-bound to another layer: {message}")
     return LoweredMLA(layer, template.target, graphs, template.reports, template.block_size,
-                      template.target_options)
+                      template.target_options, template.checked)
 
 
 def _why_not_rebindable(lowered: LoweredMLA, layer_tensors: set[str]) -> str:

@@ -101,11 +101,13 @@ class PassManager:
             os.makedirs(self.dump_dir, exist_ok=True)
             self._remove_stale_dumps()
             self._dump("00-capture", format_graph(gm), node_rows(gm), f"{gm.meta.get('mla_phase', '?')}: capture")
+        # call nodes the verifier found consistent, kept for this run: unchanged ones are not re-run
+        passed: dict = {}
         if self.verify:
-            self._raise_first("capture", verify_graph(gm))
+            self._raise_first("capture", verify_graph(gm, passed))
         records = []
         for index, fn in enumerate(self.pipeline, start=1):
-            record = self._run_one(index, fn, gm)
+            record = self._run_one(index, fn, gm, passed)
             records.append(record)
             if self.on_pass is not None:
                 self.on_pass(record)
@@ -118,7 +120,7 @@ class PassManager:
             self._write("summary.json", json.dumps(summary, indent=2))
         return report
 
-    def _run_one(self, index: int, fn: GraphPass, gm: GraphModule) -> PassRecord:
+    def _run_one(self, index: int, fn: GraphPass, gm: GraphModule, passed: dict) -> PassRecord:
         name = pass_name(fn)
         if self.verify:
             for inv in getattr(fn, "requires", ()):
@@ -154,7 +156,7 @@ class PassManager:
                 self._dump(f"{stem}.after", format_graph(gm), node_rows(gm), f"{title} (after)",
                            created=[n.name for n in created], pass_=name)
         if self.verify:
-            self._raise_first(name, verify_graph(gm))
+            self._raise_first(name, verify_graph(gm, passed))
             for inv in getattr(fn, "ensures", ()):
                 self._raise_first(name, [(n, f"ensures '{inv}': {m}") for n, m in inv.check(gm)])
         return PassRecord(index, name, seconds, result.changed, result.matches, dict(result.matches_by_rule),

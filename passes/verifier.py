@@ -19,8 +19,15 @@ class PassVerificationError(RuntimeError):
         self.pass_name, self.node, self.message = pass_name, node, message
 
 
-def verify_graph(gm: GraphModule) -> list[Violation]:
-    """Structural and shape violations of `gm`, in node order."""
+def verify_graph(gm: GraphModule, passed: dict[Node, tuple] | None = None) -> list[Violation]:
+    """Structural and shape violations of `gm`, in node order.
+
+    `passed` (the manager keeps one per pipeline run) remembers each call_function node whose fake
+    re-run agreed with its meta['val'], with what that result depended on: the node's target, its
+    args and kwargs objects, its meta['val'] and its inputs' meta['val'] objects. A node for which
+    all of these are the same objects again would give the same result, so it is not re-run; any
+    rewrite of it or of an input's value (FX makes new args tuples on every update) checks it again.
+    Lint, presence of meta['val'] and get_attr shapes are checked every time."""
     try:
         gm.graph.lint()
     except Exception as exc:  # lint raises plain RuntimeErrors with the reason
@@ -35,7 +42,38 @@ def verify_graph(gm: GraphModule) -> list[Violation]:
         if node.op == "get_attr":
             problems += _check_attr(gm, node)
         elif node.op == "call_function":
-            problems += _check_call(node)
+            if passed is None:
+                problems += _check_call(node)
+                continue
+            inputs = _inputs_of(node)
+            if _same_objects(passed.get(node), inputs):
+                continue
+            found = _check_call(node)
+            if found:
+                passed.pop(node, None)
+            else:
+                passed[node] = inputs
+            problems += found
+    return problems
+
+
+def _inputs_of(node: Node) -> tuple:
+    """Everything _check_call's outcome depends on, as objects (compared by identity)."""
+    return (node.target, node.args, node.kwargs, node.meta.get("val"),
+            *(n.meta.get("val") for n in node.all_input_nodes))
+
+
+def _same_objects(seen: tuple | None, now: tuple) -> bool:
+    return seen is not None and len(seen) == len(now) and all(a is b for a, b in zip(seen, now))
+
+
+def verify_attrs(gm: GraphModule) -> list[Violation]:
+    """The get_attr part of verify_graph: every tensor a graph reads exists with the shape and dtype
+    its meta['val'] records (what re-binding a verified graph to other tensors can break)."""
+    problems: list[Violation] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            problems += _check_attr(gm, node) if "val" in node.meta else [(node, "has no meta['val']")]
     return problems
 
 

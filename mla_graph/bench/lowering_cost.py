@@ -2,6 +2,7 @@
 re-bound, beside lowering each layer on its own and beside torch.compile(inductor) of the same math."""
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -16,7 +17,7 @@ from ..model_lowering import LayerLowering, lower_layers
 from ..rope import cos_sin_table
 from ..targets import TARGETS
 from .decode_step import decode_batch
-from .settings import Settings, fmt, timed
+from .settings import Settings, fmt, summary, timed
 
 
 def unfilled_layers(config: MLAConfig, count: int, *, dtype: torch.dtype, tp_size: int) -> list[MLAAttention]:
@@ -45,8 +46,9 @@ def lowering_cost(s: Settings, layers: list[MLAAttention], log: Callable[[str], 
                 row["reused"][str(n)] = None   # every layer would be lowered on its own: not timed
                 continue
             shapes: list[LayerLowering] = []
-            row["reused"][str(n)] = timed(lambda: lower_layers(layers[:n], target, ["decode"],
-                                                               block_size=s.block_size, summary=shapes), s.repeats)
+            row["reused"][str(n)] = timed_lowering(lambda: lower_layers(layers[:n], target, ["decode"],
+                                                                        block_size=s.block_size, summary=shapes),
+                                                   s.repeats)
             row["rebound"] = all(g.reused for g in shapes)
             row["not_rebound_because"] = next((g.reason for g in shapes if not g.reused), "")
             log(f"  lower {n:3d} layer(s) for {target}: {fmt(row['reused'][str(n)])}")
@@ -54,12 +56,27 @@ def lowering_cost(s: Settings, layers: list[MLAAttention], log: Callable[[str], 
             log(f"  {target}: layers not re-bound ({row['not_rebound_because']}); more layers not timed")
         if target == "reference":
             for n in s.separate_counts:
-                row["separate"][str(n)] = timed(
+                row["separate"][str(n)] = timed_lowering(
                     lambda: [lower(l, target, ["decode"], block_size=s.block_size) for l in layers[:n]], s.repeats)
                 log(f"  lower {n:3d} layer(s) for {target} one by one, no reuse: {fmt(row['separate'][str(n)])}")
         out["targets"][target] = row
     out["torch_compile"] = compile_cost(s, layers, out["targets"], log)
     return out
+
+
+def timed_lowering(fn: Callable[[], object], repeats: int) -> dict:
+    """Like settings.timed, but the lowered modules are dropped and collected outside the timing: their
+    GraphModules sit in reference cycles, so without a collection here each repeat's derived weights
+    (61 torchair layers: 2.4 GB) would be freed by whichever later sample the garbage collector runs in."""
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        lowered = fn()
+        samples.append(time.perf_counter() - start)
+        del lowered
+    gc.collect()
+    return summary(samples)
 
 
 def compile_cost(s: Settings, layers: list[MLAAttention], ours: dict, log: Callable[[str], None]) -> dict:
