@@ -109,10 +109,11 @@ class BucketedDecode:
         self.buckets_run: list[int] = []
         self._compiled = torch.compile(self._own_code(self._step), backend=self.backend, fullgraph=True,
                                        dynamic=False)
+        # one graph per bucket: Dynamo's recompile limits raised for this runner's calls only
         limit = len(options.graph_batch_sizes) + 1
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
+        self._limits = {"recompile_limit": max(torch._dynamo.config.recompile_limit, limit),
+                        "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           8 * limit)}
 
     @staticmethod
     def _own_code(method: Callable) -> Callable:
@@ -149,7 +150,7 @@ class BucketedDecode:
             padded = Call(torch.zeros(size, hidden.shape[1], dtype=hidden.dtype), torch.zeros(size, dtype=torch.int64),
                           kv_cache, _pad_metadata(empty, size, self.width, self.block_size), cos_sin)
             before = len(getattr(self.backend, "graphs", []))
-            with torch.no_grad():
+            with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
                 self._compiled(*graph_inputs(self.gm, padded))
             graphs += list(getattr(self.backend, "graphs", []))[before:]
         return graphs
@@ -164,7 +165,8 @@ class BucketedDecode:
         padded = Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
                       _pad_metadata(md, size, self.width, self.block_size), call.cos_sin)
         self.buckets_run.append(size)
-        return self._compiled(*graph_inputs(self.gm, padded))[:B]
+        with torch._dynamo.config.patch(**self._limits):
+            return self._compiled(*graph_inputs(self.gm, padded))[:B]
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:

@@ -279,3 +279,36 @@ def test_readme_torch_compile_example_runs():
     plain = DeepseekV3ForCausalLM(scope["config"]).eval()
     want = plain.generate(scope["ids"], attention_mask=scope["mask"], max_new_tokens=8, do_sample=False)
     assert torch.equal(scope["out"], want), (scope["out"], want)
+
+
+@pytest.mark.parametrize("blocks", [4, 2])
+def test_more_buckets_than_dynamos_recompile_limit_without_changing_it(blocks):
+    """Ten buckets compile ten graphs (Dynamo's default limit is 8 recompiles per function); the
+    limits are raised for the runner's own calls only, never process-wide. With rows of 2 blocks,
+    the first batch (2 requests) has a block table as wide as its token count: Dynamo's duck sizing
+    gives both one symbol, so that graph runs at its own size, and the next batch size recompiles.
+    (Rows of 3 blocks would meet the query_start_loc's 2 + 1 the same way.)"""
+    config, dtype = V2_LITE_TINY, torch.float32
+    model = model_for(config, dtype)
+    limits = (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit)
+    sizes = list(range(2, 12))
+    compiled = torch.compile(model, backend="mla_graph", dynamic=True, options={
+        "target": "torchair", "inner_backend": "eager", "target_options": {"graph_batch_sizes": sizes}})
+    before = {s.serial for s in compiled_steps()}
+    caches = [PagedLatentCache.allocate(config, 48, BS) for _ in range(2)]
+    rows = [caches[0].allocator.grow([], blocks * BS, BS) for _ in range(max(sizes))]
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        requests = [(1, blocks * BS - 1)] * n
+        md = build_metadata(requests, rows[:n], BS)
+        x = torch.randn(n, config.hidden_size, generator=gen)
+        with torch.no_grad():
+            got = compiled(x, positions_for(requests), caches, md)
+        torch.testing.assert_close(got, model(x, positions_for(requests), [c.clone() for c in caches], md),
+                                   rtol=1e-5, atol=2e-5)
+    runs = [(s.plan.padded, s.buckets_run, len(s.graphs)) for s in compiled_steps() if s.serial not in before]
+    if blocks == 4:
+        assert runs == [(True, sizes, len(sizes))]
+    else:
+        assert runs == [(False, [2], 1), (True, sizes[1:], len(sizes) - 1)]
+    assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit) == limits

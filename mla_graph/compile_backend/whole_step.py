@@ -109,10 +109,11 @@ class WholeStep:
         self.backend = _torchair_backend(self.options) if on_npu else StandInBackend(self.graphs)
         self._compiled = torch.compile(_own_code(self._run, self.serial), backend=self.backend,
                                        fullgraph=True, dynamic=False)
+        # one graph per bucket: Dynamo's recompile limits raised for this runner's calls only
         limit = len(self.options.graph_batch_sizes) + 1
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 8 * limit)
+        self._limits = {"recompile_limit": max(torch._dynamo.config.recompile_limit, limit),
+                        "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           8 * limit)}
         log.info("decode steps: %d MLA layer(s) inlined, one %s graph per batch bucket %s%s", len(self.lowered),
                  self.target, list(self.options.graph_batch_sizes),
                  "" if self.plan.padded else " (token count static here: one graph at this size)")
@@ -169,7 +170,7 @@ class WholeStep:
         # the per-step inputs the layers' graphs read, computed once for the whole step
         extra = [fn(values[p.step["positions"]], padded, dtype) for fn, dtype in self.step_inputs]
         self.buckets_run.append(size)
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
             out = self._compiled(*values, *extra)
         if size == tokens:
             return out
@@ -239,8 +240,13 @@ def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, s
     width = _expr(_example(placeholders[step["block_table"]]).shape[1])
     padded = not isinstance(tokens, int)
     width_padded = not isinstance(width, int)
-    if padded and width == tokens:
-        return None, "the block-table width and the token count are one symbol in this graph"
+    if padded and tokens.free_symbols & getattr(width, "free_symbols", set()):
+        # Dynamo met a first batch whose block table was as wide as its token count (or its request
+        # count + 1, ...: duck sizing): the graph holds only where that relation does, so it runs at
+        # its own size
+        log.info("decode steps: the block-table width is %s and the token count %s in this graph (Dynamo's "
+                 "duck sizing); each size runs as its own graph", width, tokens)
+        padded = width_padded = False
     caches = []
     for n in nodes:
         if not all(isinstance(n.args[i], Node) and n.args[i] in index for i in (LATENT, ROPE)):
@@ -262,7 +268,7 @@ def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, s
         if not isinstance(value, torch.Tensor) or not padded:
             continue
         dims = [_expr(d) for d in value.shape]
-        if tokens in dims[1:]:
+        if any(tokens.free_symbols & getattr(d, "free_symbols", set()) for d in dims[1:]):
             return None, f"input {node.name} has the token count in a dimension other than its first"
         if dims and dims[0] == tokens:
             if isinstance(real, nn.Parameter):
