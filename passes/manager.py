@@ -33,6 +33,8 @@ class PassRecord:
     created_nodes: list[str] = field(default_factory=list)
     erased_nodes: list[str] = field(default_factory=list)
     ops_after: dict[str, int] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)      # "old -> new in user": uses moved by the pass
+    edited_nodes: list[str] = field(default_factory=list)  # nodes it kept whose args or kwargs it edited
 
 
 @dataclass
@@ -130,8 +132,12 @@ class PassManager:
         before_text = str(gm.graph)
         # rendered now: the pass may erase nodes the "before" dumps must still show
         before = (format_graph(gm), node_rows(gm)) if self.dump_dir is not None else None
+        watch = _Provenance(gm)
         start = time.perf_counter()
-        result = fn(gm)
+        try:
+            result = fn(gm)
+        finally:
+            watch.stop()
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {name!r} returned {type(result).__name__}; a pass returns a PassResult")
@@ -143,10 +149,17 @@ class PassManager:
         if graph_changed and not result.changed:
             raise PassVerificationError(name, None, "the graph changed but the pass reported changed=False")
         after_nodes = set(gm.graph.nodes)
-        created = [n for n in gm.graph.nodes if n not in before_nodes]
-        erased = [n.name for n in before_nodes - after_nodes]
+        # what torch.fx's node hooks saw (nodes made and dropped within the pass are in neither list)
+        created = [n for n in gm.graph.nodes if n in watch.created]
+        erased = [n.name for n in watch.erased if n in before_nodes]
+        if set(created) != after_nodes - before_nodes or set(erased) != {n.name for n in before_nodes - after_nodes}:
+            raise PassVerificationError(name, None, "nodes appeared or vanished outside the graph's own "
+                                                    "create/erase (a pass must edit gm.graph in place)")
         for node in created:
             node.meta.setdefault("mla_pass", name)
+        edited = watch.edited(before_nodes & after_nodes)
+        for node in edited:
+            node.meta.setdefault("mla_edited_by", []).append(name)
         if result.changed:
             gm.recompile()
             if before is not None:
@@ -161,7 +174,7 @@ class PassManager:
                 self._raise_first(name, [(n, f"ensures '{inv}': {m}") for n, m in inv.check(gm)])
         return PassRecord(index, name, seconds, result.changed, result.matches, dict(result.matches_by_rule),
                           len(created), len(erased), list(result.notes), [n.name for n in created],
-                          sorted(erased), op_histogram(gm))
+                          sorted(erased), op_histogram(gm), watch.replaced, [n.name for n in edited])
 
     def _dump(self, stem: str, text: str, rows: list[dict], title: str, *, created: Sequence[str] = (),
               erased: Sequence[str] = (), pass_: str = "") -> None:
@@ -194,6 +207,40 @@ class PassManager:
             node, message = violations[0]
             more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
             raise PassVerificationError(name, node, message + more)
+
+
+class _Provenance:
+    """What one pass did to the graph, from torch.fx's node hooks on the module: nodes created and
+    erased, uses replaced (replace_all_uses_with / replace_input_with / renames), and, from the args
+    objects FX replaces on every edit, the kept nodes whose args or kwargs were edited in place."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.created: set = set()
+        self.erased: list = []
+        self.replaced: list[str] = []
+        self._args = {n: (n.args, n.kwargs) for n in gm.graph.nodes}
+        gm._register_create_node_hook(self._on_create)
+        gm._register_erase_node_hook(self._on_erase)
+        gm._register_replace_node_hook(self._on_replace)
+
+    def _on_create(self, node) -> None:
+        self.created.add(node)
+
+    def _on_erase(self, node) -> None:
+        self.erased.append(node)
+
+    def _on_replace(self, old, new, user) -> None:
+        self.replaced.append(f"{old.name} -> {new} in {user.name}")
+
+    def stop(self) -> None:
+        self.gm._unregister_create_node_hook(self._on_create)
+        self.gm._unregister_erase_node_hook(self._on_erase)
+        self.gm._unregister_replace_node_hook(self._on_replace)
+
+    def edited(self, kept: set) -> list:
+        return [n for n in self.gm.graph.nodes if n in kept
+                and (n.args is not self._args[n][0] or n.kwargs is not self._args[n][1])]
 
 
 def _weight_versions(gm: GraphModule) -> dict:

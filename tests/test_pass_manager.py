@@ -117,3 +117,43 @@ def test_a_pass_must_return_a_pass_result():
         def returns_bool(gm):
             return True
         PassManager([returns_bool]).run(_graph())
+
+
+def test_provenance_from_fx_node_hooks():
+    """Created, erased, replaced and edited-in-place, as torch.fx's hooks report them: a node made
+    and dropped within the pass is in neither list; an edited node records the pass."""
+    def rewrite(gm):
+        g = gm.graph
+        out = next(n for n in g.nodes if n.op == "output")
+        final = out.args[0]                                   # o_proj's linear
+        with g.inserting_before(out):
+            scratch = call(g, aten.mul.Tensor, final, 1.0)    # made, then dropped
+            halved = call(g, aten.mul.Tensor, final, 0.5)
+            doubled = call(g, aten.mul.Tensor, halved, 2.0)
+        g.erase_node(scratch)
+        final.replace_all_uses_with(doubled)                  # the output, and halved, now read doubled
+        halved.args = (final, 0.5)                            # edited in place: back to the linear
+        return PassResult(changed=True)
+
+    gm = _graph()
+    (record,) = PassManager([rewrite]).run(gm).records
+    assert record.created_nodes == ["mul_tensor_1", "mul_tensor_2"] and record.created == 2
+    assert record.erased == 0
+    assert sorted(record.replaced) == ["linear_4 -> mul_tensor_2 in mul_tensor_1",
+                                       "linear_4 -> mul_tensor_2 in output"]
+    assert record.edited_nodes == ["output"]                   # the new nodes are created, not edited
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert output.meta["mla_edited_by"] == ["rewrite"]
+
+
+def test_a_pass_that_swaps_the_graph_is_named():
+    """Provenance needs the graph edited in place (the hooks are on it): a pass that installs
+    another graph is stopped, naming it."""
+    import copy
+
+    def swaps(gm):
+        gm.graph = copy.deepcopy(gm.graph)
+        return PassResult(changed=True)
+
+    with pytest.raises(PassVerificationError, match="after pass 'swaps'.*outside the graph's own create/erase"):
+        PassManager([swaps]).run(_graph())
