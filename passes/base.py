@@ -16,6 +16,7 @@ class PassResult:
     matches: int = 0
     matches_by_rule: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rule_sources: dict[str, str] = field(default_factory=dict)   # rule -> file:line it was defined at (rewrite)
 
     def count(self, rule: str, n: int = 1) -> None:
         """Record n matches of `rule` (also counted in `matches`)."""

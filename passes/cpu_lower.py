@@ -8,7 +8,7 @@ import mla_graph.cpu_kernels  # noqa: F401  (registers torch.ops.mla_cpu)
 
 from .base import PassResult, graph_pass, no_ops
 from .graph_utils import call
-from .mla_patterns import _is
+from .rewrite import Rule, rewrite
 
 mla, mla_cpu = torch.ops.mla, torch.ops.mla_cpu
 RULE = "paged latent attention -> per-request GEMMs"
@@ -28,14 +28,8 @@ def lower_paged_attention_to_cpu(gm: GraphModule) -> PassResult:
     token per request) and the absorbed part of a mixed batch alike, since the kernel keeps the
     causal mask within a request's new tokens.
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, mla.paged_attention.default):
-            continue
-        with g.inserting_before(node):
-            fast = call(g, mla_cpu.paged_attention.default, *node.args)
-        node.replace_all_uses_with(fast)
-        g.erase_node(node)
-        result.count(RULE)
-    return result
+    return rewrite(gm, [TO_CPU_KERNEL])
+
+
+TO_CPU_KERNEL = Rule(RULE, mla.paged_attention.default,
+                     emit=lambda g, n: call(g, mla_cpu.paged_attention.default, *n.args, **n.kwargs))

@@ -35,6 +35,7 @@ class PassRecord:
     ops_after: dict[str, int] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)      # "old -> new in user": uses moved by the pass
     edited_nodes: list[str] = field(default_factory=list)  # nodes it kept whose args or kwargs it edited
+    rule_sources: dict[str, str] = field(default_factory=dict)   # rule -> file:line (passes.rewrite rules)
 
 
 @dataclass
@@ -174,7 +175,8 @@ class PassManager:
                 self._raise_first(name, [(n, f"ensures '{inv}': {m}") for n, m in inv.check(gm)])
         return PassRecord(index, name, seconds, result.changed, result.matches, dict(result.matches_by_rule),
                           len(created), len(erased), list(result.notes), [n.name for n in created],
-                          sorted(erased), op_histogram(gm), watch.replaced, [n.name for n in edited])
+                          sorted(erased), op_histogram(gm), watch.replaced, [n.name for n in edited],
+                          dict(result.rule_sources))
 
     def _dump(self, stem: str, text: str, rows: list[dict], title: str, *, created: Sequence[str] = (),
               erased: Sequence[str] = (), pass_: str = "") -> None:

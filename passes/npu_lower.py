@@ -18,6 +18,7 @@ from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
 from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
 from .mla_patterns import KvCacheWrite, _is, match_decompressed_attention, match_kv_cache_write, val
+from .rewrite import Rule, rewrite
 from .split_mixed import PARTS
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -123,21 +124,14 @@ def _rope_in_aten(g, x: Node, cos: Node, sin: Node, R: int) -> Node:
     return call(g, aten.cat.default, [first, second], -1)
 
 
+RMS_NORM = Rule("rms_norm", mla.rms_norm.default,
+                emit=lambda g, n: call(g, operator.getitem, call(g, _npu().npu_rms_norm.default, *n.args), 0))
+
+
 @graph_pass()
 def lower_rms_norm(gm: GraphModule) -> PassResult:
     """mla.rms_norm(x, g, eps) -> npu.npu_rms_norm(x, g, eps)[0]."""
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, mla.rms_norm.default):
-            continue
-        with g.inserting_before(node):
-            both = call(g, _npu().npu_rms_norm.default, *node.args)
-            y = call(g, operator.getitem, both, 0)
-        node.replace_all_uses_with(y)
-        g.erase_node(node)
-        result.count("rms_norm")
-    return result
+    return rewrite(gm, [RMS_NORM])
 
 
 def _mask(gm: GraphModule) -> Node:

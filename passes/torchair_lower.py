@@ -19,6 +19,7 @@ from .base import Invariant, PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, first_user_position
 from .mla_patterns import KvCacheWrite, _is, _split_part, match_kv_cache_write, val
 from .npu_lower import _npu, _rope_cos_sin, rewrite_kv_cache_writes
+from .rewrite import Rule, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -204,17 +205,12 @@ def decompose_linear(gm: GraphModule) -> PassResult:
 
         y = aten.linear(x[T, K], w[N, K])  ->  y = aten.mm(x, aten.t(w))
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, aten.linear.default) or len(node.args) != 2 or val(node.args[0]).dim() != 2:
-            continue
-        with g.inserting_before(node):
-            mm = call(g, aten.mm.default, node.args[0], call(g, aten.t.default, node.args[1]))
-        node.replace_all_uses_with(mm)
-        g.erase_node(node)
-        result.count("linear -> mm")
-    return result
+    return rewrite(gm, [LINEAR_TO_MM])
+
+
+LINEAR_TO_MM = Rule("linear -> mm", aten.linear.default,
+                    check=lambda n: len(n.args) == 2 and val(n.args[0]).dim() == 2,
+                    emit=lambda g, n: call(g, aten.mm.default, n.args[0], call(g, aten.t.default, n.args[1])))
 
 
 # host-list graph input -> the device tensor it is read from: int64, the only dtype GE's

@@ -165,3 +165,46 @@ def test_cache_writeback_order_is_checked_after_any_pass(bad, message):
     lower(layer, "torchair", ["decode"], block_size=16)    # as it is: fine
     with pytest.raises(PassVerificationError, match=f"after pass 'check_fully_lowered'.*{message}"):
         lower(layer, "torchair", ["decode"], block_size=16, passes=[bad])
+
+
+def test_rules_through_the_one_driver():
+    """passes.rewrite: the first rule that anchors and checks wins, each match is counted under its
+    rule with the file:line it was defined at (into the pass record and the dumps), and a node no
+    rule checks is left as it is."""
+    from passes.rewrite import Rule, rewrite
+    from passes.testing import check_pass
+
+    line = __import__("inspect").currentframe().f_lineno
+    square_only = Rule("square mm", aten.mm.default, check=lambda n: n.args[0] is n.args[1],
+                       emit=lambda g, n: call(g, aten.pow.Tensor_Scalar, n.args[0], 2))   # never for mm here
+    mm_as_matmul = Rule("mm -> matmul", aten.mm.default,
+                        emit=lambda g, n: call(g, aten.matmul.default, *n.args))
+    assert mm_as_matmul.defined_at == f"tests/test_custom_passes.py:{line + 3}"
+
+    def mine(gm):
+        return rewrite(gm, [square_only, mm_as_matmul])
+
+    def build(x, w):
+        return torch.ops.aten.mm.default(x, w).relu()
+
+    check = check_pass(mine, build, (torch.randn(4, 6), torch.randn(6, 8)),
+                       expect_ops={"aten.matmul.default": 1, "aten.mm.default": 0}, expect_matches=1)
+    assert check.record.matches_by_rule == {"mm -> matmul": 1}
+    assert check.record.rule_sources == {"mm -> matmul": mm_as_matmul.defined_at}
+    # our own passes built on it carry their rules' sources into the records
+    lowered = lower(MLAAttention(V3_TINY), "torchair", ["decode"], block_size=16)
+    record = next(r for r in lowered.reports["decode"].records if r.name == "decompose_linear")
+    assert record.matches_by_rule == {"linear -> mm": 4}   # q_a, q_b, kv_a, o_proj (kv_b_proj is absorbed)
+    assert record.rule_sources["linear -> mm"].startswith("passes/torchair_lower.py:")
+
+
+def test_the_pages_rule_equals_its_pass(doc_scope):
+    """The page's pass written as a rule gives the same graph as the hand-written one."""
+    from mla_graph import capture
+
+    layer = MLAAttention(V3_TINY, dtype=torch.bfloat16)
+    a, b = capture(layer, "decode", block_size=16), capture(layer, "decode", block_size=16)
+    assert doc_scope["o_proj_in_float32"](a).matches == 1
+    assert doc_scope["o_proj_in_float32_by_rule"](b).matches == 1
+    a.recompile(), b.recompile()
+    assert a.code == b.code
