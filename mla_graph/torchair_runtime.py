@@ -107,23 +107,9 @@ class BucketedDecode:
         self.on_npu = npu_backend() == "torch_npu"
         self.backend = _torchair_backend(options) if self.on_npu else StandInBackend()
         self.buckets_run: list[int] = []
-        self._compiled = torch.compile(self._own_code(self._step), backend=self.backend, fullgraph=True,
+        self._compiled = torch.compile(own_code(self._step, f"mla_decode_step_{id(self):x}"), backend=self.backend, fullgraph=True,
                                        dynamic=False)
-        # one graph per bucket: Dynamo's recompile limits raised for this runner's calls only
-        limit = len(options.graph_batch_sizes) + 1
-        self._limits = {"recompile_limit": max(torch._dynamo.config.recompile_limit, limit),
-                        "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit,
-                                                           8 * limit)}
-
-    @staticmethod
-    def _own_code(method: Callable) -> Callable:
-        """The step with a code object of its own: Dynamo caches compiled graphs per code object, so
-        every runner (every layer) gets its own cache and recompile budget (vllm-ascend's torchair
-        runner cloned `forward.__code__` for the same reason)."""
-        fn = method.__func__
-        clone = types.FunctionType(fn.__code__.replace(co_name=f"mla_decode_step_{id(method.__self__):x}"),
-                                   fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        return types.MethodType(clone, method.__self__)
+        self._limits = recompile_limits(options.graph_batch_sizes)
 
     def _step(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self.gm(*tensors)
@@ -167,6 +153,24 @@ class BucketedDecode:
         self.buckets_run.append(size)
         with torch._dynamo.config.patch(**self._limits):
             return self._compiled(*graph_inputs(self.gm, padded))[:B]
+
+
+def own_code(method: Callable, name: str) -> Callable:
+    """`method` with a code object of its own, named `name`: Dynamo caches compiled graphs (and counts
+    recompiles) per code object, so every runner gets its own cache and recompile budget
+    (vllm-ascend's torchair runner cloned `forward.__code__` for the same reason)."""
+    fn = method.__func__
+    clone = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, fn.__name__,
+                               fn.__defaults__, fn.__closure__)
+    return types.MethodType(clone, method.__self__)
+
+
+def recompile_limits(buckets: tuple[int, ...]) -> dict[str, int]:
+    """Dynamo config for one graph per bucket, applied around a runner's own calls (config.patch),
+    never process-wide."""
+    limit = len(buckets) + 1
+    return {"recompile_limit": max(torch._dynamo.config.recompile_limit, limit),
+            "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit, 8 * limit)}
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:

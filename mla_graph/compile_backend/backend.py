@@ -171,9 +171,7 @@ def _whole_step(gm: GraphModule, example_inputs: Sequence[Any], mla_nodes: list[
         log.info("decode steps: layer by layer (the first layer's cache is not a graph input)")
         return split
     block_size = int(latent.shape[1])
-    base = opts.dump_dir or os.environ.get("MLA_GRAPH_DUMP")
-    layers = [(node.args[8], os.path.join(os.fspath(base), _layer_path(node)) if base else None)
-              for node in mla_nodes]
+    layers = [(node.args[8], _layer_dump_dir(node, opts)) for node in mla_nodes]
 
     def lower_layers() -> list[LoweredMLA]:
         return [lowered_for(registered_layer(key), opts.target, block_size, "decode", dump_dir, opts)
@@ -258,12 +256,16 @@ def _layer_path(node: Node) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", re.sub(r"\['?([^]']+)'?\]", r".\1", path)).strip("._") or node.name
 
 
+def _layer_dump_dir(node: Node, options: BackendOptions) -> str | None:
+    """<dump_dir>/<layer path>, dump_dir falling back to $MLA_GRAPH_DUMP as lower() does; None: no dumps."""
+    base = options.dump_dir or os.environ.get("MLA_GRAPH_DUMP")
+    return os.path.join(os.fspath(base), _layer_path(node)) if base else None
+
+
 def _run_lowered_in(piece: GraphModule, options: BackendOptions) -> None:
     """Rewire a piece's mla::layer node to call the layer's lowered module (same arguments)."""
     (node,) = [n for n in piece.graph.nodes if _is_layer_op(n)]
-    base = options.dump_dir or os.environ.get("MLA_GRAPH_DUMP")   # as lower() falls back to it
-    dump_dir = os.path.join(os.fspath(base), _layer_path(node)) if base else None
-    piece.add_submodule("run_lowered", _RunLowered(options, dump_dir))
+    piece.add_submodule("run_lowered", _RunLowered(options, _layer_dump_dir(node, options)))
     node.op, node.target = "call_module", "run_lowered"
     piece.recompile()
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -36,8 +35,8 @@ from ..cache import PADDING_BLOCK, PagedLatentCache
 from ..capture import GRAPH_INPUTS, Call
 from ..lowering import LoweredMLA
 from ..metadata import MLAMetadata
-from ..torchair_runtime import StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend
-from ..layer_op import registered_layer
+from ..torchair_runtime import (StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend,
+                                own_code, recompile_limits)
 
 log = logging.getLogger("mla_graph.compile")
 
@@ -107,13 +106,9 @@ class WholeStep:
         self.inlined, self.step_inputs = inline_layers(self.gm, self.lowered)
         on_npu = all(m.runners["decode"].on_npu for m in self.lowered)
         self.backend = _torchair_backend(self.options) if on_npu else StandInBackend(self.graphs)
-        self._compiled = torch.compile(_own_code(self._run, self.serial), backend=self.backend,
+        self._compiled = torch.compile(own_code(self._run, f"mla_whole_step_{self.serial}"), backend=self.backend,
                                        fullgraph=True, dynamic=False)
-        # one graph per bucket: Dynamo's recompile limits raised for this runner's calls only
-        limit = len(self.options.graph_batch_sizes) + 1
-        self._limits = {"recompile_limit": max(torch._dynamo.config.recompile_limit, limit),
-                        "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit,
-                                                           8 * limit)}
+        self._limits = recompile_limits(self.options.graph_batch_sizes)
         log.info("decode steps: %d MLA layer(s) inlined, one %s graph per batch bucket %s%s", len(self.lowered),
                  self.target, list(self.options.graph_batch_sizes),
                  "" if self.plan.padded else " (token count static here: one graph at this size)")
@@ -191,15 +186,6 @@ class WholeStep:
 
     def _caches(self, args: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(args[i], args[j]) for i, j in self.plan.caches]
-
-
-def _own_code(method: Callable, serial: int) -> Callable:
-    """A code object of its own per runner: Dynamo caches compiled graphs (and counts recompiles)
-    per code object."""
-    fn = method.__func__
-    clone = types.FunctionType(fn.__code__.replace(co_name=f"mla_whole_step_{serial}"),
-                               fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return types.MethodType(clone, method.__self__)
 
 
 def _expr(value: Any) -> Any:
@@ -318,7 +304,7 @@ def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModul
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     # per-step inputs: placeholders after Dynamo's (their order is the call's order)
-    for (name, table_id, dtype), placeholder in step_nodes.items():
+    for name, table_id, dtype in step_nodes:
         step_inputs.append((_step_input(name, tables[table_id]), dtype))
     graph.output(torch.fx.graph.map_arg(output_node.args[0], lambda n: env[n]))
     graph.eliminate_dead_code()
