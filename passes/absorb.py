@@ -4,11 +4,12 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule, Node
 
 from .base import Invariant, PassResult, Violation, graph_pass
 from .graph_utils import add_constant, call, first_user_position
-from .mla_patterns import match_decompressed_attention, val
+from .mla_patterns import DECOMPRESSED, val
+from .rewrite import Match, Rule, Skip, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -54,47 +55,43 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
     {buffer: (get_attr target of the source weight, function of that weight)}, so a layer of the
     same shape can reuse this graph with its own weights (mla_graph.model_lowering replays it).
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        m = match_decompressed_attention(node)
-        if m is None:
-            continue
-        form = node.meta.get("mla_attention_form", gm.meta.get("mla_attention_form", "absorbed"))
-        if form != "absorbed":
-            result.notes.append(f"{node.name}: attention form is {form!r}: not absorbed")
-            continue
-        weight = gm.get_parameter(m.w_kv_b.target) if m.w_kv_b.op == "get_attr" else None
-        if weight is None:
-            result.notes.append(f"{node.name}: kv_b_proj weight is not a constant; not absorbed")
-            continue
-        _, N, P = val(m.q_nope).shape
-        V = m.v_dim
-        cut_uk = partial(cut_w_uk, heads=N, nope_dim=P, v_dim=V)
-        cut_uv = partial(cut_w_uv, heads=N, nope_dim=P, v_dim=V)
-        anchor = first_user_position(gm)
-        w_uk_node = add_constant(gm, f"{node.name}_w_uk", cut_uk(weight), anchor)
-        w_uv_node = add_constant(gm, f"{node.name}_w_uv", cut_uv(weight), anchor)
-        derived = gm.meta.setdefault("mla_derived_constants", {})
-        derived[w_uk_node.target] = (m.w_kv_b.target, cut_uk)
-        derived[w_uv_node.target] = (m.w_kv_b.target, cut_uv)
-        with g.inserting_before(node):
-            lat = call(g, mla.gather_paged.default, m.latent_cache, m.block_table)      # [B, S, L]
-            rope = call(g, mla.gather_paged.default, m.rope_cache, m.block_table)       # [B, S, R]
-            B, S, _ = val(lat).shape
-            k = call(g, aten.unsqueeze.default, call(g, aten.cat.default, [lat, rope], -1), 2)
-            v = call(g, aten.unsqueeze.default, lat, 2)
-            ql = call(g, aten.bmm.default, call(g, aten.permute.default, m.q_nope, [1, 0, 2]), w_uk_node)
-            q = call(g, aten.cat.default, [call(g, aten.permute.default, ql, [1, 0, 2]), m.q_pe], -1)
-            o = call(g, mla.attention.default, q, k, v, m.query_start_loc, m.seq_lens, m.scale)
-            out = call(g, aten.bmm.default, call(g, aten.permute.default, o, [1, 0, 2]), w_uv_node)
-            out = call(g, aten.permute.default, out, [1, 0, 2])
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        result.count("absorb decompressed attention")
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+    return rewrite(gm, [ABSORB], dead_code=True)
+
+
+def _chosen(m: Match) -> bool | Skip:
+    gm = m.node.graph.owning_module
+    form = m.node.meta.get("mla_attention_form", gm.meta.get("mla_attention_form", "absorbed"))
+    if form != "absorbed":
+        return Skip(f"{m.node.name}: attention form is {form!r}: not absorbed")
+    if m.w_kv_b.op != "get_attr":
+        return Skip(f"{m.node.name}: kv_b_proj weight is not a constant; not absorbed")
+    return True
+
+
+def _absorbed(g: Graph, m: Match) -> Node:
+    gm = g.owning_module
+    weight = gm.get_parameter(m.w_kv_b.target)
+    _, N, P = val(m.q_nope).shape
+    cut_uk = partial(cut_w_uk, heads=N, nope_dim=P, v_dim=m.sizes[1])
+    cut_uv = partial(cut_w_uv, heads=N, nope_dim=P, v_dim=m.sizes[1])
+    anchor = first_user_position(gm)
+    w_uk_node = add_constant(gm, f"{m.node.name}_w_uk", cut_uk(weight), anchor)
+    w_uv_node = add_constant(gm, f"{m.node.name}_w_uv", cut_uv(weight), anchor)
+    derived = gm.meta.setdefault("mla_derived_constants", {})
+    derived[w_uk_node.target] = (m.w_kv_b.target, cut_uk)
+    derived[w_uv_node.target] = (m.w_kv_b.target, cut_uv)
+    lat = call(g, mla.gather_paged.default, m.latent_cache, m.block_table)      # [B, S, L]
+    rope = call(g, mla.gather_paged.default, m.rope_cache, m.block_table)       # [B, S, R]
+    k = call(g, aten.unsqueeze.default, call(g, aten.cat.default, [lat, rope], -1), 2)
+    v = call(g, aten.unsqueeze.default, lat, 2)
+    ql = call(g, aten.bmm.default, call(g, aten.permute.default, m.q_nope, [1, 0, 2]), w_uk_node)
+    q = call(g, aten.cat.default, [call(g, aten.permute.default, ql, [1, 0, 2]), m.q_pe], -1)
+    o = call(g, mla.attention.default, q, k, v, m.query_start_loc, m.seq_lens, m.scale)
+    out = call(g, aten.bmm.default, call(g, aten.permute.default, o, [1, 0, 2]), w_uv_node)
+    return call(g, aten.permute.default, out, [1, 0, 2])
+
+
+ABSORB = Rule("absorb decompressed attention", DECOMPRESSED, emit=_absorbed, check=_chosen)
 
 
 def cut_w_uk(kv_b_weight: torch.Tensor, *, heads: int, nope_dim: int, v_dim: int) -> torch.Tensor:

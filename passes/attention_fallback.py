@@ -14,7 +14,8 @@ from torch.fx import GraphModule, Node
 
 from .base import PassResult, graph_pass
 from .graph_utils import call, same_size
-from .mla_patterns import _is, val
+from .mla_patterns import val
+from .rewrite import Rule, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
 FALLBACK_RULE = "paged latent attention (aten)"
@@ -33,17 +34,7 @@ def lower_paged_attention_to_aten(gm: GraphModule) -> PassResult:
 
     Scores and softmax run in float32 (as the reference does), the output in the model dtype.
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, mla.paged_attention.default):
-            continue
-        with g.inserting_before(node):
-            out = _emit(g, *node.args)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        result.count(FALLBACK_RULE)
-    return result
+    return rewrite(gm, [Rule(FALLBACK_RULE, mla.paged_attention.default, emit=lambda g, n: _emit(g, *n.args))])
 
 
 def _emit(g, ql: Node, q_pe: Node, latent: Node, rope: Node, bt: Node, qsl: Node, seq_lens: Node,

@@ -6,6 +6,7 @@ from torch.fx import GraphModule
 
 from .base import PassResult, graph_pass
 from .graph_utils import same_size
+from .rewrite import Rule, rewrite
 
 aten = torch.ops.aten
 
@@ -35,20 +36,17 @@ def remove_noop_views(gm: GraphModule) -> PassResult:
         y = aten.linear(view, w)
       ->  y = aten.linear(x, w)
     """
-    result = PassResult(changed=False)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _VIEW_OPS:
-            continue
-        src = node.args[0]
-        out, inp = node.meta.get("val"), getattr(src, "meta", {}).get("val")
-        if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
-            continue
-        if _same_shape(out, inp) and out.dtype == inp.dtype:
-            node.replace_all_uses_with(src)
-            gm.graph.erase_node(node)
-            result.count(str(node.target).split(".")[1])
-    return result
+    return rewrite(gm, NOOP_VIEWS)
+
+
+def _noop(node) -> bool:
+    out, inp = node.meta.get("val"), getattr(node.args[0], "meta", {}).get("val")
+    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and _same_shape(out, inp)
+            and out.dtype == inp.dtype)
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.shape, b.shape))
+
+
+NOOP_VIEWS = [Rule(str(op).split(".")[1], op, emit=lambda g, n: n.args[0], check=_noop) for op in _VIEW_OPS]

@@ -16,7 +16,8 @@ import torch
 from torch.fx import GraphModule
 
 from .base import Invariant, PassResult, Violation, graph_pass
-from .mla_patterns import DecompressedAttention, match_decompressed_attention, val
+from .mla_patterns import match_decompressed_attention, val
+from .rewrite import Match
 
 # Representative batches: (requests, new tokens per request, context tokens per request).
 REPRESENTATIVE = {
@@ -84,7 +85,7 @@ EVERY_ATTENTION_COSTED = Invariant("every decompressed attention has a form", _e
 
 
 @graph_pass(ensures=[EVERY_ATTENTION_COSTED])
-def choose_attention_form(gm: GraphModule, *, admissible: Callable[[DecompressedAttention], str] | None = None
+def choose_attention_form(gm: GraphModule, *, admissible: Callable[[Match], str] | None = None
                           ) -> PassResult:
     """Records the form of each attention for the absorb pass (node.meta['mla_attention_form'], and
     gm.meta for the whole graph); the graph is not changed.
@@ -102,8 +103,8 @@ def choose_attention_form(gm: GraphModule, *, admissible: Callable[[Decompressed
         if m is None:
             continue
         q = val(m.q_nope)
-        dims = Dims(heads=q.shape[1], qk_nope=m.qk_nope, rope=val(m.q_pe).shape[-1],
-                    latent=val(m.latent_cache).shape[-1], v=m.v_dim, dtype_bytes=q.element_size())
+        dims = Dims(heads=q.shape[1], qk_nope=m.sizes[0], rope=val(m.q_pe).shape[-1],
+                    latent=val(m.latent_cache).shape[-1], v=m.sizes[1], dtype_bytes=q.element_size())
         batch = node.meta.get("mla_batch_part") or gm.meta.get("mla_phase", "mixed")
         costs = attention_costs(dims, *REPRESENTATIVE[batch])
         form = min(costs, key=lambda f: costs[f].seconds)

@@ -16,9 +16,9 @@ from mla_graph.npu.limits import Violation
 
 from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
-from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol
-from .mla_patterns import KvCacheWrite, _is, match_decompressed_attention, match_kv_cache_write, val
-from .rewrite import Rule, rewrite
+from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol, same_size
+from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, val
+from .rewrite import Match, Rule, Skip, rewrite
 from .split_mixed import PARTS
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -50,34 +50,25 @@ def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
         npu.npu_kv_rmsnorm_rope_cache_v2(kv[T,1,1,L+R], g, cos, sin, slots, rope_cache, latent_cache,
                                          epsilon=eps, cache_mode='PA')     # writes both caches
     """
-    def emit(g, m: KvCacheWrite, kv4: Node, cos: Node, sin: Node) -> None:
-        call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, m.gamma, cos, sin, m.slots,
-             m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
-
-    return rewrite_kv_cache_writes(gm, emit, "rmsnorm+rope+cache write")
+    return rewrite(gm, [KV_WRITE_V2], dead_code=True)
 
 
-def rewrite_kv_cache_writes(gm: GraphModule, emit: Callable[..., None], rule: str) -> PassResult:
-    """Replace each latent cache write (match_kv_cache_write) whose norm and rope feed nothing else
-    with what `emit(graph, match, kv[T,1,1,L+R], cos, sin)` builds in its place."""
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        m = match_kv_cache_write(node)
-        if m is None:
-            continue
-        if not m.exclusive:
-            result.notes.append(f"{node.name}: the normed latent or roped key has other users; not fused")
-            continue
-        cos, sin = _rope_cos_sin(gm, m.positions, m.table)
-        with g.inserting_before(node):
-            kv4 = call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]])
-            emit(g, m, kv4, cos, sin)
-        g.erase_node(node)
-        result.count(rule)
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+def kv_cache_write_rule(name: str, emit: Callable[..., Node | None]) -> Rule:
+    """A rule for each latent cache write (KV_CACHE_WRITE) whose norm and rope feed nothing else:
+    `emit(graph, match, kv[T,1,1,L+R], cos, sin)` builds what replaces it."""
+    def emit_write(g, m: Match) -> Node | None:
+        cos, sin = _rope_cos_sin(g.owning_module, m.positions, m.table)
+        return emit(g, m, call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]]), cos, sin)
+    return Rule(name, KV_CACHE_WRITE, emit=emit_write,
+                missed="the normed latent or roped key has other users (or no norm and rope in front); not fused")
+
+
+def _write_v2(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
+    call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, m.gamma, cos, sin, m.slots, m.rope_cache,
+         m.latent_cache, epsilon=m.eps, cache_mode="PA")
+
+
+KV_WRITE_V2 = kv_cache_write_rule("rmsnorm+rope+cache write", _write_v2)
 
 
 @graph_pass()
@@ -90,27 +81,27 @@ def lower_rope(gm: GraphModule) -> PassResult:
       |   x0, x1 = x[..., 0::2], x[..., 1::2]; c, s = cos[..., :R/2], sin[..., :R/2]
           q_pe = cat(x0 * c - x1 * s, x1 * c + x0 * s)                               # fp32 models
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, mla.rope.default) or val(node).dim() != 3:
-            continue
-        x, positions, table = node.args
-        T, N, R = val(x).shape
-        cos, sin = _rope_cos_sin(gm, positions, table)
-        with g.inserting_before(node):
-            if val(x).dtype in limits.INTERLEAVE_ROPE_DTYPES:
-                x4 = call(g, aten.view.default, call(g, aten.clone.default, x), [-1, N, 1, R])
-                y = call(g, _npu().npu_interleave_rope.default, x4, cos, sin)
-                out = call(g, aten.view.default, y, [-1, N, R])
-                rule = "q rope"
-            else:
-                out = _rope_in_aten(g, x, cos, sin, R)
-                rule = "q rope (aten: no InterleaveRope for this dtype)"
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        result.count(rule)
-    return result
+    return rewrite(gm, [Q_ROPE, Q_ROPE_ATEN])
+
+
+def _interleave_rope(g, n: Node) -> Node:
+    x, positions, table = n.args
+    _, N, R = val(x).shape
+    cos, sin = _rope_cos_sin(g.owning_module, positions, table)
+    x4 = call(g, aten.view.default, call(g, aten.clone.default, x), [-1, N, 1, R])
+    return call(g, aten.view.default, call(g, _npu().npu_interleave_rope.default, x4, cos, sin), [-1, N, R])
+
+
+def _rope_aten(g, n: Node) -> Node:
+    x, positions, table = n.args
+    cos, sin = _rope_cos_sin(g.owning_module, positions, table)
+    return _rope_in_aten(g, x, cos, sin, val(x).shape[-1])
+
+
+Q_ROPE = Rule("q rope", mla.rope.default, emit=_interleave_rope,
+              check=lambda n: val(n).dim() == 3 and val(n).dtype in limits.INTERLEAVE_ROPE_DTYPES)
+Q_ROPE_ATEN = Rule("q rope (aten: no InterleaveRope for this dtype)", mla.rope.default, emit=_rope_aten,
+                   check=lambda n: val(n).dim() == 3 and val(n).dtype not in limits.INTERLEAVE_ROPE_DTYPES)
 
 
 def _rope_in_aten(g, x: Node, cos: Node, sin: Node, R: int) -> Node:
@@ -164,7 +155,7 @@ def paged_fia_limits(ql: Node, q_pe: Node, latent_cache: Node, bt: Node) -> list
     violations = limits.hard(limits.fia_mla(
         dtype=val(ql).dtype, num_heads=N, latent=L, rope=val(q_pe).shape[-1], kv_heads=1,
         block_size=val(latent_cache).shape[1], paged=True, query_tokens=[1]))
-    if str(T) != str(val(bt).shape[0]):
+    if not same_size(T, val(bt).shape[0]):
         violations.append(limits.Violation(
             limits.FIA, "query tokens per request", "a prefill chunk's length (known per call only)",
             f"1..{limits.MLA_MAX_QUERY_TOKENS}", "MLA constraints, L8176"))
@@ -182,33 +173,31 @@ def lower_paged_attention(gm: GraphModule) -> PassResult:
               ..., query_rope=.., key_rope=.., block_table=bt, actual_seq_lengths_kv=seq_lens_list,
               num_heads=N, num_key_value_heads=1, input_layout='BNSD', block_size=BS)[0], [B,N,L])
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, mla.paged_attention.default):
-            continue
-        ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = node.args
-        why_not = paged_fia_limits(ql, q_pe, latent_cache, bt)
-        if why_not:
-            result.notes.append(f"{node.name}: not FIA: {why_not[0].message()}")
-            continue
-        T, N, L = val(ql).shape
-        R = val(q_pe).shape[-1]
-        BS = val(latent_cache).shape[1]
-        kv_lens = _host_list(gm, f"{input_prefix(seq_lens)}seq_lens_list")
-        with g.inserting_before(node):
-            k = call(g, aten.view.default, latent_cache, [-1, 1, BS, L])
-            kr = call(g, aten.view.default, rope_cache, [-1, 1, BS, R])
-            q = call(g, aten.view.default, ql, [-1, N, 1, L])
-            qr = call(g, aten.view.default, q_pe, [-1, N, 1, R])
-            fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, k, query_rope=qr, key_rope=kr,
-                       actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=scale,
-                       input_layout="BNSD", num_key_value_heads=1, sparse_mode=0, block_size=BS)
-            out = call(g, aten.view.default, call(g, operator.getitem, fia, 0), [-1, N, L])
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        result.count("paged latent attention (BNSD)")
-    return result
+    return rewrite(gm, [PAGED_FIA])
+
+
+def _fia_admits(n: Node) -> bool | Skip:
+    why_not = paged_fia_limits(*n.args[:2], n.args[2], n.args[4])
+    return Skip(f"{n.name}: not FIA: {why_not[0].message()}") if why_not else True
+
+
+def _paged_fia(g, n: Node) -> Node:
+    ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = n.args
+    _, N, L = val(ql).shape
+    R = val(q_pe).shape[-1]
+    BS = val(latent_cache).shape[1]
+    kv_lens = _host_list(g.owning_module, f"{input_prefix(seq_lens)}seq_lens_list")
+    k = call(g, aten.view.default, latent_cache, [-1, 1, BS, L])
+    kr = call(g, aten.view.default, rope_cache, [-1, 1, BS, R])
+    q = call(g, aten.view.default, ql, [-1, N, 1, L])
+    qr = call(g, aten.view.default, q_pe, [-1, N, 1, R])
+    fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, k, query_rope=qr, key_rope=kr,
+               actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=scale,
+               input_layout="BNSD", num_key_value_heads=1, sparse_mode=0, block_size=BS)
+    return call(g, aten.view.default, call(g, operator.getitem, fia, 0), [-1, N, L])
+
+
+PAGED_FIA = Rule("paged latent attention (BNSD)", mla.paged_attention.default, emit=_paged_fia, check=_fia_admits)
 
 
 @graph_pass(ensures=[EVERY_ATTENTION_COSTED])
@@ -222,7 +211,7 @@ def context_fia_limits(m) -> list[Violation]:
     """Why FIA's TND layout cannot take this decompressed attention (hard limits only)."""
     _, N, P = val(m.q_nope).shape
     return limits.hard(limits.fia_tnd(dtype=val(m.q_nope).dtype, num_heads=N, num_kv_heads=N,
-                                      qk_dim=P + val(m.q_pe).shape[-1], v_dim=m.v_dim, sparse_mode=3,
+                                      qk_dim=P + val(m.q_pe).shape[-1], v_dim=m.sizes[1], sparse_mode=3,
                                       has_mask=True))
 
 
@@ -238,43 +227,43 @@ def lower_context_attention(gm: GraphModule) -> PassResult:
               actual_seq_lengths=query_ends_list, actual_seq_lengths_kv=context_ends_list,
               input_layout='TND', sparse_mode=3)[0]
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        m = match_decompressed_attention(node)
-        if m is None:
-            continue
-        T, N, P = val(m.q_nope).shape
-        L, R = val(m.latent_cache).shape[-1], val(m.rope_cache).shape[-1]
-        why_not = context_fia_limits(m)
-        if why_not:
-            raise ValueError(f"{node.name}: decompressed attention the FIA TND kernel cannot take: "
-                             f"{why_not[0].message()}; choose_attention_form should have chosen 'absorbed'")
-        prefix = input_prefix(m.seq_lens)
-        existing = next((n for n in g.nodes if n.op == "placeholder" and n.name == f"{prefix}context_slots"), None)
-        slots = existing or add_input(gm, f"{prefix}context_slots", _fake_slots(gm))
-        mask = _mask(gm)
-        q_ends = _host_list(gm, f"{prefix}query_ends_list")
-        kv_ends = _host_list(gm, f"{prefix}context_ends_list")
-        with g.inserting_before(node):
-            lat = call(g, aten.index_select.default, call(g, aten.view.default, m.latent_cache, [-1, L]), 0, slots)
-            rope = call(g, aten.index_select.default, call(g, aten.view.default, m.rope_cache, [-1, R]), 0, slots)
-            kv = call(g, aten.view.default, call(g, aten.linear.default, lat, m.w_kv_b), [-1, N, P + m.v_dim])
-            parts = call(g, aten.split_with_sizes.default, kv, [P, m.v_dim], -1)
-            k_nope, v = call(g, operator.getitem, parts, 0), call(g, operator.getitem, parts, 1)
-            k_pe = call(g, aten.expand.default, call(g, aten.view.default, rope, [-1, 1, R]), [-1, N, R])
-            k = call(g, aten.cat.default, [k_nope, k_pe], -1)
-            q = call(g, aten.cat.default, [m.q_nope, m.q_pe], -1)
-            fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, v, atten_mask=mask,
-                       actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_ends, num_heads=N, scale=m.scale,
-                       input_layout="TND", num_key_value_heads=N, sparse_mode=3)
-            out = call(g, operator.getitem, fia, 0)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        result.count("decompressed context attention (TND)")
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+    return rewrite(gm, [CONTEXT_FIA], dead_code=True)
+
+
+def _tnd_admits(m: Match) -> bool:
+    why_not = context_fia_limits(m)
+    if why_not:
+        raise ValueError(f"{m.node.name}: decompressed attention the FIA TND kernel cannot take: "
+                         f"{why_not[0].message()}; choose_attention_form should have chosen 'absorbed'")
+    return True
+
+
+def _context_fia(g, m: Match) -> Node:
+    gm = g.owning_module
+    _, N, P = val(m.q_nope).shape
+    V = m.sizes[1]
+    L, R = val(m.latent_cache).shape[-1], val(m.rope_cache).shape[-1]
+    prefix = input_prefix(m.seq_lens)
+    existing = next((n for n in g.nodes if n.op == "placeholder" and n.name == f"{prefix}context_slots"), None)
+    slots = existing or add_input(gm, f"{prefix}context_slots", _fake_slots(gm))
+    mask = _mask(gm)
+    q_ends = _host_list(gm, f"{prefix}query_ends_list")
+    kv_ends = _host_list(gm, f"{prefix}context_ends_list")
+    lat = call(g, aten.index_select.default, call(g, aten.view.default, m.latent_cache, [-1, L]), 0, slots)
+    rope = call(g, aten.index_select.default, call(g, aten.view.default, m.rope_cache, [-1, R]), 0, slots)
+    kv = call(g, aten.view.default, call(g, aten.linear.default, lat, m.w_kv_b), [-1, N, P + V])
+    parts = call(g, aten.split_with_sizes.default, kv, [P, V], -1)
+    k_nope, v = call(g, operator.getitem, parts, 0), call(g, operator.getitem, parts, 1)
+    k_pe = call(g, aten.expand.default, call(g, aten.view.default, rope, [-1, 1, R]), [-1, N, R])
+    k = call(g, aten.cat.default, [k_nope, k_pe], -1)
+    q = call(g, aten.cat.default, [m.q_nope, m.q_pe], -1)
+    fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, v, atten_mask=mask,
+               actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_ends, num_heads=N, scale=m.scale,
+               input_layout="TND", num_key_value_heads=N, sparse_mode=3)
+    return call(g, operator.getitem, fia, 0)
+
+
+CONTEXT_FIA = Rule("decompressed context attention (TND)", DECOMPRESSED, emit=_context_fia, check=_tnd_admits)
 
 
 def _fake_slots(gm: GraphModule) -> torch.Tensor:

@@ -6,9 +6,18 @@ from torch.fx import GraphModule
 
 from .base import PassResult, graph_pass
 from .graph_utils import call
-from .mla_patterns import _is, _through_views
+from .rewrite import Pattern, Rule, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
+
+
+@Pattern
+def GATHERED_LATENT_ATTENTION(ql, q_pe, latent_cache, rope_cache, block_table, query_start_loc, seq_lens, scale):
+    """Latent MQA (one KV head: the latent, with the rope part for keys) over gathered cache blocks."""
+    lat = mla.gather_paged.default(latent_cache, block_table)
+    k = aten.unsqueeze.default(aten.cat.default([lat, mla.gather_paged.default(rope_cache, block_table)], -1), 2)
+    return mla.attention.default(aten.cat.default([ql, q_pe], -1), k, aten.unsqueeze.default(lat, 2),
+                                 query_start_loc, seq_lens, scale)
 
 
 @graph_pass()
@@ -20,30 +29,9 @@ def page_latent_attention(gm: GraphModule) -> PassResult:
       ->
         o = mla.paged_attention(ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, s)
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for node in list(g.nodes):
-        if not _is(node, mla.attention.default):
-            continue
-        q, k, v, qsl, seq_lens, scale = node.args
-        k_cat, v_src = _through_views(_unsqueezed(k)), _unsqueezed(v)
-        if not (_is(q, aten.cat.default) and _is(k_cat, aten.cat.default) and len(k_cat.args[0]) == 2):
-            continue
-        lat, rope = k_cat.args[0]
-        if not (_is(lat, mla.gather_paged.default) and _is(rope, mla.gather_paged.default)
-                and v_src is lat and lat.args[1] is rope.args[1]):
-            continue
-        ql, q_pe = q.args[0]
-        with g.inserting_before(node):
-            paged = call(g, mla.paged_attention.default, ql, q_pe, lat.args[0], rope.args[0], lat.args[1],
-                         qsl, seq_lens, scale)
-        node.replace_all_uses_with(paged)
-        g.erase_node(node)
-        result.count("latent attention over gathered blocks")
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+    return rewrite(gm, [PAGED], dead_code=True)
 
 
-def _unsqueezed(node):
-    return node.args[0] if _is(node, aten.unsqueeze.default) else node
+PAGED = Rule("latent attention over gathered blocks", GATHERED_LATENT_ATTENTION, emit=lambda g, m: call(
+    g, mla.paged_attention.default, m.ql, m.q_pe, m.latent_cache, m.rope_cache, m.block_table, m.query_start_loc,
+    m.seq_lens, m.scale))

@@ -1,37 +1,48 @@
-"""Rules and the one driver that applies them: the node-walking skeleton of a rewrite, written once.
+"""Rules, traced patterns and the one driver that applies them: the node-walking skeleton of a rewrite, written once.
 
-A Rule is (anchor, check, emit): the op a node must call, whether this node qualifies, and the
-nodes that replace it. `rewrite(gm, rules)` walks the graph once; at each node, the first rule that
-anchors there and checks emits its replacement before the node, the node's uses move to it, the
-node goes, and the match is counted under the rule's name. Each rule records where it was defined
-(file:line), which the pass's record carries into the dumps beside the counts.
+A Rule is (anchor, match, emit): the op a node must call, whether and how the node matches, and
+the nodes that replace it. `rewrite(gm, rules)` walks the graph once; at each node, the first rule
+that anchors there and matches emits its replacement before the node, the node's uses move to it,
+the node goes, and the match is counted under the rule's name. Each rule records where it was
+defined (file:line), which the pass's record carries into the dumps beside the counts.
+
+Small rewrites are declarative (a check on the node, an emit):
 
     RMS_NORM = Rule("rms_norm", mla.rms_norm.default,
                     emit=lambda g, n: call(g, operator.getitem, call(g, npu.npu_rms_norm.default, *n.args), 0))
 
-    @graph_pass()
-    def lower_rms_norm(gm):
-        return rewrite(gm, [RMS_NORM])
+Fusions match a Pattern, a function traced with torch.fx: its arguments are wildcards (any node, or
+any literal: sizes, eps, scale are arguments, never one pattern per constant), its other literals
+(getitem indices, dims) must be equal, and an argument used twice must be the same node twice. The
+match is walked backwards from the pattern's result with torch.fx's SubgraphMatcher, node by node:
 
-Passes whose match spans several nodes (a whole prolog, a decompressed attention) keep their own
-matchers (mla_patterns) and emit code; see each pass's docstring.
+    @Pattern
+    def KV_WRITE(kv, sizes, gamma, eps, positions, table, latent_cache, rope_cache, slots):
+        c, k = split(kv, sizes); ...; return mla.cache_write.default(...)
+
+    Rule("rmsnorm+rope+cache write", KV_WRITE, emit=lambda g, m: call(g, npu..., m.kv, m.gamma, ...))
+
+The emit gets the Match: the anchor node (m.node), each argument's value by name (m.kv, m.eps).
+A match may be refused with Skip(reason): the reason goes to the pass's notes.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
+import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .base import PassResult
 
 
 def _defined_at() -> str:
-    """file:line of the code that built the Rule (the caller of Rule's __init__)."""
+    """file:line of the code that built the Rule or Pattern (the first frame outside this module)."""
     frame = inspect.currentframe()
-    # up from here past the dataclass's generated __init__ to the first frame outside this module
     while frame is not None and (frame.f_code.co_filename == __file__ or frame.f_code.co_name == "__init__"):
         frame = frame.f_back
     if frame is None:
@@ -41,21 +52,104 @@ def _defined_at() -> str:
     return f"{os.path.relpath(path, root) if path.startswith(root) else os.path.basename(path)}:{frame.f_lineno}"
 
 
+class Match:
+    """A pattern matched at `node`: each pattern argument's value by name (a node or a literal)."""
+
+    def __init__(self, node: Node, values: dict[str, Any], nodes: list[Node]) -> None:
+        self.node, self.nodes, self._values = node, nodes, values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Pattern:
+    """A pattern function traced with torch.fx (see the module docstring). Its result is the anchor;
+    a pattern returning a tuple has further anchors (side-effect nodes such as a cache write),
+    searched among the nodes that call the same op. `exclusive`: the matched nodes, its results
+    aside, feed nothing outside the match (a fusion would otherwise drop a value another node reads)."""
+
+    def __init__(self, fn: Callable | None = None, *, exclusive: bool = False) -> None:
+        self.exclusive, self.defined_at = exclusive, _defined_at()
+        self.fn = fn
+        if fn is not None:
+            self._trace(fn)
+
+    def __call__(self, fn: Callable) -> "Pattern":     # @Pattern(exclusive=True) as a decorator
+        self.fn = fn
+        self._trace(fn)
+        return self
+
+    def _trace(self, fn: Callable) -> None:
+        self.graph = torch.fx.symbolic_trace(fn).graph
+        self.name = fn.__name__
+        self._matcher = SubgraphMatcher(self.graph)
+        self.anchors = self._matcher.pattern_anchors
+        self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def anchor(self) -> object:
+        return self.anchors[0].target
+
+    def match(self, node: Node) -> Match | None:
+        m = self._walk(self.anchors[0], node, InternalMatch(anchors=self.anchors))
+        for anchor in self.anchors[1:]:
+            m = next(filter(None, (self._walk(anchor, n, m) for n in node.graph.nodes
+                                   if n.op == "call_function" and n.target is anchor.target)), None) if m else None
+        if m is None or (self.exclusive and not self._matcher._is_contained(m.nodes_map)):
+            return None
+        nodes = [gn for pn, gn in m.nodes_map.items() if pn.op != "placeholder"]
+        return Match(node, {pn.name: m.nodes_map.get(pn) for pn in self.inputs}, nodes)
+
+    def _walk(self, anchor: Node, node: Node, so_far: InternalMatch) -> InternalMatch | None:
+        trial = copy.copy(so_far)     # the matcher leaves a failed walk's partial bindings behind
+        return trial if self._matcher._match_nodes(anchor, node, trial) else None
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        """Either pattern (the first that matches); both must anchor on the same op."""
+        assert other.anchor is self.anchor, "alternatives must anchor on the same op"
+        either = copy.copy(self)
+        either.match = lambda node: self.match(node) or other.match(node)
+        return either
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A match a rule refuses, and why (recorded in the pass's notes)."""
+
+    reason: str
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str                                         # what the dumps count matches under
-    anchor: object | tuple                            # the op (or ops) a node must call
-    emit: Callable[[Graph, Node], Node]               # the replacement, built before the node; takes its uses
-    check: Callable[[Node], bool] = lambda node: True   # whether this node qualifies
+    anchor: object                                    # the op (or tuple of ops) a node must call, or a Pattern
+    emit: Callable[[Graph, Any], Node | None]         # the replacement, built before the node; takes its uses
+    check: Callable[[Any], "bool | Skip | str"] = lambda m: True   # False / Skip(why): not here
+    missed: str = ""     # a Pattern rule: the note for an anchor-op node the pattern did not match
     defined_at: str = field(default_factory=_defined_at, compare=False)
 
     def anchors(self) -> tuple:
+        if isinstance(self.anchor, Pattern):
+            return (self.anchor.anchor,)
         return self.anchor if isinstance(self.anchor, tuple) else (self.anchor,)
 
+    def match(self, node: Node) -> Any:
+        """The node (a plain rule) or the Match (a Pattern rule); None or a Skip when it does not apply."""
+        m = self.anchor.match(node) if isinstance(self.anchor, Pattern) else node
+        if m is None:
+            return Skip(f"{node.name}: {self.missed}") if self.missed else None
+        verdict = self.check(m)
+        return m if verdict is True else (verdict if isinstance(verdict, Skip) else None)
 
-def rewrite(gm: GraphModule, rules: Sequence[Rule] | Iterable[Rule]) -> PassResult:
-    """Apply `rules` to every node of gm's graph, once each, in graph order (see the module docstring)."""
-    rules = list(rules)
+
+def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) -> PassResult:
+    """Apply `rules` to every node of gm's graph, once each, in graph order (see the module docstring).
+    An emit that returns None replaced a node nobody reads (a cache write); one that returns the
+    node itself edited it in place (the node stays). `dead_code`: erase what
+    the rewrites orphaned."""
     by_anchor: dict = {}
     for rule in rules:
         for anchor in rule.anchors():
@@ -66,13 +160,20 @@ def rewrite(gm: GraphModule, rules: Sequence[Rule] | Iterable[Rule]) -> PassResu
         if node.op != "call_function":
             continue
         for rule in by_anchor.get(node.target, ()):
-            if not rule.check(node):
+            m = rule.match(node)
+            if isinstance(m, Skip):
+                result.notes.append(m.reason)
+            if m is None or isinstance(m, Skip):
                 continue
             with g.inserting_before(node):
-                new = rule.emit(g, node)
-            node.replace_all_uses_with(new)
-            g.erase_node(node)
+                new = rule.emit(g, m)
+            if new is not node:       # else the emit edited the node in place
+                if new is not None:
+                    node.replace_all_uses_with(new)
+                g.erase_node(node)
             result.count(rule.name)
             result.rule_sources[rule.name] = rule.defined_at
             break
+    if dead_code and result.changed:
+        g.eliminate_dead_code()
     return result

@@ -13,7 +13,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from .base import PassResult, graph_pass
 from .graph_utils import add_input, call, fake_run, new_symbol
-from .mla_patterns import match_decompressed_attention, val
+from .mla_patterns import DECOMPRESSED, val
+from .rewrite import Match, Rule, rewrite
 
 aten = torch.ops.aten
 # Graph inputs of one part are named "<part>_<input>" and read from that part of the call's
@@ -38,35 +39,30 @@ def split_mixed_batch(gm: GraphModule) -> PassResult:
     if gm.meta.get("mla_phase") != "mixed":
         result.notes.append(f"phase {gm.meta.get('mla_phase')!r}: only mixed batches are split")
         return result
-    g = gm.graph
-    for node in list(g.nodes):
-        m = match_decompressed_attention(node)
-        if m is None or "mla_batch_part" in node.meta:
-            continue
-        decodes = new_symbol(gm, "num_decodes", 2)
-        inputs = {part: _part_inputs(gm, part, m, decodes) for part in PARTS}
-        with g.inserting_before(node):   # sizes as graph values (sym_size), never baked-in symbols
-            split = call(g, aten.sym_size.int, inputs["decode"]["seq_lens"], 0)
-            end = call(g, aten.sym_size.int, m.q_nope, 0)
-        outs = []
-        for part, (start, stop) in zip(PARTS, ((0, split), (split, end))):
-            with g.inserting_before(node):
-                own = inputs[part]
-                subst = {m.q_nope: call(g, aten.slice.Tensor, m.q_nope, 0, start, stop),
-                         m.q_pe: call(g, aten.slice.Tensor, m.q_pe, 0, start, stop),
-                         m.block_table: own["block_table"], m.query_start_loc: own["query_start_loc"],
-                         m.seq_lens: own["seq_lens"]}
-                attention = clone_with(g, node, subst)
-            attention.meta["mla_batch_part"] = part
-            outs.append(attention)
-        with g.inserting_before(node):
-            joined = call(g, aten.cat.default, outs)
-        node.replace_all_uses_with(joined)
-        g.erase_node(node)
-        result.count("split mixed attention")
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+    return rewrite(gm, [SPLIT], dead_code=True)
+
+
+def _split(g: Graph, m: Match) -> Node:
+    gm, node = g.owning_module, m.node
+    decodes = new_symbol(gm, "num_decodes", 2)
+    inputs = {part: _part_inputs(gm, part, m, decodes) for part in PARTS}
+    # sizes as graph values (sym_size), never baked-in symbols
+    split = call(g, aten.sym_size.int, inputs["decode"]["seq_lens"], 0)
+    end = call(g, aten.sym_size.int, m.q_nope, 0)
+    outs = []
+    for part, (start, stop) in zip(PARTS, ((0, split), (split, end))):
+        own = inputs[part]
+        subst = {m.q_nope: call(g, aten.slice.Tensor, m.q_nope, 0, start, stop),
+                 m.q_pe: call(g, aten.slice.Tensor, m.q_pe, 0, start, stop),
+                 m.block_table: own["block_table"], m.query_start_loc: own["query_start_loc"],
+                 m.seq_lens: own["seq_lens"]}
+        attention = clone_with(g, node, subst)
+        attention.meta["mla_batch_part"] = part
+        outs.append(attention)
+    return call(g, aten.cat.default, outs)
+
+
+SPLIT = Rule("split mixed attention", DECOMPRESSED, emit=_split, check=lambda m: "mla_batch_part" not in m.node.meta)
 
 
 def _part_inputs(gm: GraphModule, part: str, m, decodes: torch.SymInt) -> dict[str, Node]:

@@ -17,17 +17,11 @@ from mla_graph.npu.limits import Violation
 
 from .base import Invariant, PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, first_user_position
-from .mla_patterns import KvCacheWrite, _is, _split_part, match_kv_cache_write, val
-from .npu_lower import _npu, _rope_cos_sin, rewrite_kv_cache_writes
-from .rewrite import Rule, rewrite
+from .mla_patterns import _is, val
+from .npu_lower import _npu, _rope_cos_sin, kv_cache_write_rule
+from .rewrite import Match, Pattern, Rule, Skip, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
-
-
-def _linear_of(node: object) -> tuple[Node, Node] | None:
-    if _is(node, aten.linear.default) and len(node.args) == 2 and node.args[1].op == "get_attr":
-        return node.args[0], node.args[1]
-    return None
 
 
 def _writeback(gm: GraphModule, cache: Node, updated: Node, after: Node) -> None:
@@ -67,45 +61,32 @@ def _writeback_order(gm: GraphModule) -> list[tuple[Node | None, str]]:
 WRITEBACK_ORDER = Invariant("functional cache writes: readers use the update, one copy back, last", _writeback_order)
 
 
-def _match_prolog(attn: Node) -> dict | None:
-    """The decode prolog feeding an absorbed mla.paged_attention (q_a -> norm -> q_b -> W_UK and
-    q rope, and the latent cache write from kv_a of the same hidden states), or None."""
-    ql, q_pe, latent_cache, rope_cache = attn.args[:4]
-    if not (_is(ql, aten.permute.default) and _is(ql.args[0], aten.bmm.default)):
-        return None
-    bmm = ql.args[0]
-    if not (_is(bmm.args[0], aten.permute.default) and bmm.args[1].op == "get_attr"):
-        return None
-    nope = _split_part(bmm.args[0].args[0])
-    if not _is(q_pe, mla.rope.default) or nope is None or nope[1] != 0:
-        return None
-    pe = _split_part(q_pe.args[0])
-    if pe is None or pe[0] is not nope[0] or pe[1] != 1:
-        return None
-    q_b = _linear_of(nope[0].args[0].args[0]) if _is(nope[0].args[0], aten.view.default) else None
-    if q_b is None or not _is(q_b[0], mla.rms_norm.default):
-        return None
-    q_a = _linear_of(q_b[0].args[0])
-    writes = [w for w in map(match_kv_cache_write, latent_cache.users) if w is not None and w.rope_cache is rope_cache]
-    if q_a is None or len(writes) != 1:
-        return None
-    write = writes[0]
-    kv_a = _linear_of(write.kv)
-    if kv_a is None or kv_a[0] is not q_a[0] or write.positions is not q_pe.args[1]:
-        return None
-    return dict(hidden=q_a[0], w_qa=q_a[1], q_norm=q_b[0], w_qb=q_b[1], w_uk=bmm.args[1], w_kva=kv_a[1],
-                write=write, positions=q_pe.args[1], table=q_pe.args[2])
+@Pattern
+def MLA_PROLOG(hidden, w_qa, q_gamma, q_eps, w_qb, q_shape, q_sizes, w_uk, positions, table, w_kva, kv_sizes,
+               kv_gamma, kv_eps, latent_cache, rope_cache, slots, block_table, query_start_loc, seq_lens, scale):
+    """The decode prolog feeding an absorbed mla.paged_attention (q_a -> norm -> q_b -> W_UK and q
+    rope) and the latent cache write from kv_a of the same hidden states at the same positions."""
+    q = aten.view.default(aten.linear.default(mla.rms_norm.default(aten.linear.default(hidden, w_qa), q_gamma, q_eps),
+                                              w_qb), q_shape)
+    q_nope, q_pe = aten.split_with_sizes.default(q, q_sizes, -1)
+    ql = aten.permute.default(aten.bmm.default(aten.permute.default(q_nope, [1, 0, 2]), w_uk), [1, 0, 2])
+    attention = mla.paged_attention.default(ql, mla.rope.default(q_pe, positions, table), latent_cache, rope_cache,
+                                            block_table, query_start_loc, seq_lens, scale)
+    c, k = aten.split_with_sizes.default(aten.linear.default(hidden, w_kva), kv_sizes, -1)
+    write = mla.cache_write.default(mla.rms_norm.default(c, kv_gamma, kv_eps), mla.rope.default(k, positions, table),
+                                    latent_cache, rope_cache, slots)
+    return attention, write
 
 
-def prolog_limits(m: dict) -> list[Violation]:
+def prolog_limits(m: Match) -> list[Violation]:
     """Why npu_mla_prolog_v3 cannot run this prolog (its documented limits; hard ones only): bf16
     tokens, hidden 7168/7680/6144 (not DeepSeek-V2's 5120), q_lora 1536, latent 512, nope 128,
     rope 64, block size 16 or 128."""
-    w_uk = val(m["w_uk"])                                      # [N, P, L]
+    w_uk = val(m.w_uk)                                      # [N, P, L]
     return limits.hard(limits.mla_prolog(
-        token_dtype=val(m["hidden"]).dtype, hidden=val(m["hidden"]).shape[-1], q_lora=val(m["w_qa"]).shape[0],
-        heads=w_uk.shape[0], latent=w_uk.shape[2], nope=w_uk.shape[1], rope=val(m["table"]).shape[-1],
-        block_size=val(m["write"].latent_cache).shape[1], cache_mode="PA_BSND"))
+        token_dtype=val(m.hidden).dtype, hidden=val(m.hidden).shape[-1], q_lora=val(m.w_qa).shape[0],
+        heads=w_uk.shape[0], latent=w_uk.shape[2], nope=w_uk.shape[1], rope=val(m.table).shape[-1],
+        block_size=val(m.latent_cache).shape[1], cache_mode="PA_BSND"))
 
 
 def transposed(weight: torch.Tensor) -> torch.Tensor:
@@ -137,46 +118,43 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
     cache writer below takes the write). Weights are handed over as [in, out] FRACTAL_NZ constants
     cut once here (the user's weights are not touched).
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    for attn in list(g.nodes):
-        if not _is(attn, mla.paged_attention.default):
-            continue
-        m = _match_prolog(attn)
-        if m is None:
-            result.notes.append(f"{attn.name}: no full q_lora prolog in front (e.g. q_proj config); not fused")
-            continue
-        why_not = prolog_limits(m)
-        if why_not:
-            result.notes.append(f"{attn.name}: not fused: {why_not[0].message()}")
-            continue
-        anchor = first_user_position(gm)
-        consts = {}
-        derived = gm.meta.setdefault("mla_derived_constants", {})
-        for key, name in (("w_qa", "prolog_w_dq"), ("w_qb", "prolog_w_uq_qr"), ("w_kva", "prolog_w_dkv_kr")):
-            weight = gm.get_parameter(m[key].target)
-            consts[key] = add_constant(gm, f"{attn.name}_{name}", prolog_weight(weight), anchor)
-            consts[key].meta["npu_format"] = "FRACTAL_NZ"
-            derived[consts[key].target] = (m[key].target, prolog_weight)   # replayed per layer by lower_layers
-        cos, sin = _rope_cos_sin(gm, m["positions"], m["table"])
-        latent_cache, rope_cache = attn.args[2], attn.args[3]
-        with g.inserting_before(attn):
-            R = val(m["table"]).shape[-1]
-            cos2, sin2 = (call(g, aten.view.default, t, [-1, R]) for t in (cos, sin))
-            prolog = call(g, _npu().npu_mla_prolog_v3_functional.default, m["hidden"], consts["w_qa"],
-                          consts["w_qb"], m["w_uk"], consts["w_kva"], m["q_norm"].args[1], m["write"].gamma,
-                          sin2, cos2, latent_cache, rope_cache, cache_index=m["write"].slots,
-                          rmsnorm_epsilon_cq=m["q_norm"].args[2], rmsnorm_epsilon_ckv=m["write"].eps,
-                          cache_mode="PA_BSND")
-            query, query_rope, kv_out, kr_out = (call(g, operator.getitem, prolog, i) for i in (0, 1, 5, 6))
-        attn.args = (query, query_rope, *attn.args[2:])
-        g.erase_node(m["write"].write)
-        _writeback(gm, latent_cache, kv_out, prolog)
-        _writeback(gm, rope_cache, kr_out, prolog)
-        result.count("mla prolog")
-    if result.changed:
-        g.eliminate_dead_code()
-    return result
+    return rewrite(gm, [PROLOG], dead_code=True)
+
+
+def _prolog_admits(m: Match) -> bool | Skip:
+    if not all(getattr(m, w).op == "get_attr" for w in ("w_qa", "w_qb", "w_kva")):
+        return Skip(f"{m.node.name}: the prolog's weights are not constants; not fused")
+    why_not = prolog_limits(m)
+    return Skip(f"{m.node.name}: not fused: {why_not[0].message()}") if why_not else True
+
+
+def _prolog(g, m: Match) -> Node:
+    gm, attn = g.owning_module, m.node
+    anchor = first_user_position(gm)
+    consts = {}
+    derived = gm.meta.setdefault("mla_derived_constants", {})
+    for key, name in (("w_qa", "prolog_w_dq"), ("w_qb", "prolog_w_uq_qr"), ("w_kva", "prolog_w_dkv_kr")):
+        source = getattr(m, key).target
+        consts[key] = add_constant(gm, f"{attn.name}_{name}", prolog_weight(gm.get_parameter(source)), anchor)
+        consts[key].meta["npu_format"] = "FRACTAL_NZ"
+        derived[consts[key].target] = (source, prolog_weight)   # replayed per layer by lower_layers
+    cos, sin = _rope_cos_sin(gm, m.positions, m.table)
+    R = val(m.table).shape[-1]
+    cos2, sin2 = (call(g, aten.view.default, t, [-1, R]) for t in (cos, sin))
+    prolog = call(g, _npu().npu_mla_prolog_v3_functional.default, m.hidden, consts["w_qa"], consts["w_qb"], m.w_uk,
+                  consts["w_kva"], m.q_gamma, m.kv_gamma, sin2, cos2, m.latent_cache, m.rope_cache,
+                  cache_index=m.slots, rmsnorm_epsilon_cq=m.q_eps, rmsnorm_epsilon_ckv=m.kv_eps,
+                  cache_mode="PA_BSND")
+    query, query_rope, kv_out, kr_out = (call(g, operator.getitem, prolog, i) for i in (0, 1, 5, 6))
+    attn.args = (query, query_rope, *attn.args[2:])
+    g.erase_node(next(n for n in m.nodes if n.target is mla.cache_write.default))
+    _writeback(gm, m.latent_cache, kv_out, prolog)
+    _writeback(gm, m.rope_cache, kr_out, prolog)
+    return attn     # edited in place
+
+
+PROLOG = Rule("mla prolog", MLA_PROLOG, emit=_prolog, check=_prolog_admits,
+              missed="no full q_lora prolog in front (e.g. q_proj config); not fused")
 
 
 @graph_pass(ensures=[WRITEBACK_ORDER])
@@ -188,14 +166,18 @@ def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
         r = npu.npu_kv_rmsnorm_rope_cache(kv[T,1,1,L+R], g, cos, sin, slots, rope, latent, cache_mode='PA')
         (later readers use r[1] / r[0]); copy_(latent, r[1]); copy_(rope, r[0])
     """
-    def emit(g, m: KvCacheWrite, kv4: Node, cos: Node, sin: Node) -> None:
-        fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, m.gamma, cos, sin, m.slots,
-                     m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
-        k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
-        _writeback(gm, m.latent_cache, c_new, c_new)
-        _writeback(gm, m.rope_cache, k_new, k_new)
+    return rewrite(gm, [KV_WRITE_FUNCTIONAL], dead_code=True)
 
-    return rewrite_kv_cache_writes(gm, emit, "rmsnorm+rope+cache write (functional)")
+
+def _write_functional(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
+    fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, m.gamma, cos, sin, m.slots,
+                 m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
+    k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
+    _writeback(g.owning_module, m.latent_cache, c_new, c_new)
+    _writeback(g.owning_module, m.rope_cache, k_new, k_new)
+
+
+KV_WRITE_FUNCTIONAL = kv_cache_write_rule("rmsnorm+rope+cache write (functional)", _write_functional)
 
 
 @graph_pass(ensures=[WRITEBACK_ORDER])
