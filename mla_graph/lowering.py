@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 
 from passes import PassManager, PassRecord, PipelineReport
 from passes.base import GraphPass
+from passes.contract import graph_meta
 from passes.dump import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode
@@ -121,7 +122,7 @@ def _fingerprint(weight: torch.Tensor) -> tuple[float, float]:
 
 @dataclass
 class DerivedWeight:
-    """A constant a pass cut from a weight (gm.meta["mla_derived_constants"]), and how to recut it."""
+    """A constant a pass cut from a weight (graph_meta(gm).derived_constants), and how to recut it."""
     gm: GraphModule
     buffer: str                                          # its attribute on gm
     source: torch.Tensor                                 # the layer's weight it was cut from
@@ -133,7 +134,7 @@ class DerivedWeight:
 def _derived_constants(layer: MLAAttention, graphs: dict[str, GraphModule], fingerprint: bool) -> list[DerivedWeight]:
     out, prints = [], {}
     for gm in graphs.values():
-        for buffer, recipe in gm.meta.get("mla_derived_constants", {}).items():
+        for buffer, recipe in graph_meta(gm).derived_constants.items():
             if recipe is not None:
                 source = layer.get_parameter(recipe[0])
                 if fingerprint and recipe[0] not in prints:   # once per source weight
@@ -215,7 +216,7 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
             on_pass=(lambda record, phase=phase: on_pass(phase, record)) if on_pass else None,
         )
         reports[phase] = manager.run(gm)
-        gm.meta["mla_target"] = target
+        graph_meta(gm).target = target
         graphs[phase] = gm
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report

@@ -5,7 +5,7 @@ only on (config, dtype, heads per rank, target, phases, block_size), not on the 
 the first layer of each shape is lowered and every further layer gets a copy of its lowered graphs
 whose get_attr nodes read that layer's own tensors (no weight is copied). Constants a pass derived
 from a weight (absorb's W_UK / W_UV) are cut again from the layer's own weight, following the recipe
-the pass left in gm.meta["mla_derived_constants"]:
+the pass left in graph_meta(gm).derived_constants:
 
     {buffer name: (get_attr target of the source weight, fn(weight) -> constant)}
     {buffer name: None}            a constant that does not depend on the weights (shared)
@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from passes.contract import graph_meta
 from passes.verifier import PassVerificationError, verify_attrs
 
 from .attention import MLAAttention
@@ -100,7 +101,7 @@ def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True) ->
     graphs = {}
     for phase, gm in template.graphs.items():
         tensors = {}
-        recipes = gm.meta.get("mla_derived_constants", {})
+        recipes = graph_meta(gm).derived_constants
         for target in _get_attr_targets(gm):
             if target in own:
                 tensors[target] = own[target]
@@ -124,11 +125,11 @@ def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True) ->
 def _why_not_rebindable(lowered: LoweredMLA, layer_tensors: set[str]) -> str:
     """'' if every tensor a graph reads is a layer tensor or a recorded constant, else why not."""
     for phase, gm in lowered.graphs.items():
-        recipes = gm.meta.get("mla_derived_constants", {})
+        recipes = graph_meta(gm).derived_constants
         for target in _get_attr_targets(gm):
             if target not in layer_tensors and target not in recipes:
                 return (f"the {phase} graph reads constant {target!r}, which no pass recorded in "
-                        f"gm.meta['mla_derived_constants'] (derived from which weight, or None)")
+                        f"graph_meta(gm).derived_constants (derived from which weight, or None)")
     return ""
 
 

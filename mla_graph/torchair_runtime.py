@@ -17,6 +17,8 @@ import torch
 from torch.fx import GraphModule
 
 from .cache import PADDING_BLOCK
+from passes.contract import HIDDEN_STATES, find_input, graph_meta
+
 from .capture import Call, graph_inputs
 from .metadata import MLAMetadata
 
@@ -101,7 +103,7 @@ class BucketedDecode:
         self.options = options
         self.block_size = block_size
         self.width = options.max_blocks_per_req or -(-config.max_position_embeddings // block_size)
-        lists = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("mla_host_list")]
+        lists = [i.name for i in graph_meta(gm).inputs if i.on == "host"]
         if lists:
             raise ValueError(f"graph mode needs every input as a tensor; this graph takes host lists {lists}")
         self.on_npu = npu_backend() == "torch_npu"
@@ -125,7 +127,7 @@ class BucketedDecode:
         """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
         request is padding (written into the padding block, seq_len 0). Returns the graphs handed
         to the compiler (the stand-in records them; on Ascend, torchair does not expose them)."""
-        hidden = next(n for n in self.gm.graph.nodes if n.name == "hidden_states").meta["val"]
+        hidden = find_input(self.gm, HIDDEN_STATES).meta["val"]
         empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
                             block_table=torch.zeros(0, 1, dtype=torch.int32),
                             seq_lens=torch.empty(0, dtype=torch.int32),

@@ -7,6 +7,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .base import Invariant, PassResult, Violation, graph_pass
+from .contract import graph_meta, maybe_meta
 from .graph_utils import add_constant, call, first_user_position
 from .mla_patterns import DECOMPRESSED, val
 from .rewrite import Match, Rule, Skip, rewrite
@@ -18,15 +19,15 @@ def _latent_where_chosen(gm: GraphModule) -> list[Violation]:
     """Every attention the cost model chose to absorb attends in latent space (its values are the
     kv_lora_rank-wide latent): a pass run before this one that changes the pattern it matches would
     otherwise leave the decompressed form in place, silently."""
-    config = gm.meta.get("mla_config")
-    if config is None:
+    meta = maybe_meta(gm)
+    if meta is None or meta.config is None:
         return []
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not mla.attention.default:
             continue
-        form = node.meta.get("mla_attention_form", gm.meta.get("mla_attention_form"))
-        if form == "absorbed" and val(node.args[2]).shape[-1] != config.kv_lora_rank:
+        form = node.meta.get("mla_attention_form", meta.attention_form)
+        if form == "absorbed" and val(node.args[2]).shape[-1] != meta.config.kv_lora_rank:
             out.append((node, f"the cost model chose 'absorbed' for {node.name} but it still attends over "
                               f"decompressed values (kv_b_proj not folded): a pass before absorb_kv_weights "
                               f"changed the pattern it matches"))
@@ -51,7 +52,7 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
     W_UK [N, P, L] and W_UV [N, L, V] are new tensors cut from kv_b_proj's weight once, here;
     the weight itself is not touched. Fires only where the cost model chose 'absorbed' (per node,
     else for the graph).
-    How each is cut is recorded in gm.meta["mla_derived_constants"] as
+    How each is cut is recorded in graph_meta(gm).derived_constants as
     {buffer: (get_attr target of the source weight, function of that weight)}, so a layer of the
     same shape can reuse this graph with its own weights (mla_graph.model_lowering replays it).
     """
@@ -60,7 +61,7 @@ def absorb_kv_weights(gm: GraphModule) -> PassResult:
 
 def _chosen(m: Match) -> bool | Skip:
     gm = m.node.graph.owning_module
-    form = m.node.meta.get("mla_attention_form", gm.meta.get("mla_attention_form", "absorbed"))
+    form = m.node.meta.get("mla_attention_form", graph_meta(gm).attention_form or "absorbed")
     if form != "absorbed":
         return Skip(f"{m.node.name}: attention form is {form!r}: not absorbed")
     if m.w_kv_b.op != "get_attr":
@@ -77,7 +78,7 @@ def _absorbed(g: Graph, m: Match) -> Node:
     anchor = first_user_position(gm)
     w_uk_node = add_constant(gm, f"{m.node.name}_w_uk", cut_uk(weight), anchor)
     w_uv_node = add_constant(gm, f"{m.node.name}_w_uv", cut_uv(weight), anchor)
-    derived = gm.meta.setdefault("mla_derived_constants", {})
+    derived = graph_meta(gm).derived_constants
     derived[w_uk_node.target] = (m.w_kv_b.target, cut_uk)
     derived[w_uv_node.target] = (m.w_kv_b.target, cut_uv)
     lat = call(g, mla.gather_paged.default, m.latent_cache, m.block_table)      # [B, S, L]

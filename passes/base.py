@@ -34,14 +34,20 @@ VIEW_OPS = frozenset({
     torch.ops.aten.select.int, torch.ops.aten.alias.default, torch.ops.aten.sym_size.int, operator.getitem,
 })
 
-_AIR_MARKERS = ("air.scope_enter.default", "air.scope_exit.default", "air.wait_tensor.default")
+# Calls a runtime treats as control, not kernels ('ns.op.overload'): who defines them registers
+# them (mark_no_kernel; torchair's stream scope / wait markers, mla_graph.torchair_compat.air_ops).
+NO_KERNEL_OPS: set[str] = set()
+
+
+def mark_no_kernel(*ops: str) -> None:
+    NO_KERNEL_OPS.update(ops)
 
 
 def is_device_kernel(node: Node) -> bool:
-    """A call that launches a kernel on the device: not a view, not one of torchair's air::
-    scope/wait markers (control edges), not the final `copy_` of an updated cache back into its
-    graph input (GE turns those into ref outputs / Assign)."""
-    if node.op != "call_function" or node.target in VIEW_OPS or str(node.target) in _AIR_MARKERS:
+    """A call that launches a kernel on the device: not a view, not a control marker
+    (NO_KERNEL_OPS), not the final `copy_` of an updated cache back into its graph input (GE turns
+    those into ref outputs / Assign)."""
+    if node.op != "call_function" or node.target in VIEW_OPS or str(node.target) in NO_KERNEL_OPS:
         return False
     return not (node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder")
 

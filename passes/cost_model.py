@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
+from .contract import graph_meta, maybe_meta
 from .base import Invariant, PassResult, Violation, graph_pass
 from .mla_patterns import match_decompressed_attention, val
 from .rewrite import Match
@@ -70,15 +71,15 @@ def attention_costs(d: Dims, requests: int, new: int, context: int) -> dict[str,
 def _every_attention_costed(gm: GraphModule) -> list[Violation]:
     """Every attention over decompressed values has a form: one the matcher did not recognise
     (a pass run before this one changed its pattern) would silently keep the decompressed form."""
-    config = gm.meta.get("mla_config")
-    if config is None:
+    meta = maybe_meta(gm)
+    if meta is None or meta.config is None:
         return []
     return [(n, f"{n.name} attends over decompressed values but is not in the pattern the cost model "
                 f"matches (mla_patterns.match_decompressed_attention): a pass run before it changed the "
                 f"pattern, so the layer would keep the decompressed form; run that pass after the "
                 f"absorb-page stage") for n in gm.graph.nodes
             if n.op == "call_function" and n.target is torch.ops.mla.attention.default
-            and "mla_attention_form" not in n.meta and val(n.args[2]).shape[-1] != config.kv_lora_rank]
+            and "mla_attention_form" not in n.meta and val(n.args[2]).shape[-1] != meta.config.kv_lora_rank]
 
 
 EVERY_ATTENTION_COSTED = Invariant("every decompressed attention has a form", _every_attention_costed)
@@ -88,7 +89,7 @@ EVERY_ATTENTION_COSTED = Invariant("every decompressed attention has a form", _e
 def choose_attention_form(gm: GraphModule, *, admissible: Callable[[Match], str] | None = None
                           ) -> PassResult:
     """Records the form of each attention for the absorb pass (node.meta['mla_attention_form'], and
-    gm.meta for the whole graph); the graph is not changed.
+    graph_meta(gm).attention_form for the whole graph); the graph is not changed.
 
         attention(cat(q_nope, q_pe), cat(k_nope, k_pe), v)     # decompressed, as captured
       ->  (same graph; meta: mla_attention_form = 'absorbed' | 'decompressed')
@@ -105,13 +106,13 @@ def choose_attention_form(gm: GraphModule, *, admissible: Callable[[Match], str]
         q = val(m.q_nope)
         dims = Dims(heads=q.shape[1], qk_nope=m.sizes[0], rope=val(m.q_pe).shape[-1],
                     latent=val(m.latent_cache).shape[-1], v=m.sizes[1], dtype_bytes=q.element_size())
-        batch = node.meta.get("mla_batch_part") or gm.meta.get("mla_phase", "mixed")
+        batch = node.meta.get("mla_batch_part") or graph_meta(gm).phase
         costs = attention_costs(dims, *REPRESENTATIVE[batch])
         form = min(costs, key=lambda f: costs[f].seconds)
         why_not = admissible(m) if admissible is not None and form == "decompressed" else ""
         if why_not:
             form = "absorbed"
-        node.meta["mla_attention_form"] = gm.meta["mla_attention_form"] = form
+        node.meta["mla_attention_form"] = graph_meta(gm).attention_form = form
         result.notes.append(f"{node.name} ({batch}): " + ", ".join(
             f"{f} {c.flops / 1e9:.1f} GFLOP {c.bytes / 1e6:.1f} MB ~{c.seconds * 1e6:.1f} us"
             for f, c in costs.items()) + f" -> {form}" + (f" (decompressed not admitted: {why_not})" if why_not else ""))

@@ -13,6 +13,7 @@ import torch
 from torch.fx import GraphModule
 
 from .base import is_device_kernel, op_name
+from .contract import maybe_meta
 
 # Per-pass file formats the manager writes; "html" is a report over a whole dump folder,
 # written by whoever owns that folder (mla_graph.dumptool), and is accepted here so one
@@ -72,7 +73,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent
 def node_rows(gm: GraphModule) -> list[dict[str, object]]:
     """One dict per node: name, op, target, shape, dtype, made_by, inputs (node names), kernel
     (whether it launches a device kernel: passes.base.is_device_kernel)."""
-    symbols = gm.meta.get("mla_symbols", {})
+    symbols = getattr(maybe_meta(gm), "symbols", {})
     rows = []
     for node in gm.graph.nodes:
         shape, dtype = describe(node.meta.get("val"))
@@ -93,9 +94,9 @@ def node_table(gm: GraphModule) -> str:
 
 
 def format_graph(gm: GraphModule) -> str:
-    symbols = gm.meta.get("mla_symbols", {})
+    symbols = getattr(maybe_meta(gm), "symbols", {})
     legend = ", ".join(f"{name}={sym}" for sym, name in symbols.items())
-    header = f"# phase: {gm.meta.get('mla_phase', '?')}" + (f"; symbols: {legend}" if legend else "")
+    header = f"# phase: {getattr(maybe_meta(gm), 'phase', '?')}" + (f"; symbols: {legend}" if legend else "")
     return f"{header}\n{gm.code.strip()}\n\n{node_table(gm)}\n"
 
 

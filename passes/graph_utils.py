@@ -9,6 +9,8 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 
+from .contract import GraphInput, find_input, graph_meta
+
 
 def fake_value(node_or_value: Any) -> Any:
     return node_or_value.meta.get("val") if isinstance(node_or_value, Node) else node_or_value
@@ -48,17 +50,34 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in flat if isinstance(x, torch.Tensor)]
 
 
-def add_input(gm, name: str, val: Any) -> Node:
-    """A new graph input `name` (the caller provides it by that name), after the existing ones."""
-    existing = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    if name in existing:
-        return existing[name]
-    last = list(existing.values())[-1]
+def add_input(gm, inp: GraphInput, val: Any, part: str | None = None) -> Node:
+    """The placeholder reading `inp` (of `part` of a mixed call), added after the others if the graph
+    has none yet; the runtime provides its value by inp.derive (passes.contract)."""
+    existing = find_input(gm, inp, part)
+    if existing is not None:
+        return existing
+    declared = inp.of_part(part) if part else inp
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
-        node = gm.graph.placeholder(name)
+        node = gm.graph.placeholder(declared.name)
     node.meta["val"] = val
-    gm.meta["mla_inputs"] = list(gm.meta["mla_inputs"]) + [name]
+    node.meta["mla_input"] = declared
+    meta = graph_meta(gm)
+    meta.inputs = [*meta.inputs, declared]
     return node
+
+
+def remove_input(gm, node: Node) -> None:
+    """Erase an unused placeholder and its GraphInput."""
+    gm.graph.erase_node(node)
+    meta = graph_meta(gm)
+    meta.inputs = [i for i in meta.inputs if i is not node.meta["mla_input"]]
+
+
+def fake_empty(gm, *shape, dtype: torch.dtype) -> torch.Tensor:
+    """An empty fake tensor in gm's fake mode (a new input's meta['val'])."""
+    with graph_meta(gm).fake_mode:
+        return torch.empty(*shape, dtype=dtype)
 
 
 def new_symbol(gm, name: str, hint: int) -> torch.SymInt:
@@ -66,10 +85,10 @@ def new_symbol(gm, name: str, hint: int) -> torch.SymInt:
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic
 
-    shape_env = gm.meta["mla_fake_mode"].shape_env
+    shape_env = graph_meta(gm).fake_mode.shape_env
     source = ConstantSource(name)
     sym = shape_env.create_symbol(hint, source=source, dynamic_dim=DimDynamic.DYNAMIC)
-    gm.meta.setdefault("mla_symbols", {})[str(sym)] = name
+    graph_meta(gm).symbols[str(sym)] = name
     return shape_env.create_symintnode(sym, hint=hint, source=source)
 
 
@@ -78,7 +97,7 @@ def add_constant(gm, name: str, value: torch.Tensor, before: Node) -> Node:
     gm.register_buffer(name, value, persistent=False)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
-    node.meta["val"] = gm.meta["mla_fake_mode"].from_tensor(value, static_shapes=True)
+    node.meta["val"] = graph_meta(gm).fake_mode.from_tensor(value, static_shapes=True)
     return node
 
 

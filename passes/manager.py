@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from .base import GraphPass, PassResult, Violation, pass_name
+from .contract import maybe_meta
 from .dump import FORMATS_ENV, format_table, PASS_FORMATS, format_graph, node_rows, parse_formats, render_svg, require_dot, to_dot
 from .verifier import PassVerificationError, verify_graph
 
@@ -103,7 +104,7 @@ class PassManager:
         if self.dump_dir is not None:
             os.makedirs(self.dump_dir, exist_ok=True)
             self._remove_stale_dumps()
-            self._dump("00-capture", format_graph(gm), node_rows(gm), f"{gm.meta.get('mla_phase', '?')}: capture")
+            self._dump("00-capture", format_graph(gm), node_rows(gm), f"{getattr(maybe_meta(gm), 'phase', '?')}: capture")
         # call nodes the verifier found consistent, kept for this run: unchanged ones are not re-run
         passed: dict = {}
         if self.verify:
@@ -118,7 +119,7 @@ class PassManager:
                 self.inspect(record, gm)
         report = PipelineReport(records, op_histogram(gm), capture_ops, self.stop_after)
         if self.dump_dir is not None:
-            summary = {"phase": gm.meta.get("mla_phase"), **report.to_json(), "formats": list(self.formats),
+            summary = {"phase": getattr(maybe_meta(gm), "phase", None), **report.to_json(), "formats": list(self.formats),
                        "nodes": node_rows(gm)}
             self._write("summary.json", json.dumps(summary, indent=2))
         return report
@@ -165,7 +166,7 @@ class PassManager:
             gm.recompile()
             if before is not None:
                 stem = f"{index:02d}-{name}"
-                title = f"{gm.meta.get('mla_phase', '?')}: {stem}"
+                title = f"{getattr(maybe_meta(gm), 'phase', '?')}: {stem}"
                 self._dump(f"{stem}.before", *before, f"{title} (before)", erased=erased, pass_=name)
                 self._dump(f"{stem}.after", format_graph(gm), node_rows(gm), f"{title} (after)",
                            created=[n.name for n in created], pass_=name)

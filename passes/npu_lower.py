@@ -16,10 +16,10 @@ from mla_graph.npu.limits import Violation
 
 from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
-from .graph_utils import add_constant, add_input, call, first_user_position, new_symbol, same_size
+from .contract import GraphInput, find_input, graph_meta, input_of
+from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, new_symbol, same_size
 from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, val
 from .rewrite import Match, Rule, Skip, rewrite
-from .split_mixed import PARTS
 
 aten, mla = torch.ops.aten, torch.ops.mla
 MASK_SIZE = 2048  # FIA sparse modes 2-4 take a compressed 2048 x 2048 triu(1) mask
@@ -29,15 +29,52 @@ def _npu():
     return torch.ops.npu
 
 
+def _rope_rows(call, which: int) -> torch.Tensor:
+    if call.cos_sin is None:
+        raise ValueError("this graph reads rope cos/sin rows: the call must carry the layer's cos_sin table")
+    half = call.cos_sin.shape[-1] // 2
+    rows = call.cos_sin[call.positions.long(), which * half:(which + 1) * half]
+    return torch.cat([rows, rows], dim=-1).to(call.hidden_states.dtype)[:, None, None, :]
+
+
+def context_slots(metadata, block_size: int) -> torch.Tensor:
+    """Flat cache slots of each request's context tokens 0..seq_len-1, concatenated."""
+    offsets = torch.arange(block_size, device=metadata.block_table.device)
+    rows = []
+    for b, seq_len in enumerate(metadata.seq_lens.tolist()):
+        blocks = metadata.block_table[b, : -(-seq_len // block_size)].long()
+        rows.append((blocks[:, None] * block_size + offsets).flatten()[:seq_len])
+    return torch.cat(rows) if rows else metadata.slot_mapping.new_empty(0)
+
+
+def _rope_memo(c) -> tuple:
+    return c.positions, c.cos_sin, c.hidden_states.dtype
+
+
+# The inputs these kernels read beside the definition's (passes.contract), each computed once per
+# step outside the graph, as vllm-ascend builds them: rope cos / sin rows of each token in the layout
+# the NPU rope kernels take ([T, 1, 1, R], each half-table repeated), lengths as host lists for
+# torch_npu's SymInt[] arguments, and the cache slot of every context token request by request.
+ROPE_COS = GraphInput("rope_cos", lambda c: _rope_rows(c, 0), memo=_rope_memo)
+ROPE_SIN = GraphInput("rope_sin", lambda c: _rope_rows(c, 1), memo=_rope_memo)
+SEQ_LENS_LIST = GraphInput("seq_lens_list", lambda c: c.metadata.seq_lens.tolist(), on="host",
+                           memo=lambda c: (c.metadata.seq_lens,))
+QUERY_ENDS_LIST = GraphInput("query_ends_list", lambda c: c.metadata.query_start_loc[1:].tolist(), on="host",
+                             memo=lambda c: (c.metadata.query_start_loc,))
+CONTEXT_ENDS_LIST = GraphInput("context_ends_list", lambda c: c.metadata.seq_lens.cumsum(0).tolist(), on="host",
+                               memo=lambda c: (c.metadata.seq_lens,))
+CONTEXT_SLOTS = GraphInput("context_slots", lambda c: context_slots(c.metadata, c.kv_cache.block_size),
+                           memo=lambda c: (c.metadata.block_table, c.metadata.seq_lens, c.kv_cache.block_size))
+
+
 def _rope_cos_sin(gm: GraphModule, positions: Node, table: Node) -> tuple[Node, Node]:
     """cos, sin [T, 1, 1, R] as the NPU rope kernels take them (each half-table repeated twice).
     They are graph inputs computed once per call outside the graph (as vllm-ascend builds them once
     per step), not per-layer kernels; every rope in the graph shares them."""
     T = val(positions).shape[0]
     R = val(table).shape[-1]
-    with gm.meta["mla_fake_mode"]:
-        fake = torch.empty(T, 1, 1, R, dtype=gm.meta["mla_dtype"])
-    return add_input(gm, "rope_cos", fake), add_input(gm, "rope_sin", fake)
+    fake = fake_empty(gm, T, 1, 1, R, dtype=graph_meta(gm).dtype)
+    return add_input(gm, ROPE_COS, fake), add_input(gm, ROPE_SIN, fake)
 
 
 @graph_pass()
@@ -131,21 +168,15 @@ def _mask(gm: GraphModule) -> Node:
         return existing
     mask = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool).triu(1)
     node = add_constant(gm, "fia_causal_mask", mask, first_user_position(gm))
-    gm.meta.setdefault("mla_derived_constants", {})[node.target] = None   # independent of the weights
+    graph_meta(gm).derived_constants[node.target] = None   # independent of the weights
     return node
 
 
-def _host_list(gm: GraphModule, name: str) -> Node:
-    node = add_input(gm, name, [])
-    node.meta["mla_host_list"] = True
-    return node
-
-
-def input_prefix(node: Node) -> str:
-    """'decode_' / 'prefill_' when `node` is an input of one part of a split mixed batch
-    (passes.split_mixed), else '': inputs a pass adds for that attention carry the same prefix."""
-    part = node.name.split("_", 1)[0] if node.op == "placeholder" else ""
-    return f"{part}_" if part in PARTS else ""
+def input_part(node: Node) -> str | None:
+    """'decode' / 'prefill' when `node` is an input of one part of a split mixed batch
+    (passes.split_mixed), else None: inputs a pass adds for that attention are of the same part."""
+    inp = input_of(node)
+    return inp.part if inp is not None else None
 
 
 def paged_fia_limits(ql: Node, q_pe: Node, latent_cache: Node, bt: Node) -> list[Violation]:
@@ -186,7 +217,7 @@ def _paged_fia(g, n: Node) -> Node:
     _, N, L = val(ql).shape
     R = val(q_pe).shape[-1]
     BS = val(latent_cache).shape[1]
-    kv_lens = _host_list(g.owning_module, f"{input_prefix(seq_lens)}seq_lens_list")
+    kv_lens = add_input(g.owning_module, SEQ_LENS_LIST, [], input_part(seq_lens))
     k = call(g, aten.view.default, latent_cache, [-1, 1, BS, L])
     kr = call(g, aten.view.default, rope_cache, [-1, 1, BS, R])
     q = call(g, aten.view.default, ql, [-1, N, 1, L])
@@ -243,12 +274,11 @@ def _context_fia(g, m: Match) -> Node:
     _, N, P = val(m.q_nope).shape
     V = m.sizes[1]
     L, R = val(m.latent_cache).shape[-1], val(m.rope_cache).shape[-1]
-    prefix = input_prefix(m.seq_lens)
-    existing = next((n for n in g.nodes if n.op == "placeholder" and n.name == f"{prefix}context_slots"), None)
-    slots = existing or add_input(gm, f"{prefix}context_slots", _fake_slots(gm))
+    part = input_part(m.seq_lens)
+    slots = find_input(gm, CONTEXT_SLOTS, part) or add_input(gm, CONTEXT_SLOTS, _fake_slots(gm), part)
     mask = _mask(gm)
-    q_ends = _host_list(gm, f"{prefix}query_ends_list")
-    kv_ends = _host_list(gm, f"{prefix}context_ends_list")
+    q_ends = add_input(gm, QUERY_ENDS_LIST, [], part)
+    kv_ends = add_input(gm, CONTEXT_ENDS_LIST, [], part)
     lat = call(g, aten.index_select.default, call(g, aten.view.default, m.latent_cache, [-1, L]), 0, slots)
     rope = call(g, aten.index_select.default, call(g, aten.view.default, m.rope_cache, [-1, R]), 0, slots)
     kv = call(g, aten.view.default, call(g, aten.linear.default, lat, m.w_kv_b), [-1, N, P + V])
@@ -268,5 +298,4 @@ CONTEXT_FIA = Rule("decompressed context attention (TND)", DECOMPRESSED, emit=_c
 
 def _fake_slots(gm: GraphModule) -> torch.Tensor:
     C = new_symbol(gm, "C", 29)
-    with gm.meta["mla_fake_mode"]:
-        return torch.empty(C, dtype=torch.int64)
+    return fake_empty(gm, C, dtype=torch.int64)

@@ -3,7 +3,8 @@
 A Rule is (anchor, match, emit): the op a node must call, whether and how the node matches, and
 the nodes that replace it. `rewrite(gm, rules)` walks the graph once; at each node, the first rule
 that anchors there and matches emits its replacement before the node, the node's uses move to it,
-the node goes, and the match is counted under the rule's name. Each rule records where it was
+the node goes (with a pattern's other nodes that nothing reads any more), and the match is counted
+under the rule's name. Each rule records where it was
 defined (file:line), which the pass's record carries into the dumps beside the counts.
 
 Small rewrites are declarative (a check on the node, an emit):
@@ -171,9 +172,23 @@ def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) 
                 if new is not None:
                     node.replace_all_uses_with(new)
                 g.erase_node(node)
+            if isinstance(m, Match):
+                _erase_unread(g, m.nodes)
             result.count(rule.name)
             result.rule_sources[rule.name] = rule.defined_at
             break
     if dead_code and result.changed:
         g.eliminate_dead_code()
     return result
+
+
+def _erase_unread(g: Graph, nodes: list[Node]) -> None:
+    """A match's nodes that nothing reads any more (and that write nothing) go with it."""
+    left = [n for n in nodes if not getattr(n, "_erased", False)]
+    while True:
+        dead = [n for n in left if not n.users and not n.is_impure()]
+        if not dead:
+            return
+        for n in dead:
+            g.erase_node(n)
+        left = [n for n in left if n not in dead]

@@ -12,14 +12,14 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .base import PassResult, graph_pass
-from .graph_utils import add_input, call, fake_run, new_symbol
+from .contract import BLOCK_TABLE, PARTS, QUERY_START_LOC, SEQ_LENS, graph_meta
+from .graph_utils import add_input, call, fake_empty, fake_run, new_symbol
 from .mla_patterns import DECOMPRESSED, val
 from .rewrite import Match, Rule, rewrite
 
 aten = torch.ops.aten
-# Graph inputs of one part are named "<part>_<input>" and read from that part of the call's
-# metadata (mla_graph.capture.graph_inputs); "decode" is the first num_decodes requests.
-PARTS = ("decode", "prefill")
+# A part's graph inputs (GraphInput.of_part) are read from that part of the call's metadata
+# (mla_graph.capture.graph_inputs); "decode" is the first num_decodes requests.
 
 
 @graph_pass()
@@ -36,8 +36,9 @@ def split_mixed_batch(gm: GraphModule) -> PassResult:
     Each part's attention is marked node.meta["mla_batch_part"] for the passes after it.
     """
     result = PassResult(changed=False)
-    if gm.meta.get("mla_phase") != "mixed":
-        result.notes.append(f"phase {gm.meta.get('mla_phase')!r}: only mixed batches are split")
+    phase = graph_meta(gm).phase
+    if phase != "mixed":
+        result.notes.append(f"phase {phase!r}: only mixed batches are split")
         return result
     return rewrite(gm, [SPLIT], dead_code=True)
 
@@ -70,11 +71,10 @@ def _part_inputs(gm: GraphModule, part: str, m, decodes: torch.SymInt) -> dict[s
     B = val(m.seq_lens).shape[0]
     rows = decodes if part == "decode" else B - decodes
     bt = val(m.block_table)
-    with gm.meta["mla_fake_mode"]:
-        fakes = {"block_table": torch.empty(rows, bt.shape[1], dtype=bt.dtype),
-                 "seq_lens": torch.empty(rows, dtype=val(m.seq_lens).dtype),
-                 "query_start_loc": torch.empty(rows + 1, dtype=val(m.query_start_loc).dtype)}
-    return {name: add_input(gm, f"{part}_{name}", fake) for name, fake in fakes.items()}
+    return {"block_table": add_input(gm, BLOCK_TABLE, fake_empty(gm, rows, bt.shape[1], dtype=bt.dtype), part),
+            "seq_lens": add_input(gm, SEQ_LENS, fake_empty(gm, rows, dtype=val(m.seq_lens).dtype), part),
+            "query_start_loc": add_input(gm, QUERY_START_LOC, fake_empty(gm, rows + 1, dtype=val(m.query_start_loc).dtype),
+                                         part)}
 
 
 def clone_with(g: Graph, root: Node, subst: dict[Node, Node]) -> Node:

@@ -46,6 +46,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
 from .base import GraphPass, PassResult
+from .contract import GraphMeta
 from .manager import PassManager, PassRecord
 
 # (rtol, atol) per dtype: what the same math in two op orders can differ by.
@@ -74,9 +75,9 @@ def trace(build: Callable, inputs: Sequence[torch.Tensor]) -> GraphModule:
 def snapshot(gm: GraphModule) -> GraphModule:
     """An independent copy of `gm`'s graph that shares its weights (a deep copy would duplicate
     them); `meta` containers are copied one level so a pass editing gm.meta (e.g. adding a graph
-    input to "mla_inputs") leaves the copy's alone."""
+    input to its GraphMeta) leaves the copy's alone."""
     copied = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    copied.meta = {k: v.copy() if isinstance(v, (list, dict, set)) else v for k, v in gm.meta.items()}
+    copied.meta = {k: v.copy() if isinstance(v, (list, dict, set, GraphMeta)) else v for k, v in gm.meta.items()}
     return copied
 
 

@@ -16,9 +16,10 @@ from mla_graph.npu import limits
 from mla_graph.npu.limits import Violation
 
 from .base import Invariant, PassResult, graph_pass
-from .graph_utils import add_constant, add_input, call, first_user_position
+from .contract import SEQ_LENS, GraphInput, find_input, graph_meta, input_of
+from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, remove_input
 from .mla_patterns import _is, val
-from .npu_lower import _npu, _rope_cos_sin, kv_cache_write_rule
+from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_rule
 from .rewrite import Match, Pattern, Rule, Skip, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -132,7 +133,7 @@ def _prolog(g, m: Match) -> Node:
     gm, attn = g.owning_module, m.node
     anchor = first_user_position(gm)
     consts = {}
-    derived = gm.meta.setdefault("mla_derived_constants", {})
+    derived = graph_meta(gm).derived_constants
     for key, name in (("w_qa", "prolog_w_dq"), ("w_qb", "prolog_w_uq_qr"), ("w_kva", "prolog_w_dkv_kr")):
         source = getattr(m, key).target
         consts[key] = add_constant(gm, f"{attn.name}_{name}", prolog_weight(gm.get_parameter(source)), anchor)
@@ -195,9 +196,12 @@ LINEAR_TO_MM = Rule("linear -> mm", aten.linear.default,
                     emit=lambda g, n: call(g, aten.mm.default, n.args[0], call(g, aten.t.default, n.args[1])))
 
 
-# host-list graph input -> the device tensor it is read from: int64, the only dtype GE's
-# FusedInferAttentionScore takes for its lengths (torchair's air FIA converter does not cast)
-_LENGTH_TENSORS = {"seq_lens_list": "seq_lens_int64"}
+# FIA's lengths as the int64 device tensor GE's FusedInferAttentionScore takes (torchair's air FIA
+# converter does not cast), converted on the host once per step, so the graph carries no cast kernel
+SEQ_LENS_INT64 = GraphInput("seq_lens_int64", lambda c: c.metadata.seq_lens.to(torch.int64),
+                            memo=lambda c: (c.metadata.seq_lens,))
+_LENGTH_TENSORS = {SEQ_LENS_LIST: SEQ_LENS_INT64}   # host-list input -> its device tensor form
+_LENGTH_KEYS = ("actual_seq_lengths", "actual_seq_lengths_kv")
 
 
 @graph_pass()
@@ -209,35 +213,29 @@ def lengths_as_tensors(gm: GraphModule) -> PassResult:
         o = npu.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens_list, ...)
       ->  o = air.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=seq_lens_int64, ...)
     """
-    result = PassResult(changed=False)
-    g = gm.graph
-    inputs = {n.name: n for n in g.nodes if n.op == "placeholder"}
-    for node in list(g.nodes):
-        if not _is(node, _npu().npu_fused_infer_attention_score.default):
-            continue
-        kwargs = dict(node.kwargs)
-        lengths = [k for k in ("actual_seq_lengths", "actual_seq_lengths_kv")
-                   if isinstance(kwargs.get(k), Node) and kwargs[k].name in _LENGTH_TENSORS]
-        if len(lengths) != sum(kwargs.get(k) is not None for k in ("actual_seq_lengths", "actual_seq_lengths_kv")):
-            result.notes.append(f"{node.name}: a length list with no tensor form; left as is")
-            continue
-        for key in lengths:
-            kwargs[key] = _length_tensor(gm, _LENGTH_TENSORS[kwargs[key].name])
-        with g.inserting_before(node):
-            air = call(g, torch.ops.air.npu_fused_infer_attention_score.default, *node.args, **kwargs)
-        node.replace_all_uses_with(air)
-        g.erase_node(node)
-        result.count("FIA lengths as tensors")
-    for name in _LENGTH_TENSORS:   # the host lists the rewrites left unused
-        if result.changed and name in inputs and not inputs[name].users:
-            g.erase_node(inputs[name])
-            gm.meta["mla_inputs"] = [n for n in gm.meta["mla_inputs"] if n != name]
+    lists = [n for n in gm.graph.nodes if input_of(n) in _LENGTH_TENSORS]
+    result = rewrite(gm, [Rule("FIA lengths as tensors", _npu().npu_fused_infer_attention_score.default,
+                               emit=_air_fia, check=_tensor_forms)])
+    for node in lists:   # the host lists the rewrites left unused
+        if not node.users:
+            remove_input(gm, node)
     return result
 
 
-def _length_tensor(gm: GraphModule, name: str) -> Node:
-    """The int64 [B] device tensor of per-request lengths, a graph input built once per call."""
-    seq_lens = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "seq_lens")
-    with gm.meta["mla_fake_mode"]:
-        fake = torch.empty(val(seq_lens).shape[0], dtype=torch.int64)
-    return add_input(gm, name, fake)
+def _tensor_forms(n: Node) -> bool | Skip:
+    given = [n.kwargs[k] for k in _LENGTH_KEYS if n.kwargs.get(k) is not None]
+    if all(isinstance(x, Node) and input_of(x) in _LENGTH_TENSORS for x in given):
+        return True
+    return Skip(f"{n.name}: a length list with no tensor form; left as is")
+
+
+def _air_fia(g, n: Node) -> Node:
+    gm = g.owning_module
+    kwargs = dict(n.kwargs)
+    for key in _LENGTH_KEYS:
+        if kwargs.get(key) is not None:
+            seq_lens = find_input(gm, SEQ_LENS)
+            kwargs[key] = add_input(gm, _LENGTH_TENSORS[input_of(kwargs[key])],
+                                    fake_empty(gm, val(seq_lens).shape[0], dtype=torch.int64))
+    return call(g, torch.ops.air.npu_fused_infer_attention_score.default, *n.args, **kwargs)
+

@@ -2,9 +2,10 @@
 
 A GraphBuilder makes a torch.fx.Graph node by node, every node with its fake value, sizes that
 vary per call (tokens, requests, blocks) as symbols of one shape environment the way capture()
-makes them, and the gm.meta keys the passes read (mla_phase, mla_inputs, mla_fake_mode, ...).
-Values for a run are given by placeholder name, so a graph a pass added inputs to is called with
-its own placeholders (`inputs_for`).
+makes them, and the GraphMeta the passes read (passes.contract). An input named like one of the
+contract's (capture's, or one a pass declares; "decode_seq_lens" is the decode part's seq_lens) reads
+that GraphInput; any other is an input of the hand-built graph alone. Values for a run are given by
+placeholder name, so a graph a pass added inputs to is called with its own placeholders (`inputs_for`).
 """
 from __future__ import annotations
 
@@ -18,9 +19,28 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla)
+from passes import contract
 from passes.graph_utils import call, register_fake_mode
+from passes.npu_lower import (CONTEXT_ENDS_LIST, CONTEXT_SLOTS, QUERY_ENDS_LIST, ROPE_COS, ROPE_SIN,
+                              SEQ_LENS_LIST)
+from passes.torchair_lower import SEQ_LENS_INT64
 
 aten, mla = torch.ops.aten, torch.ops.mla
+
+
+KNOWN = {i.name: i for i in (*contract.INPUTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST, QUERY_ENDS_LIST,
+                              CONTEXT_ENDS_LIST, CONTEXT_SLOTS, SEQ_LENS_INT64)}
+
+
+def _no_value(call):
+    raise ValueError("an input of a hand-built graph: give its value by name (inputs_for)")
+
+
+def graph_input(name: str, host: bool) -> contract.GraphInput:
+    part, _, base = name.partition("_")
+    if part in contract.PARTS and base in KNOWN:
+        return KNOWN[base].of_part(part)
+    return KNOWN.get(name) or contract.GraphInput(name, _no_value, on="host" if host else "device", per="layer")
 
 
 class GraphBuilder:
@@ -31,9 +51,9 @@ class GraphBuilder:
         register_fake_mode(self.mode)
         self.graph = Graph()
         self.root = torch.nn.Module()
-        self.inputs: list[str] = []
+        self.inputs: list[contract.GraphInput] = []
         self.symbols: dict[str, str] = {}
-        self.meta = dict(mla_phase=phase, mla_block_size=block_size, mla_num_heads=num_heads, mla_dtype=dtype)
+        self.meta = dict(phase=phase, block_size=block_size, num_heads=num_heads, dtype=dtype, config=None)
 
     def sym(self, name: str, hint: int) -> torch.SymInt:
         source = ConstantSource(name)
@@ -50,7 +70,8 @@ class GraphBuilder:
         else:
             with self.mode:
                 node.meta["val"] = torch.empty(*shape, dtype=dtype)
-        self.inputs.append(name)
+        node.meta["mla_input"] = graph_input(name, shape is None)
+        self.inputs.append(node.meta["mla_input"])
         return node
 
     def weight(self, name: str, tensor: torch.Tensor, *, parameter: bool = True) -> Node:
@@ -70,8 +91,8 @@ class GraphBuilder:
     def finish(self, output: Any, **meta: Any) -> GraphModule:
         self.graph.output(output)
         gm = GraphModule(self.root, self.graph, class_name="Hand")
-        gm.meta.update(self.meta, mla_inputs=list(self.inputs), mla_symbols=dict(self.symbols),
-                       mla_fake_mode=self.mode, **meta)
+        gm.meta["mla"] = contract.GraphMeta(**self.meta, fake_mode=self.mode, inputs=list(self.inputs),
+                                            symbols=dict(self.symbols), **meta)
         gm.recompile()
         return gm
 

@@ -8,6 +8,7 @@ import torch
 from torch.testing import FileCheck
 
 from conftest import CONFIGS, randomize
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, lower
 from mla_graph.checking import compare_with_plain
 
@@ -34,5 +35,5 @@ def test_decode_is_absorbed_and_paged():
     assert targets.count("mla_cpu.paged_attention.default") == 1, targets
     assert not any("gather_paged" in t or t in ("mla.attention.default", "mla.paged_attention.default")
                    for t in targets), targets
-    assert gm.meta.get("mla_attention_form") == "absorbed"
-    assert gm.meta.get("mla_derived_constants"), "absorbed W_UK / W_UV are recut when the weights change"
+    assert graph_meta(gm).attention_form == "absorbed"
+    assert graph_meta(gm).derived_constants, "absorbed W_UK / W_UV are recut when the weights change"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import V3_TINY, randomize
 
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, lower
 from mla_graph.checking import compare_with_plain
 from mla_graph.targets import STAGES, TARGETS, pipeline
@@ -28,6 +29,12 @@ def doc_scope():
 
 def test_the_page_runs_as_written(doc_scope, monkeypatch):
     assert doc_scope["check"].record.matches_by_rule == {"o_proj in float32": 1}
+    # the pattern rule matched the q norm (its input now float32), not the kv norm before the cache write
+    after = doc_scope["norm_check"].after
+    assert doc_scope["norm_check"].record.matches_by_rule == {"rms_norm in float32 before a linear": 1}
+    norms = [n for n in after.graph.nodes if n.target is torch.ops.mla.rms_norm.default]
+    assert sorted(str(n.args[0].meta["val"].dtype) for n in norms) == ["torch.bfloat16", "torch.float32"]
+    assert "writing-a-pass.md block" in doc_scope["NORM_FP32"].defined_at   # where the rule was written
     names = [r.name for r in doc_scope["lowered"].reports["decode"].records]
     assert names[:3] == ["remove_noop_views", "o_proj_in_float32", "split_mixed_batch"]
     # the page's own target: registered under its name, the npu pipeline plus the pass after "tidy"
@@ -55,7 +62,7 @@ def test_the_pages_pass_keeps_the_layer_right(doc_scope):
 
 def counting_pass(seen):
     def count(gm):
-        seen.append(gm.meta["mla_phase"])
+        seen.append(graph_meta(gm).phase)
         return PassResult(changed=False)
     return count
 
@@ -113,7 +120,7 @@ def test_a_pass_that_hides_the_pattern_is_stopped_not_ignored(target, chooser):
         lower(layer, target, ["decode"], block_size=16, passes={"tidy": [linear_to_matmul]})
     lowered = lower(layer, target, ["decode"], block_size=16, passes={"absorb-page": [linear_to_matmul]})
     assert compare_with_plain(layer, lowered, "decode", seed=0).ok
-    assert lowered.graphs["decode"].meta["mla_attention_form"] == "absorbed"
+    assert graph_meta(lowered.graphs["decode"]).attention_form == "absorbed"
 
 
 def test_pipelines_are_their_stages():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import V3_TINY
 
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, capture, lower
 from mla_graph.model_lowering import lower_layers, rebind
 from passes import PassManager, PassResult, PassVerificationError, verify_graph
@@ -102,7 +103,7 @@ def test_rebind_checks_the_tensors_the_graph_reads():
     """A recipe whose constant does not match the node's recorded shape fails the rebind, naming it."""
     layers = [MLAAttention(V3_TINY), MLAAttention(V3_TINY)]
     template = lower(layers[0], "npu", ["decode"], block_size=16)
-    recipes = template.graphs["decode"].meta["mla_derived_constants"]
+    recipes = graph_meta(template.graphs["decode"]).derived_constants
     name, (source, cut) = next((k, v) for k, v in recipes.items() if v is not None)
     recipes[name] = (source, functools.partial(_bad_recipe, cut=cut))
     with pytest.raises(PassVerificationError, match="rebind.*decode graph re-bound"):

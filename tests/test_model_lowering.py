@@ -5,6 +5,7 @@ from conftest import randomize
 
 import mla_graph.lowering as lowering_module
 import mla_graph.model_lowering as model_lowering
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, MLAConfig, lower
 from mla_graph.checking import PHASE_BATCHES, compare_with_plain, random_batch
 from mla_graph.model_lowering import LayerLowering, lower_layers, rebind
@@ -62,7 +63,7 @@ def test_rebound_graphs_read_the_layers_own_weights_and_recut_derived_ones():
         assert gm.get_parameter(target) is own[target], target   # the layer's tensor, not a copy
     P, V, N = TINY.qk_nope_head_dim, TINY.v_head_dim, TINY.num_heads
     w = layers[1].kv_b_proj.weight.view(N, P + V, TINY.kv_lora_rank)
-    derived = gm.meta["mla_derived_constants"]
+    derived = graph_meta(gm).derived_constants
     (uk,) = [t for t in derived if t.endswith("_w_uk")]
     (uv,) = [t for t in derived if t.endswith("_w_uv")]
     torch.testing.assert_close(getattr(gm, uk), w[:, :P, :], rtol=0, atol=0)
@@ -95,7 +96,7 @@ def test_unrecorded_constant_falls_back_to_lowering_each_layer(captures, monkeyp
     def lower_forgetting_recipes(*args, **kwargs):
         low = real_lower(*args, **kwargs)
         for gm in low.graphs.values():
-            gm.meta.pop("mla_derived_constants", None)
+            graph_meta(gm).derived_constants.clear()
         return low
 
     monkeypatch.setattr(model_lowering, "lower", lower_forgetting_recipes)

@@ -19,6 +19,7 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, randomize
 from torch.testing import FileCheck
 
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, MLAConfig, capture
 from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
@@ -184,12 +185,12 @@ PART_INPUTS = [f"{part}_{name}" for part in ("decode", "prefill")
 def test_split_mixed_batch(config, dtype):
     layer = _layer(config, dtype)
     gm = _prepared(layer, "mixed", split_mixed_batch)
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     _count(gm, "mla.attention.default", 1)
     _check(split_mixed_batch, gm, layer, "mixed", seed=12, expect_matches=1, expect_changed=True,
            expect_ops={"mla.attention.default": 2, "mla.gather_paged.default": 4})
-    assert gm.meta["mla_inputs"][: len(inputs)] == inputs
-    assert sorted(gm.meta["mla_inputs"][len(inputs):]) == sorted(PART_INPUTS)
+    assert graph_meta(gm).input_names[: len(inputs)] == inputs
+    assert sorted(graph_meta(gm).input_names[len(inputs):]) == sorted(PART_INPUTS)
     parts = {n.meta["mla_batch_part"]: n for n in _nodes(gm, mla.attention.default)}
     assert sorted(parts) == ["decode", "prefill"]
     for part, attention in parts.items():
@@ -215,10 +216,10 @@ def _users_closure(node) -> set:
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_split_mixed_batch_does_not_fire_outside_the_mixed_phase(phase):
     gm = _capture(_layer(V3_TINY), phase)
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     record = _no_fire(gm, split_mixed_batch).record
     assert any("only mixed batches are split" in note for note in record.notes)
-    assert gm.meta["mla_inputs"] == inputs
+    assert graph_meta(gm).input_names == inputs
 
 
 # ---- choose_attention_form / choose_npu_attention_form --------------------------------------
@@ -262,7 +263,7 @@ def test_choose_attention_form_cost_model_alone_picks_decompressed_for_tiny_pref
     layer = _layer(V3_TINY)
     gm = _prepared(layer, "prefill", choose_npu_attention_form)
     check = _check(choose_attention_form, gm, layer, "prefill", seed=1, expect_changed=False)
-    assert gm.meta["mla_attention_form"] == "decompressed"
+    assert graph_meta(gm).attention_form == "decompressed"
     assert check.record.notes[-1].endswith("-> decompressed")
 
 
@@ -276,14 +277,14 @@ def test_choose_attention_form_full_size_v3(v3_full_layer, phase, form):
     """Full DeepSeek-V3 in bf16 (128 heads, q/k 192, v 128): FIA TND admits its decompressed prefill."""
     gm = capture(v3_full_layer, phase, block_size=BLOCK)      # capture only: no full-size numerics
     record = PassManager([remove_noop_views, choose_npu_attention_form]).run(gm).records[-1]
-    assert gm.meta["mla_attention_form"] == form
+    assert graph_meta(gm).attention_form == form
     assert record.changed is False
     assert not any("not admitted" in note for note in record.notes)
 
 
 def test_choose_attention_form_does_not_fire_without_decompressed_attention():
     gm = _prepared(_layer(V3_TINY), "decode", page_latent_attention)   # absorbed already
-    del gm.meta["mla_attention_form"]
+    graph_meta(gm).attention_form = None
     _no_fire(gm, choose_npu_attention_form)
     assert "mla_attention_form" not in gm.meta
 
@@ -321,7 +322,7 @@ def test_absorb_kv_weights(config):
     weight = layer.kv_b_proj.weight
     snapshot, version = weight.clone(), weight._version
     gm = _prepared(layer, "decode", absorb_kv_weights)
-    assert gm.meta["mla_attention_form"] == "absorbed"
+    assert graph_meta(gm).attention_form == "absorbed"
     assert [u.target for u in _kv_b_users(gm)] == [aten.linear.default]
     linears = _n(gm, aten.linear.default)
     # structure: kv_b_proj's linear is gone, two bmm (q_nope @ W_UK, o @ W_UV) took its place
@@ -378,13 +379,13 @@ def test_absorb_kv_weights_does_not_fire_when_decompressed_won():
     layer = _layer(V3_TINY)
     gm = _prepared(layer, "decode", absorb_kv_weights)
     attention = next(n for n in gm.graph.nodes if n.target is mla.attention.default)
-    attention.meta["mla_attention_form"] = gm.meta["mla_attention_form"] = "decompressed"
+    attention.meta["mla_attention_form"] = graph_meta(gm).attention_form = "decompressed"
     record = _no_fire(gm, absorb_kv_weights).record
     assert any("'decompressed'" in note for note in record.notes)
     assert [u.target for u in _kv_b_users(gm)] == [aten.linear.default]
     npu = _layer(V3_NPU, bf16)
     prefill = _prepared(npu, "prefill", absorb_kv_weights)   # the cost model said decompressed, FIA TND admits it
-    assert prefill.meta["mla_attention_form"] == "decompressed"
+    assert graph_meta(prefill).attention_form == "decompressed"
     _no_fire(prefill, absorb_kv_weights)
 
 
@@ -512,7 +513,7 @@ def test_lower_rms_norm_lowers_every_norm_on_a_raw_capture():
 def test_lower_paged_attention(config, phase, block, prefix):
     layer = _layer(config, bf16)
     gm = _prepared(layer, phase, lower_paged_attention, block=block)
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     _check(lower_paged_attention, gm, layer, phase, seed=9, block=block, expect_matches=1,
            expect_ops={FIA: 1, "mla.paged_attention.default": 0})
     [fia] = _fias(gm)
@@ -524,7 +525,7 @@ def test_lower_paged_attention(config, phase, block, prefix):
     assert fia.kwargs["block_table"].name == f"{prefix}block_table"
     assert fia.kwargs["actual_seq_lengths_kv"].name == f"{prefix}seq_lens_list"
     assert fia.kwargs.get("atten_mask") is None
-    assert gm.meta["mla_inputs"] == inputs + [f"{prefix}seq_lens_list"]
+    assert graph_meta(gm).input_names == inputs + [f"{prefix}seq_lens_list"]
 
 
 @pytest.mark.parametrize("config, dtype, block, why", [
@@ -536,11 +537,11 @@ def test_lower_paged_attention(config, phase, block, prefix):
 def test_lower_paged_attention_does_not_fire_outside_the_fia_limits(config, dtype, block, why):
     """Decode attention FIA MLA mode does not admit is left for the aten fallback, with a note."""
     gm = _prepared(_layer(config, dtype), "decode", lower_paged_attention, block=block)
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     record = _no_fire(gm, lower_paged_attention).record
     assert len(record.notes) == 1 and "not FIA" in record.notes[0] and why in record.notes[0]
     _count(gm, "mla.paged_attention.default", 1)
-    assert gm.meta["mla_inputs"] == inputs
+    assert graph_meta(gm).input_names == inputs
 
 
 def test_lower_paged_attention_leaves_a_long_prefill_chunk_to_the_fallback():
@@ -561,9 +562,9 @@ def test_lower_paged_attention_leaves_a_long_prefill_chunk_to_the_fallback():
 
 def test_lower_paged_attention_does_not_fire_without_paged_attention():
     gm = _prepared(_layer(V2_LITE_NPU, bf16), "prefill", lower_paged_attention)   # decompressed: none paged
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     _no_fire(gm, lower_paged_attention)
-    assert gm.meta["mla_inputs"] == inputs
+    assert graph_meta(gm).input_names == inputs
 
 
 # ---- lower_context_attention ----------------------------------------------------------------
@@ -576,7 +577,7 @@ def test_lower_context_attention(config, phase, prefix):
     gm = _prepared(layer, phase, lower_context_attention)
     decompressed = [n for n in _nodes(gm, mla.attention.default) if n.meta["mla_attention_form"] == "decompressed"]
     assert len(decompressed) == 1
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     fias_before = len(_fias(gm))       # mixed: the decode part's BNSD FIA is there already
     _check(lower_context_attention, gm, layer, phase, seed=10, expect_matches=1,
            expect_ops={FIA: fias_before + 1, "mla.attention.default": 0, "mla.gather_paged.default": 0})
@@ -586,8 +587,8 @@ def test_lower_context_attention(config, phase, prefix):
     assert fia.kwargs["num_heads"] == fia.kwargs["num_key_value_heads"] == layer.num_heads
     assert fia.kwargs["actual_seq_lengths"].name == f"{prefix}query_ends_list"
     assert fia.kwargs["actual_seq_lengths_kv"].name == f"{prefix}context_ends_list"
-    added = gm.meta["mla_inputs"][len(inputs):]
-    assert gm.meta["mla_inputs"][: len(inputs)] == inputs
+    added = graph_meta(gm).input_names[len(inputs):]
+    assert graph_meta(gm).input_names[: len(inputs)] == inputs
     assert sorted(added) == [f"{prefix}{name}" for name in ("context_ends_list", "context_slots", "query_ends_list")]
 
 
@@ -596,10 +597,10 @@ def test_lower_context_attention(config, phase, prefix):
                          ids=["v3-decode", "v3-prefill", "v2litenpu-decode"])
 def test_lower_context_attention_does_not_fire_on_absorbed_attention(config, dtype, phase):
     gm = _prepared(_layer(config, dtype), phase, lower_context_attention)
-    assert gm.meta["mla_attention_form"] == "absorbed"
-    inputs = list(gm.meta["mla_inputs"])
+    assert graph_meta(gm).attention_form == "absorbed"
+    inputs = list(graph_meta(gm).input_names)
     _no_fire(gm, lower_context_attention)
-    assert gm.meta["mla_inputs"] == inputs
+    assert graph_meta(gm).input_names == inputs
 
 
 def test_lower_context_attention_refuses_decompressed_attention_fia_tnd_cannot_take():
@@ -607,7 +608,7 @@ def test_lower_context_attention_refuses_decompressed_attention_fia_tnd_cannot_t
     lowering names the limit instead of emitting a TND call the kernel would reject."""
     pipeline = [choose_attention_form if p is choose_npu_attention_form else p for p in target_pipeline("npu", "prefill")]
     gm = _prepared(_layer(V3_TINY), "prefill", lower_context_attention, pipeline=pipeline)
-    assert gm.meta["mla_attention_form"] == "decompressed"
+    assert graph_meta(gm).attention_form == "decompressed"
     with pytest.raises(ValueError, match="FIA TND kernel cannot take.*query.dtype=torch.float32"):
         PassManager([lower_context_attention]).run(gm)
 
@@ -641,7 +642,7 @@ def test_lower_paged_attention_to_aten_ignores_nan_outside_each_context(phase):
     layer = _layer(V3_TINY)
     gm = _prepared(layer, phase, lower_paged_attention_to_aten)
     make = _batch_inputs(layer, phase, seed=16, nan_outside_context=True)
-    latent = make(gm)[list(gm.meta["mla_inputs"]).index("latent_cache")]
+    latent = make(gm)[list(graph_meta(gm).input_names).index("latent_cache")]
     assert latent.isnan().any() and not latent.isnan().all()
     check = check_pass(lower_paged_attention_to_aten, gm, make_inputs=make, tolerances=TOL,
                        expect_matches=_n(gm, mla.paged_attention.default))

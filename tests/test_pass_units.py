@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
+from passes.contract import graph_meta
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.targets import TARGETS, check_fully_lowered
 from mla_graph.torchair_compat.air_ops import ensure_air_ops
@@ -281,7 +282,7 @@ def test_choose_attention_form_records_the_form_in_meta_only(phase, form):
     check = check_pass(choose_attention_form, gm, make_inputs=inputs_for(decompressed_values(requests)))
     assert _result(check.record) == (False, 0, {})
     [attention] = nodes(gm, mla.attention.default)
-    assert attention.meta["mla_attention_form"] == gm.meta["mla_attention_form"] == form
+    assert attention.meta["mla_attention_form"] == graph_meta(gm).attention_form == form
     [note] = check.record.notes
     assert f"({phase})" in note and note.endswith(f"-> {form}")
 
@@ -298,7 +299,7 @@ def test_choose_attention_form_falls_back_to_absorbed_where_decompressed_is_not_
     gm = decompressed_graph("prefill", kv_b=_kv_b())
     record = choose_attention_form(gm, admissible=lambda m: "no kernel for you")
     assert _result(record) == (False, 0, {})
-    assert gm.meta["mla_attention_form"] == "absorbed"
+    assert graph_meta(gm).attention_form == "absorbed"
     assert record.notes[0].endswith("-> absorbed (decompressed not admitted: no kernel for you)")
 
 
@@ -353,7 +354,7 @@ def test_split_mixed_batch():
     check = check_pass(split_mixed_batch, gm, make_inputs=inputs_for(_parts(decompressed_values(MIXED), 2)))
     assert _result(check.record) == (True, 1, {"split mixed attention": 1})
     added = [f"{p}_{n}" for p in ("decode", "prefill") for n in ("block_table", "seq_lens", "query_start_loc")]
-    assert placeholders(gm) == inputs + added and gm.meta["mla_inputs"] == inputs + added
+    assert placeholders(gm) == inputs + added and graph_meta(gm).input_names == inputs + added
     assert _count(gm, "mla.attention.default", "mla.gather_paged.default", "aten.linear.default",
                   "aten.slice.Tensor", "aten.cat.default") == {
         "mla.attention.default": 2, "mla.gather_paged.default": 4, "aten.linear.default": 2,
@@ -369,14 +370,14 @@ def test_split_mixed_batch():
     assert decode_slice.args[3].target is aten.sym_size.int and decode_slice.args[3].args[0].name == "decode_seq_lens"
     [out] = [n for n in gm.graph.nodes if n.op == "output"]
     assert out.args[0].target is aten.cat.default and out.args[0].args[0] == [by_part["decode"], by_part["prefill"]]
-    assert "num_decodes" in gm.meta["mla_symbols"].values()      # a new size symbol, named for dumps
+    assert "num_decodes" in graph_meta(gm).symbols.values()      # a new size symbol, named for dumps
 
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_split_mixed_batch_does_not_fire_outside_the_mixed_phase(phase):
     gm = decompressed_graph(phase, kv_b=_kv_b())
     record = _unchanged(split_mixed_batch, gm)
-    assert "only mixed batches are split" in record.notes[0] and gm.meta["mla_inputs"] == placeholders(gm)
+    assert "only mixed batches are split" in record.notes[0] and graph_meta(gm).input_names == placeholders(gm)
 
 
 def test_split_mixed_batch_does_not_split_a_part_again():
@@ -412,7 +413,7 @@ def test_absorb_kv_weights(dtype, phase, requests):
     w_uk, w_uv = getattr(gm, name), getattr(gm, name[: -len("_w_uk")] + "_w_uv")
     assert torch.equal(w_uk, per_head[:, :P, :]) and torch.equal(w_uv, per_head[:, P:, :].transpose(1, 2))
     assert torch.equal(weight, pristine)                      # the weight itself is not touched
-    derived = gm.meta["mla_derived_constants"]
+    derived = graph_meta(gm).derived_constants
     assert {k: v[0] for k, v in derived.items()} == {name: "kv_b_proj_weight",
                                                      name[: -len("_w_uk")] + "_w_uv": "kv_b_proj_weight"}
 
@@ -420,7 +421,7 @@ def test_absorb_kv_weights(dtype, phase, requests):
 def test_absorb_kv_weights_does_not_fire_where_decompressed_won():
     gm = decompressed_graph("prefill", kv_b=_kv_b())
     nodes(gm, mla.attention.default)[0].meta["mla_attention_form"] = "decompressed"
-    gm.meta["mla_attention_form"] = "absorbed"                 # the node's own form wins over the graph's
+    graph_meta(gm).attention_form = "absorbed"                 # the node's own form wins over the graph's
     assert "'decompressed'" in _unchanged(absorb_kv_weights, gm).notes[0]
 
 
@@ -507,7 +508,7 @@ def test_fuse_kv_rmsnorm_rope_cache(dtype):
     assert check.mutated == ["latent_cache", "rope_cache"]
     assert _result(check.record) == (True, 1, {"rmsnorm+rope+cache write": 1})
     assert ops(gm) == ["aten.view.default", KV_V2, "mla.paged_attention.default"]    # split, norm, rope gone
-    assert placeholders(gm) == inputs + ["rope_cos", "rope_sin"] == gm.meta["mla_inputs"]
+    assert placeholders(gm) == inputs + ["rope_cos", "rope_sin"] == graph_meta(gm).input_names
     [fused] = nodes(gm, torch.ops.npu.npu_kv_rmsnorm_rope_cache_v2.default)
     kv4, gamma, cos, sin, slots, k_cache, ckv_cache = fused.args
     assert kv4.args == (gm.graph.find_nodes(op="placeholder", target="kv")[0], [-1, 1, 1, L + R])
@@ -520,7 +521,7 @@ def test_fuse_kv_rmsnorm_rope_cache(dtype):
 def test_kv_cache_fusions_do_not_fire_when_the_normed_latent_has_another_user(pass_fn):
     gm = kv_write_graph(extra_user=True)
     assert "other users" in _unchanged(pass_fn, gm).notes[0]
-    assert "rope_cos" not in gm.meta["mla_inputs"]
+    assert "rope_cos" not in graph_meta(gm).input_names
 
 
 @pytest.mark.parametrize("pass_fn", [fuse_kv_rmsnorm_rope_cache, fuse_kv_rmsnorm_rope_cache_functional])
@@ -576,7 +577,7 @@ def test_lower_rope(dtype, rule, emitted):
     check = check_pass(lower_rope, gm, make_inputs=inputs_for(values))
     assert _result(check.record) == (True, 1, {rule: 1})
     assert _count(gm, "mla.rope.default", *emitted) == {"mla.rope.default": 0, **emitted}
-    assert gm.meta["mla_inputs"][-2:] == ["rope_cos", "rope_sin"]
+    assert graph_meta(gm).input_names[-2:] == ["rope_cos", "rope_sin"]
 
 
 def test_lower_rope_does_not_fire_on_a_rope_of_one_head():
@@ -617,7 +618,7 @@ def test_lower_paged_attention():
     values["seq_lens_list"] = values["seq_lens"].tolist()
     check = check_pass(lower_paged_attention, gm, make_inputs=inputs_for(values))
     assert _result(check.record) == (True, 1, {"paged latent attention (BNSD)": 1})
-    assert placeholders(gm) == inputs + ["seq_lens_list"] and gm.meta["mla_inputs"][-1] == "seq_lens_list"
+    assert placeholders(gm) == inputs + ["seq_lens_list"] and graph_meta(gm).input_names[-1] == "seq_lens_list"
     assert ops(gm) == ["aten.view.default"] * 4 + [FIA, "getitem", "aten.view.default"]
     [fia] = nodes(gm, torch.ops.npu.npu_fused_infer_attention_score.default)
     q, k, v = fia.args
@@ -641,7 +642,7 @@ def test_lower_paged_attention_does_not_fire_outside_fia_mla_limits(phase, dtype
     gm = paged_graph(phase, dtype=dtype, **dims)
     [note] = _unchanged(lower_paged_attention, gm).notes
     assert "not FIA" in note and why in note
-    assert "seq_lens_list" not in placeholders(gm) and "seq_lens_list" not in gm.meta["mla_inputs"]
+    assert "seq_lens_list" not in placeholders(gm) and "seq_lens_list" not in graph_meta(gm).input_names
 
 
 # ---- lower_context_attention (FIA TND) ---------------------------------------------------------------
@@ -799,7 +800,6 @@ def _fia_graph(lengths_name="seq_lens_list"):
     bt = b.input("block_table", (B, MB), i32)
     b.input("seq_lens", (B,), i32)             # lengths_as_tensors sizes its int64 tensor by it
     lengths = b.input(lengths_name, value=[])
-    lengths.meta["mla_host_list"] = True
     fia = b.op(torch.ops.npu.npu_fused_infer_attention_score.default, q, k, k, query_rope=q_pe, key_rope=k_pe,
                actual_seq_lengths_kv=lengths, block_table=bt, num_heads=N, scale=SCALE, input_layout="BNSD",
                num_key_value_heads=1, sparse_mode=0, block_size=16)
@@ -820,7 +820,7 @@ def test_lengths_as_tensors():
     assert ops(gm) == [AIR_FIA, "getitem"]
     # the host list is gone, the int64 device tensor (GE's only length dtype) took its place
     assert placeholders(gm) == ["q", "q_pe", "latent_cache", "rope_cache", "block_table", "seq_lens", "seq_lens_int64"]
-    assert gm.meta["mla_inputs"] == placeholders(gm)
+    assert graph_meta(gm).input_names == placeholders(gm)
     [air] = nodes(gm, torch.ops.air.npu_fused_infer_attention_score.default)
     lengths = air.kwargs["actual_seq_lengths_kv"]
     assert lengths.name == "seq_lens_int64" and lengths.meta["val"].dtype == i64

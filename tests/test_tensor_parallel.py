@@ -6,6 +6,7 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, randomize
 from hf_oracle import hf_attention, hf_prefill
 
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, capture, lower, positions_for
 from mla_graph.attention import shard_state_dict
 
@@ -25,7 +26,7 @@ def test_rank_outputs_sum_to_hugging_face(config, tp_size):
         assert layer.num_heads == config.num_heads // tp_size
         lowered = lower(layer, phases=["prefill"], block_size=16)
         gm = lowered.graph_for("prefill")
-        assert gm.meta["mla_num_heads"] == config.num_heads // tp_size
+        assert graph_meta(gm).num_heads == config.num_heads // tp_size
         cache = PagedLatentCache.allocate(config, 4, 16)
         md = build_metadata(requests, [cache.allocator.grow([], 11, 16)], 16)
         total += lowered(x, positions_for(requests), cache, md)

@@ -8,6 +8,7 @@ from conftest import TOL, V3_TINY, randomize
 from wheels import torch_npu_wheel
 
 import mla_graph.npu
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower, positions_for
 from mla_graph.torchair_runtime import TorchairOptions, _torchair_backend
 
@@ -18,7 +19,7 @@ def _block_tables_seen(runner) -> list[tuple[int, ...]]:
     """Wraps the runner's compiled step: the shape of the block table of every call."""
     shapes = []
     compiled = runner._compiled
-    index = runner.gm.meta["mla_inputs"].index("block_table")
+    index = graph_meta(runner.gm).input_names.index("block_table")
 
     def step(*tensors):
         shapes.append(tuple(tensors[index].shape))

@@ -14,6 +14,7 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, randomize
 from torch.testing import FileCheck
 
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, MLAConfig, capture
 from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
@@ -178,7 +179,7 @@ def test_fuse_kv_rmsnorm_rope_cache_functional_does_not_fire_after_the_prolog():
                          ids=["v2lite", "v3-bf16"])
 def test_lengths_as_tensors(config, dtype):
     gm = _prepared(config, dtype, lengths_as_tensors)
-    assert "seq_lens_list" in gm.meta["mla_inputs"]
+    assert "seq_lens_list" in graph_meta(gm).input_names
     fia = next(n for n in gm.graph.nodes if str(n.target) == NPU_FIA)
     kwargs = dict(fia.kwargs)
     assert kwargs["actual_seq_lengths_kv"].name == "seq_lens_list"
@@ -192,15 +193,15 @@ def test_lengths_as_tensors(config, dtype):
     assert {k: v for k, v in air.kwargs.items() if k != "actual_seq_lengths_kv"} == \
         {k: v for k, v in kwargs.items() if k != "actual_seq_lengths_kv"}
     # the host list is no longer read: its graph input is gone
-    assert "seq_lens_list" not in gm.meta["mla_inputs"]
+    assert "seq_lens_list" not in graph_meta(gm).input_names
     assert "seq_lens_list" not in [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 def test_lengths_as_tensors_does_not_fire_without_fia():
     gm = _prepared(V2_LITE_TINY, torch.float32, lower_paged_attention)     # attention not lowered yet
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     _no_fire(lengths_as_tensors, gm)
-    assert gm.meta["mla_inputs"] == inputs
+    assert graph_meta(gm).input_names == inputs
 
 
 def test_lengths_as_tensors_leaves_a_list_with_no_tensor_form():
@@ -209,11 +210,11 @@ def test_lengths_as_tensors_leaves_a_list_with_no_tensor_form():
     pipeline = target_pipeline("npu", "mixed")
     gm = _prepared(V2_LITE_NPU, torch.bfloat16, pipeline[-1], phase="mixed", pipeline=pipeline)
     FileCheck().check_count(f"torch.ops.{NPU_FIA}(", 2).run(gm.code)
-    inputs = list(gm.meta["mla_inputs"])
+    inputs = list(graph_meta(gm).input_names)
     assert {"decode_seq_lens_list", "prefill_query_ends_list", "prefill_context_ends_list"} <= set(inputs)
     notes = _no_fire(lengths_as_tensors, gm).record.notes
     assert any("no tensor form" in note for note in notes), notes
-    assert gm.meta["mla_inputs"] == inputs
+    assert graph_meta(gm).input_names == inputs
 
 
 # ---- decompose_linear -----------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, changed_rows, randomize
 from wheels import torch_npu_wheel
 
+from passes import contract
+from passes.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, positions_for
 from mla_graph.cache import PADDING_BLOCK
 from mla_graph.compile_backend import mla_graph_backend
@@ -126,9 +128,7 @@ def test_decode_step_is_one_graph_per_bucket(config, target, toolchain, caplog):
     assert len(step.graphs) == 3, "one compiled graph per bucket, none compiled twice"
     assert all(m.runners["decode"].buckets_run == [] for m in step.lowered), "no layer ran its own graph"
     names = [fn for fn, _ in step.step_inputs]
-    per_layer = [n for n in step.lowered[0].graphs["decode"].meta["mla_inputs"]
-                 if n not in ("hidden_states", "positions", "latent_cache", "rope_cache", "slot_mapping",
-                              "block_table", "seq_lens", "query_start_loc")]
+    per_layer = [i for i in graph_meta(step.lowered[0].graphs["decode"]).inputs if i not in contract.INPUTS]
     assert len(names) == len(per_layer) > 0, "per-step inputs are computed once for both layers"
     assert "decode steps: 2 MLA layer(s) inlined" in caplog.text
 
@@ -220,17 +220,24 @@ def test_converted_hf_model_generates_through_torch_compile():
     assert ran == {id(layer.self_attn.lowered) for layer in converted.model.layers}
 
 
-def test_step_inputs_are_computed_once_per_step(monkeypatch):
+@pytest.fixture
+def counted_derivations():
+    """Names of the npu inputs (rope rows, host lengths) each time one is derived from a call."""
+    from passes.npu_lower import ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
+    calls, inputs = [], (ROPE_COS, ROPE_SIN, SEQ_LENS_LIST)
+    originals = [inp.derive for inp in inputs]
+    for inp, fn in zip(inputs, originals):   # GraphInputs are frozen: set around it, restored below
+        object.__setattr__(inp, "derive", lambda c, fn=fn, name=inp.name: calls.append(name) or fn(c))
+    yield calls
+    for inp, fn in zip(inputs, originals):
+        object.__setattr__(inp, "derive", fn)
+
+
+def test_step_inputs_are_computed_once_per_step(counted_derivations):
     """Layers run one by one (the npu target): the rope rows and host lengths every layer's graph
     reads are computed by the first layer of a step and reused by the second, then computed anew
     for the next step (new positions), or after the positions are written in place."""
-    import importlib
-    capture = importlib.import_module("mla_graph.capture")   # the module (mla_graph.capture is also a function)
-
-    calls = []
-    for name in ("rope_cos", "rope_sin", "seq_lens_list"):
-        fn = capture.GRAPH_INPUTS[name]
-        monkeypatch.setitem(capture.GRAPH_INPUTS, name, lambda c, fn=fn, name=name: calls.append(name) or fn(c))
+    calls = counted_derivations
     config, dtype = V2_LITE_TINY, torch.float32
     model = model_for(config, dtype)
     compiled = torch.compile(model, backend="mla_graph", options={"target": "npu", "inner_backend": "eager"})

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from passes.contract import graph_meta
+
 from ..capture import PHASES
 from ..targets import TARGETS
 from ._common import (DTYPES, EXIT_STATUS, add_model_args, add_target_arg, config_from, phase_label,
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"mla-graph: error: {exc}\ndumps up to that pass are in {out / phase}", file=sys.stderr)
                 return 1
             if first:
-                gm.meta["mla_target"] = args.target
+                graph_meta(gm).target = args.target
                 graphs[phase] = gm
     if progress is not None:
         progress.close()

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from passes import contract
+
 from ..attention import check_values, checked_mode
 from ..cache import PADDING_BLOCK, PagedLatentCache
-from ..capture import GRAPH_INPUTS, Call
+from ..capture import Call
 from ..lowering import LoweredMLA
 from ..metadata import MLAMetadata
 from ..torchair_runtime import (StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend,
@@ -45,8 +47,9 @@ HIDDEN, POSITIONS, LATENT, ROPE, SLOTS, TABLE, SEQ_LENS, QSL, KEY, NUM_DECODES, 
 STEP_ARGS = {POSITIONS: "positions", SLOTS: "slot_mapping", TABLE: "block_table", SEQ_LENS: "seq_lens",
              QSL: "query_start_loc", NUM_DECODES: "num_decodes", NUM_PREFILLS: "num_prefills"}
 # lowered-graph inputs that are one of mla::layer's arguments; the others are per-step inputs
-LAYER_INPUTS = {"hidden_states": HIDDEN, "positions": POSITIONS, "latent_cache": LATENT, "rope_cache": ROPE,
-                "slot_mapping": SLOTS, "block_table": TABLE, "seq_lens": SEQ_LENS, "query_start_loc": QSL}
+LAYER_INPUTS = {contract.HIDDEN_STATES: HIDDEN, contract.POSITIONS: POSITIONS, contract.LATENT_CACHE: LATENT,
+                contract.ROPE_CACHE: ROPE, contract.SLOT_MAPPING: SLOTS, contract.BLOCK_TABLE: TABLE,
+                contract.SEQ_LENS: SEQ_LENS, contract.QUERY_START_LOC: QSL}
 
 # live WholeStep runners, for tests and debugging (compiled_steps())
 _STEPS: "weakref.WeakSet[WholeStep]" = weakref.WeakSet()
@@ -304,8 +307,8 @@ def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModul
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     # per-step inputs: placeholders after Dynamo's (their order is the call's order)
-    for name, table_id, dtype in step_nodes:
-        step_inputs.append((_step_input(name, tables[table_id]), dtype))
+    for inp, table_id, dtype in step_nodes:
+        step_inputs.append((_step_input(inp, tables[table_id]), dtype))
     graph.output(torch.fx.graph.map_arg(output_node.args[0], lambda n: env[n]))
     graph.eliminate_dead_code()
     inlined = GraphModule(attrs, graph, class_name="MLAWholeStep")
@@ -331,20 +334,21 @@ def _inline(graph: Graph, node: Node, lowered: LoweredMLA, layer: int, env: dict
     result = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            if n.name in LAYER_INPUTS:
-                inner[n] = env[node.args[LAYER_INPUTS[n.name]]]
+            inp = contract.input_of(n)
+            if inp in LAYER_INPUTS:
+                inner[n] = env[node.args[LAYER_INPUTS[inp]]]
             else:
-                if n.name not in GRAPH_INPUTS:
+                if inp is None or inp.per != "step" or inp.part is not None:
                     raise ValueError(f"layer {layer}'s decode graph reads {n.name!r}, which a whole step cannot provide")
-                key = (n.name, table, lowered._dtype)
+                key = (inp, table, lowered._dtype)
                 if key not in step_nodes:
                     # placeholders must come first: insert before the first non-placeholder
                     first = next((m for m in graph.nodes if m.op != "placeholder"), None)
                     if first is not None:
                         with graph.inserting_before(first):
-                            step_nodes[key] = graph.placeholder(f"step_{n.name}_{len(step_nodes)}")
+                            step_nodes[key] = graph.placeholder(f"step_{inp.name}_{len(step_nodes)}")
                     else:
-                        step_nodes[key] = graph.placeholder(f"step_{n.name}_{len(step_nodes)}")
+                        step_nodes[key] = graph.placeholder(f"step_{inp.name}_{len(step_nodes)}")
                     step_nodes[key].meta.update(n.meta)
                 inner[n] = step_nodes[key]
         elif n.op == "output":
@@ -363,9 +367,9 @@ def _inline(graph: Graph, node: Node, lowered: LoweredMLA, layer: int, env: dict
     return result
 
 
-def _step_input(name: str, cos_sin: torch.Tensor) -> Callable:
-    """fn(positions, padded metadata, dtype) -> the value of per-step input `name` (capture.GRAPH_INPUTS)."""
-    fn = GRAPH_INPUTS[name]
+def _step_input(inp: contract.GraphInput, cos_sin: torch.Tensor) -> Callable:
+    """fn(positions, padded metadata, dtype) -> the value of per-step input `inp` (inp.derive)."""
+    fn = inp.derive
 
     def compute(positions: torch.Tensor, metadata: MLAMetadata, dtype: torch.dtype):
         hidden = torch.empty(positions.shape[0], 0, dtype=dtype)   # only its dtype and row count are read

@@ -13,6 +13,8 @@ import importlib
 import torch
 from torch.fx.node import has_side_effect
 
+from passes.base import mark_no_kernel
+
 from ..npu import npu_backend
 
 AIR_SCHEMAS: dict[str, str] = {   # as torchair 2.13.0 defines them
@@ -71,6 +73,10 @@ def _air_fia_fake(query, key, value, **kwargs):
 
 def _wait_tensor_fake(self: torch.Tensor, dependency: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(self)
+
+
+# the markers are control edges (GE attributes and an Identity), not device kernels
+mark_no_kernel("air.scope_enter.default", "air.scope_exit.default", "air.wait_tensor.default")
 
 
 def ensure_air_ops() -> str:
