@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -74,8 +75,12 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
         out[first] = template
         group.reason = _why_not_rebindable(template, set(_layer_tensors(layers[first])))
         group.reused = not group.reason
+        # the layers' derived weights are cut by worker threads (tensor copies release the GIL) while
+        # this thread copies the graphs
+        cuts = {i: _cutter().submit(derived_weights, template, _layer_tensors(layers[i]))
+                for i in group.layers[1:]} if group.reused else {}
         for i in group.layers[1:]:
-            out[i] = (rebind(template, layers[i], verify=verify) if group.reused
+            out[i] = (rebind(template, layers[i], verify=verify, derived=cuts[i].result()) if group.reused
                       else lower(layers[i], target, phases, block_size=block_size, verify=verify,
                                  target_options=target_options))
     if summary is not None:
@@ -83,7 +88,33 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
     return out  # type: ignore[return-value]
 
 
-def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True) -> LoweredMLA:
+def _cutter() -> ThreadPoolExecutor:
+    global _CUTTER
+    if _CUTTER is None:
+        _CUTTER = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 1))), thread_name_prefix="mla-cut")
+    return _CUTTER
+
+
+_CUTTER: ThreadPoolExecutor | None = None
+
+
+def derived_weights(template: LoweredMLA, own: dict[str, torch.Tensor]) -> dict[tuple, torch.Tensor]:
+    """Every constant the template's passes derived from a weight, cut from `own`'s weights, keyed
+    by (source weight, recipe): W_UK of the decode graph serves mixed too."""
+    out: dict[tuple, torch.Tensor] = {}
+    for gm in template.graphs.values():
+        read = set(_get_attr_targets(gm))
+        for target, recipe in graph_meta(gm).derived_constants.items():
+            if recipe is not None and target in read and target not in own:
+                source, derive = recipe
+                key = (source, _recipe_key(derive))
+                if key not in out:
+                    out[key] = derive(own[source])
+    return out
+
+
+def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True,
+           derived: dict[tuple, torch.Tensor] | None = None) -> LoweredMLA:
     """`template`'s lowered graphs reading `layer`'s tensors; derived constants recomputed from them.
 
     The graphs are the template's, node for node, so the full verifier (which the template passed)
@@ -97,7 +128,7 @@ def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True) ->
     reason = _why_not_rebindable(template, set(own))
     if reason:
         raise ValueError(f"the lowering cannot be re-bound to another layer: {reason}")
-    derived_cache: dict[tuple, torch.Tensor] = {}   # W_UK of the decode graph serves mixed too
+    derived_cache = derived if derived is not None else derived_weights(template, own)
     graphs = {}
     for phase, gm in template.graphs.items():
         tensors = {}
@@ -109,10 +140,7 @@ def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True) ->
                 tensors[target] = _fetch(gm, target)            # independent of the weights: shared
             else:
                 source, derive = recipes[target]
-                key = (source, _recipe_key(derive))
-                if key not in derived_cache:
-                    derived_cache[key] = derive(own[source])
-                tensors[target] = derived_cache[key]
+                tensors[target] = derived_cache[(source, _recipe_key(derive))]
         graphs[phase] = _graph_module(gm, tensors)
         problems = verify_attrs(graphs[phase]) if verify else []
         if problems:

@@ -12,7 +12,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from mla_graph.npu import limits
+from mla_graph.npu import limits, npu_backend
 from mla_graph.npu.limits import Violation
 
 from .base import Invariant, PassResult, graph_pass
@@ -98,9 +98,12 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
 
 def prolog_weight(weight: torch.Tensor) -> torch.Tensor:
     """The [in, out] weight in FRACTAL_NZ, the format the prolog takes weight_dq, weight_uq_qr and
-    weight_dkv_kr in (L9605-L9608): cast once here, as vllm-ascend does with npu_format_cast(w, 29)."""
+    weight_dkv_kr in (L9605-L9608): cast once here, as vllm-ascend does with npu_format_cast(w, 29).
+    torch_npu's cast gets a contiguous [in, out] matrix, as vllm-ascend hands it; the emulated cast
+    (a copy into the new layout) takes the transposed view and makes it in that one copy."""
     with torch.no_grad():
-        return _npu().npu_format_cast(transposed(weight), limits.ACL_FORMAT_FRACTAL_NZ)
+        w = transposed(weight) if npu_backend() == "torch_npu" else weight.detach().t()
+        return _npu().npu_format_cast(w, limits.ACL_FORMAT_FRACTAL_NZ)
 
 
 @graph_pass(ensures=[WRITEBACK_ORDER])

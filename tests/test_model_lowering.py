@@ -133,3 +133,29 @@ def test_graph_mode_and_prefill_graphs_are_reused_too(captures):
     for i, (layer, low) in enumerate(zip(layers, lowered)):
         for phase in ("decode", "prefill"):
             assert compare_with_plain(layer, low, phase, seed=i).ok
+
+
+def test_rebound_torchair_layers_get_their_own_prolog_weights():
+    """The prolog's [in, out] FRACTAL_NZ weights of every re-bound layer are cut (by the worker
+    threads) from that layer's own weights: equal to its transposed weight, contiguous, a new tensor."""
+    from conftest import V3_NPU
+
+    from mla_graph.npu.formats import npu_format
+    from mla_graph.npu.limits import ACL_FORMAT_FRACTAL_NZ
+
+    layers = make_layers(3, V3_NPU, dtype=torch.bfloat16)
+    lowered = lower_layers(layers, "torchair", ["decode"], block_size=BLOCK)
+    for layer, low in zip(layers, lowered):
+        gm = low.graphs["decode"]
+        (prolog,) = [n for n in gm.graph.nodes if n.target is torch.ops.npu.npu_mla_prolog_v3_functional.default]
+        for index, weight in ((1, layer.q_a_proj.weight), (2, layer.q_b_proj.weight), (4, layer.kv_a_proj_with_mqa.weight)):
+            cut = getattr(gm, prolog.args[index].target)
+            assert torch.equal(cut, weight.t()) and cut.is_contiguous(), index
+            assert npu_format(cut) == ACL_FORMAT_FRACTAL_NZ
+            assert cut.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+    # what the workers cut equals cutting in this thread
+    own = model_lowering._layer_tensors(layers[2])
+    again = model_lowering.derived_weights(lowered[0], own)
+    done = model_lowering._cutter().submit(model_lowering.derived_weights, lowered[0], own).result()
+    assert again.keys() == done.keys() and len(again) == 5   # W_UK, W_UV and the prolog's three
+    assert all(torch.equal(again[k], done[k]) for k in again)

@@ -1,0 +1,112 @@
+"""The typed contract between capture, passes and runtime (passes.contract): every graph input is a
+GraphInput declared by whoever adds it and found by what it reads, never by its name; what a graph
+is lives in one GraphMeta."""
+import operator
+
+import pytest
+import torch
+from conftest import V2_LITE_NPU, V3_TINY, randomize
+from pass_graphs import GraphBuilder, inputs_for
+from test_pass_units import paged_values
+from torch.fx import GraphModule
+
+from mla_graph import MLAAttention, capture, lower
+from mla_graph.capture import Call, graph_inputs
+from mla_graph.checking import random_batch
+from mla_graph.npu import ensure_npu_ops
+from mla_graph.torchair_compat.air_ops import ensure_air_ops
+from passes import contract
+from passes.contract import GraphMeta, graph_meta, input_of
+from passes.npu_lower import CONTEXT_SLOTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
+from passes.testing import check_pass
+from passes.torchair_lower import SEQ_LENS_INT64, lengths_as_tensors
+
+bf16, i32 = torch.bfloat16, torch.int32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ops():
+    ensure_npu_ops()
+    ensure_air_ops()
+
+
+def test_capture_declares_the_definitions_inputs():
+    gm = capture(MLAAttention(V3_TINY), "mixed", block_size=16)
+    meta = graph_meta(gm)
+    assert isinstance(meta, GraphMeta) and (meta.phase, meta.block_size, meta.config) == ("mixed", 16, V3_TINY)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert [input_of(n) for n in placeholders] == meta.inputs == list(contract.INPUTS)
+    assert {i.name: i.per for i in meta.inputs if i.per == "layer"} == \
+        {"hidden_states": "layer", "latent_cache": "layer", "rope_cache": "layer"}
+
+
+def test_passes_declare_what_they_add():
+    """The npu lowering's added inputs are the ones its module declares (identity, not name); a
+    split mixed batch's parts read the same kinds from their part of the call."""
+    layer = MLAAttention(V2_LITE_NPU, dtype=bf16)
+    low = lower(layer, "npu", block_size=16)
+    decode = graph_meta(low.graphs["decode"]).inputs
+    assert decode[:8] == list(contract.INPUTS)
+    assert {ROPE_COS, ROPE_SIN, SEQ_LENS_LIST} <= set(decode) and SEQ_LENS_LIST.on == "host"
+    mixed = graph_meta(low.graphs["mixed"]).inputs
+    parts = {(i.part, i.kind) for i in mixed if i.part}
+    assert {("decode", contract.SEQ_LENS), ("prefill", contract.SEQ_LENS), ("decode", SEQ_LENS_LIST),
+            ("prefill", CONTEXT_SLOTS)} <= parts, parts
+    assert all(i.name == f"{i.part}_{i.kind.name}" for i in mixed if i.part)
+
+
+def test_inputs_are_found_by_what_they_read_not_by_name():
+    """Every placeholder renamed: the runtime still gives each its value, the output is the same."""
+    layer = randomize(MLAAttention(V2_LITE_NPU, dtype=bf16))
+    low = lower(layer, "npu", ["mixed"], block_size=16)
+    gm = low.graphs["mixed"]
+    batch = random_batch(layer, [(1, 19), (1, 3), (40, 0), (40, 12)], block_size=16, seed=0)
+
+    def run():
+        cache = batch.cache.clone()
+        return gm(*graph_inputs(gm, Call(batch.hidden_states, batch.positions, cache, batch.metadata,
+                                         layer.cos_sin))), cache
+
+    want, want_cache = run()
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        node.name = node.target = f"input_{i}"
+    gm.recompile()
+    got, got_cache = run()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_cache.latent, want_cache.latent, rtol=0, atol=0)
+
+
+def test_lengths_as_tensors_follows_the_input_not_its_name():
+    b = GraphBuilder(phase="decode", dtype=bf16, block_size=16)
+    B, NB, MB = b.sym("num_reqs", 3), b.sym("num_blocks", 13), b.sym("max_blocks", 5)
+    q, q_pe = b.input("q", (B, 2, 1, 512), bf16), b.input("q_pe", (B, 2, 1, 64), bf16)
+    k, k_pe = b.input("latent_cache", (NB, 1, 16, 512), bf16), b.input("rope_cache", (NB, 1, 16, 64), bf16)
+    bt = b.input("block_table", (B, MB), i32)
+    b.input("seq_lens", (B,), i32)
+    lengths = b.input("seq_lens_list", value=[])
+    lengths.name = "whatever_a_user_pass_called_it"
+    fia = b.op(torch.ops.npu.npu_fused_infer_attention_score.default, q, k, k, query_rope=q_pe, key_rope=k_pe,
+               actual_seq_lengths_kv=lengths, block_table=bt, num_heads=2, scale=0.1, input_layout="BNSD",
+               num_key_value_heads=1, sparse_mode=0, block_size=16)
+    gm = b.finish(b.op(operator.getitem, fia, 0))
+    batch = paged_values([(1, 20), (1, 5)], dtype=bf16, latent=512, rope=64, block=16, num_blocks=5,
+                         nan_outside=False)
+    values = {"q": batch["ql"][:, :, None], "q_pe": batch["q_pe"][:, :, None],
+              "latent_cache": batch["latent_cache"].view(5, 1, 16, 512),
+              "rope_cache": batch["rope_cache"].view(5, 1, 16, 64), "block_table": batch["block_table"],
+              "seq_lens": batch["seq_lens"], "whatever_a_user_pass_called_it": batch["seq_lens"].tolist(),
+              "seq_lens_int64": batch["seq_lens"].to(torch.int64)}
+    check = check_pass(lengths_as_tensors, gm, make_inputs=inputs_for(values), expect_matches=1)
+    assert [input_of(n) for n in gm.graph.nodes if n.op == "placeholder"][-1] is SEQ_LENS_INT64
+    assert SEQ_LENS_LIST not in graph_meta(gm).inputs and check.record.changed
+
+
+def test_a_graph_without_graph_meta_is_named():
+    gm = GraphModule(torch.nn.Module(), torch.fx.Graph())
+    with pytest.raises(ValueError, match=r"not captured by mla_graph.capture .*gm.meta\['mla'\]"):
+        graph_meta(gm)
+
+
+def test_a_part_input_only_for_a_known_part():
+    with pytest.raises(ValueError, match="part must be one of"):
+        contract.SEQ_LENS.of_part("middle")
