@@ -3,7 +3,6 @@ from .attention import MLAAttention
 from .cache import BlockAllocator, CacheFullError, PagedLatentCache
 from .capture import PHASES, capture
 from .config import MLAConfig, YarnScaling, preset_names
-from .lowering import LoweredMLA, LoweringError, lower
 from .npu import npu_backend
 from .metadata import MLAMetadata, MetadataError, build_metadata, positions_for
 
@@ -12,3 +11,14 @@ __all__ = [
     "MLAMetadata", "MetadataError", "PHASES", "PagedLatentCache", "YarnScaling", "build_metadata",
     "capture", "lower", "npu_backend", "positions_for", "preset_names",
 ]
+_LOWERING = ("LoweredMLA", "LoweringError", "lower")
+
+
+def __getattr__(name: str):
+    # mla_graph.lowering imports the targets, which import every pass; a pass module that imports a
+    # mla_graph module (its kernels, its limits) would otherwise import itself half-way when it is
+    # the first thing imported. So the lowering entry points load on first use.
+    if name in _LOWERING:
+        from . import lowering
+        return getattr(lowering, name)
+    raise AttributeError(f"module 'mla_graph' has no attribute {name!r}")

@@ -12,6 +12,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla, which the patterns and rules name)
+
 from .base import PassResult, graph_pass
 from .graph_utils import call, same_size
 from .mla_patterns import val

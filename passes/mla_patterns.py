@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla, which the patterns and rules name)
+
 from .rewrite import Match, Pattern
 
 aten, mla = torch.ops.aten, torch.ops.mla

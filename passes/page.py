@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla, which the patterns and rules name)
+
 from .base import PassResult, graph_pass
 from .graph_utils import call
 from .rewrite import Pattern, Rule, rewrite

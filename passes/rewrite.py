@@ -25,6 +25,11 @@ match is walked backwards from the pattern's result with torch.fx's SubgraphMatc
 
 The emit gets the Match: the anchor node (m.node), each argument's value by name (m.kv, m.eps).
 A match may be refused with Skip(reason): the reason goes to the pass's notes.
+
+Every rewrite of ours is a rule. Two passes walk the graph by hand, because no pattern anchors
+what they look for: insert_multistream_scopes (independent branches of the attention's ancestor
+DAG, a property of the whole graph, not the shape of a subgraph) and eliminate_dead_code (FX's).
+choose_attention_form matches the DECOMPRESSED pattern but rewrites nothing (it annotates).
 """
 from __future__ import annotations
 

@@ -105,3 +105,39 @@ def test_a_back_edge_fails_the_dag_test():
         "mla_graph.attention (definition) imports mla_graph.compile_backend (users): a back edge",
         "mla_graph.newthing is in no layer of LAYERS (tests/test_layering.py): place it",
     ]
+
+
+_IMPORT_EACH = r'''
+import os, sys
+# third-party modules the children share (loaded once, before the forks); none of ours is loaded
+import torch, torch._dynamo, torch.fx.experimental.proxy_tensor, networkx, transformers  # noqa: F401,E401
+failed = 0
+for module in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:                 # a child: a fresh import of this one module of ours, first
+        try:
+            __import__(module)
+        except BaseException as exc:
+            print(f"{module}: {type(exc).__name__}: {exc}", flush=True)
+            os._exit(1)
+        os._exit(0)
+    failed += os.waitpid(pid, 0)[1] != 0
+sys.exit(1 if failed else 0)
+'''
+
+
+def test_every_module_imports_on_its_own():
+    """Each module of passes/ and mla_graph/ can be the first one a program imports (a user's pass
+    importing passes.npu_lower first once hit a circular import through mla_graph/__init__)."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    modules = [f"passes.{p.stem}" for p in sorted((root / "passes").glob("*.py")) if p.stem != "__init__"]
+    modules += [f"mla_graph.{p.stem}" for p in sorted((root / "mla_graph").glob("*.py")) if p.stem != "__init__"]
+    modules += [f"mla_graph.{p.name}" for p in sorted((root / "mla_graph").iterdir())
+                if (p / "__init__.py").is_file() and p.name != "vllm_plugin"]   # that one needs vLLM
+    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *modules], cwd=root, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert len(modules) > 30
