@@ -84,6 +84,8 @@ class Pattern:
             self._trace(fn)
 
     def __call__(self, fn: Callable) -> "Pattern":     # @Pattern(exclusive=True) as a decorator
+        if self.fn is not None:
+            raise TypeError(f"pattern {self.name} is matched with .match(node), not called")
         self.fn = fn
         self._trace(fn)
         return self

@@ -126,7 +126,7 @@ def fuse_mla_prolog(gm: GraphModule) -> PassResult:
 
 
 def _prolog_admits(m: Match) -> bool | Skip:
-    if not all(getattr(m, w).op == "get_attr" for w in ("w_qa", "w_qb", "w_kva")):
+    if not all(getattr(m, w).op == "get_attr" for w in ("w_qa", "w_qb", "w_kva", "w_uk")):
         return Skip(f"{m.node.name}: the prolog's weights are not constants; not fused")
     why_not = prolog_limits(m)
     return Skip(f"{m.node.name}: not fused: {why_not[0].message()}") if why_not else True
