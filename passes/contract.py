@@ -41,7 +41,7 @@ class GraphInput:
     def of_part(self, part: str) -> "GraphInput":
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-        return dataclasses.replace(self, name=f"{part}_{self.name}", part=part, base=self)
+        return dataclasses.replace(self, name=f"{part}_{self.name}", part=part, base=self, memo=None)   # parts: not memoised
 
     @property
     def kind(self) -> "GraphInput":

@@ -94,9 +94,13 @@ def node_table(gm: GraphModule) -> str:
 
 
 def format_graph(gm: GraphModule) -> str:
-    symbols = getattr(maybe_meta(gm), "symbols", {})
-    legend = ", ".join(f"{name}={sym}" for sym, name in symbols.items())
-    header = f"# phase: {getattr(maybe_meta(gm), 'phase', '?')}" + (f"; symbols: {legend}" if legend else "")
+    meta = maybe_meta(gm)
+    legend = ", ".join(f"{name}={sym}" for sym, name in getattr(meta, "symbols", {}).items())
+    header = f"# phase: {getattr(meta, 'phase', '?')}" + (f"; symbols: {legend}" if legend else "")
+    if meta is not None:   # where each input comes from (passes.contract.GraphInput)
+        header += "\n# inputs: " + ", ".join(
+            f"{i.name} ({i.on}, per {i.per}{', memo' if i.memo else ''}{f', {i.part} part' if i.part else ''})"
+            for i in meta.inputs)
     return f"{header}\n{gm.code.strip()}\n\n{node_table(gm)}\n"
 
 

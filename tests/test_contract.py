@@ -17,6 +17,7 @@ from mla_graph.npu import ensure_npu_ops
 from mla_graph.torchair_compat.air_ops import ensure_air_ops
 from passes import contract
 from passes.contract import GraphMeta, graph_meta, input_of
+from passes.dump import format_graph
 from passes.npu_lower import CONTEXT_SLOTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
 from passes.testing import check_pass
 from passes.torchair_lower import SEQ_LENS_INT64, lengths_as_tensors
@@ -52,7 +53,11 @@ def test_passes_declare_what_they_add():
     parts = {(i.part, i.kind) for i in mixed if i.part}
     assert {("decode", contract.SEQ_LENS), ("prefill", contract.SEQ_LENS), ("decode", SEQ_LENS_LIST),
             ("prefill", CONTEXT_SLOTS)} <= parts, parts
-    assert all(i.name == f"{i.part}_{i.kind.name}" for i in mixed if i.part)
+    assert all(i.name == f"{i.part}_{i.kind.name}" and i.memo is None for i in mixed if i.part)
+    # the dumps say where each input comes from
+    header = format_graph(low.graphs["mixed"]).split("\n")[1]
+    assert header.startswith("# inputs: hidden_states (device, per layer), positions (device, per step)")
+    assert "rope_cos (device, per step, memo)" in header and "decode_seq_lens_list (host, per step, decode part)" in header
 
 
 def test_inputs_are_found_by_what_they_read_not_by_name():
