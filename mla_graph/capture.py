@@ -40,6 +40,7 @@ class Call:
 # The definition's inputs (HIDDEN_STATES ... QUERY_START_LOC, passes.contract.INPUTS) are the
 # captured graph's placeholders; passes declare the inputs they add (another form of the metadata:
 # a host list, int64 lengths, rope rows) beside the pass, with how a call provides them.
+
 # memoised step inputs -> (what the value was computed from, their versions, value): the last step's only
 _STEP_VALUES: dict[GraphInput, tuple[tuple, tuple, object]] = {}
 

@@ -117,7 +117,8 @@ class Pattern:
 
     def __or__(self, other: "Pattern") -> "Pattern":
         """Either pattern (the first that matches); both must anchor on the same op."""
-        assert other.anchor is self.anchor, "alternatives must anchor on the same op"
+        if other.anchor is not self.anchor:
+            raise ValueError(f"alternatives must anchor on the same op: {self.anchor} vs {other.anchor}")
         either = copy.copy(self)
         either.match = lambda node: self.match(node) or other.match(node)
         return either
@@ -135,7 +136,7 @@ class Rule:
     name: str                                         # what the dumps count matches under
     anchor: object                                    # the op (or tuple of ops) a node must call, or a Pattern
     emit: Callable[[Graph, Any], Node | None]         # the replacement, built before the node; takes its uses
-    check: Callable[[Any], "bool | Skip | str"] = lambda m: True   # False / Skip(why): not here
+    check: Callable[[Any], "bool | Skip"] = lambda m: True   # False / Skip(why): not here
     missed: str = ""     # a Pattern rule: the note for an anchor-op node the pattern did not match
     defined_at: str = field(default_factory=_defined_at, compare=False)
 
