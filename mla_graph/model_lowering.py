@@ -98,6 +98,14 @@ def _cutter() -> ThreadPoolExecutor:
 _CUTTER: ThreadPoolExecutor | None = None
 
 
+def _forget_cutter() -> None:
+    global _CUTTER
+    _CUTTER = None      # a forked child has none of the parent's worker threads: it starts its own
+
+
+os.register_at_fork(after_in_child=_forget_cutter)
+
+
 def derived_weights(template: LoweredMLA, own: dict[str, torch.Tensor]) -> dict[tuple, torch.Tensor]:
     """Every constant the template's passes derived from a weight, cut from `own`'s weights, keyed
     by (source weight, recipe): W_UK of the decode graph serves mixed too."""

@@ -159,3 +159,27 @@ def test_rebound_torchair_layers_get_their_own_prolog_weights():
     done = model_lowering._cutter().submit(model_lowering.derived_weights, lowered[0], own).result()
     assert again.keys() == done.keys() and len(again) == 5   # W_UK, W_UV and the prolog's three
     assert all(torch.equal(again[k], done[k]) for k in again)
+
+
+def test_a_forked_child_cuts_derived_weights_with_its_own_workers():
+    """A process forked after lowering (vLLM's workers can be) lowers again without waiting on the
+    parent's worker threads, which the child does not have (it hung before the at-fork reset)."""
+    import os
+    import time
+
+    lower_layers(make_layers(2), "npu", ["decode"], block_size=BLOCK)   # the parent's workers exist now
+    pid = os.fork()
+    if pid == 0:
+        try:
+            lowered = lower_layers(make_layers(2, seed=1), "npu", ["decode"], block_size=BLOCK)
+            os._exit(0 if len(lowered) == 2 else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung waiting for derived weights")
+        time.sleep(0.2)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
