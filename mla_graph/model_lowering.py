@@ -91,7 +91,9 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
 def _cutter() -> ThreadPoolExecutor:
     global _CUTTER
     if _CUTTER is None:
-        _CUTTER = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 1))), thread_name_prefix="mla-cut")
+        # two: the transposing copies run one thread each, and every worker thread that reaches a
+        # parallel copy brings its own intra-op team
+        _CUTTER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mla-cut")
     return _CUTTER
 
 
