@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -77,12 +77,16 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
         group.reused = not group.reason
         # the layers' derived weights are cut by worker threads (tensor copies release the GIL) while
         # this thread copies the graphs
-        cuts = {i: _cutter().submit(derived_weights, template, _layer_tensors(layers[i]))
-                for i in group.layers[1:]} if group.reused else {}
-        for i in group.layers[1:]:
-            out[i] = (rebind(template, layers[i], verify=verify, derived=cuts[i].result()) if group.reused
-                      else lower(layers[i], target, phases, block_size=block_size, verify=verify,
-                                 target_options=target_options))
+        cuts = {i: _cut_in_background(template, _layer_tensors(layers[i])) for i in group.layers[1:]} \
+            if group.reused else {}
+        try:
+            for i in group.layers[1:]:
+                out[i] = (rebind(template, layers[i], verify=verify, derived=cuts[i].result()) if group.reused
+                          else lower(layers[i], target, phases, block_size=block_size, verify=verify,
+                                     target_options=target_options))
+        finally:
+            for future in cuts.values():    # after a failure: cuts not started yet are not made
+                future.cancel()
     if summary is not None:
         summary.extend(groups.values())
     return out  # type: ignore[return-value]
@@ -106,6 +110,16 @@ def _forget_cutter() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_cutter)
+
+
+def _cut_in_background(template: LoweredMLA, own: dict[str, torch.Tensor]) -> Future:
+    """derived_weights on a worker, under the caller's grad and inference modes (they are per thread)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def cut() -> dict[tuple, torch.Tensor]:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return derived_weights(template, own)
+    return _cutter().submit(cut)
 
 
 def derived_weights(template: LoweredMLA, own: dict[str, torch.Tensor]) -> dict[tuple, torch.Tensor]:
@@ -210,4 +224,5 @@ def _graph_module(template: GraphModule, tensors: dict[str, torch.Tensor]) -> Gr
             owner.register_buffer(name, tensor, persistent=False)
     gm = GraphModule(root, copy.deepcopy(template.graph), class_name=type(template).__name__)
     gm.meta.update(template.meta)
+    gm.meta["mla"] = graph_meta(template).copy()    # its own: a pass on one layer's graph leaves the others'
     return gm

@@ -18,7 +18,7 @@ from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
 from .contract import GraphInput, find_input, graph_meta, input_of
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, new_symbol, same_size
-from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, val
+from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, norm_and_rope_feed_only_the_write, val
 from .rewrite import Match, Rule, Skip, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -90,14 +90,13 @@ def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
     return rewrite(gm, [KV_WRITE_V2], dead_code=True)
 
 
-def kv_cache_write_rule(name: str, emit: Callable[..., Node | None]) -> Rule:
-    """A rule for each latent cache write (KV_CACHE_WRITE) whose norm and rope feed nothing else:
-    `emit(graph, match, kv[T,1,1,L+R], cos, sin)` builds what replaces it."""
+def kv_cache_write_emit(emit: Callable[..., Node | None]) -> Callable[..., Node | None]:
+    """The emit of a latent cache-write fusion (over KV_CACHE_WRITE): `emit(graph, match,
+    kv[T,1,1,L+R], cos, sin)` builds what replaces the write."""
     def emit_write(g, m: Match) -> Node | None:
         cos, sin = _rope_cos_sin(g.owning_module, m.positions, m.table)
         return emit(g, m, call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]]), cos, sin)
-    return Rule(name, KV_CACHE_WRITE, emit=emit_write,
-                missed="the normed latent or roped key has other users (or no norm and rope in front); not fused")
+    return emit_write
 
 
 def _write_v2(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
@@ -105,7 +104,8 @@ def _write_v2(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
          m.latent_cache, epsilon=m.eps, cache_mode="PA")
 
 
-KV_WRITE_V2 = kv_cache_write_rule("rmsnorm+rope+cache write", _write_v2)
+KV_WRITE_V2 = Rule("rmsnorm+rope+cache write", KV_CACHE_WRITE, emit=kv_cache_write_emit(_write_v2),
+                   check=norm_and_rope_feed_only_the_write)
 
 
 @graph_pass()

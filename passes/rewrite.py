@@ -15,7 +15,8 @@ Small rewrites are declarative (a check on the node, an emit):
 Fusions match a Pattern, a function traced with torch.fx: its arguments are wildcards (any node, or
 any literal: sizes, eps, scale are arguments, never one pattern per constant), its other literals
 (getitem indices, dims) must be equal, and an argument used twice must be the same node twice. The
-match is walked backwards from the pattern's result with torch.fx's SubgraphMatcher, node by node:
+match is walked backwards from the pattern's result with torch.fx's SubgraphMatcher, node by node
+(as there, two arguments bind two different nodes):
 
     @Pattern
     def KV_WRITE(kv, sizes, gamma, eps, positions, table, latent_cache, rope_cache, slots):
@@ -96,6 +97,9 @@ class Pattern:
         self._matcher = SubgraphMatcher(self.graph)
         self.anchors = self._matcher.pattern_anchors
         self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
+        clash = {"node", "nodes"} & {n.target for n in self.inputs}
+        if clash:
+            raise ValueError(f"pattern {self.name}: an argument may not be named {sorted(clash)} (a Match's own names)")
 
     @property
     def anchor(self) -> object:
@@ -109,7 +113,7 @@ class Pattern:
         if m is None or (self.exclusive and not self._matcher._is_contained(m.nodes_map)):
             return None
         nodes = [gn for pn, gn in m.nodes_map.items() if pn.op != "placeholder"]
-        return Match(node, {pn.name: m.nodes_map.get(pn) for pn in self.inputs}, nodes)
+        return Match(node, {pn.target: m.nodes_map.get(pn) for pn in self.inputs}, nodes)
 
     def _walk(self, anchor: Node, node: Node, so_far: InternalMatch) -> InternalMatch | None:
         trial = copy.copy(so_far)     # the matcher leaves a failed walk's partial bindings behind
@@ -166,7 +170,7 @@ def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) 
     result = PassResult(changed=False)
     g = gm.graph
     for node in list(g.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or getattr(node, "_erased", False):   # erased by an earlier match
             continue
         for rule in by_anchor.get(node.target, ()):
             m = rule.match(node)

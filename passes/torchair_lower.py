@@ -18,8 +18,8 @@ from mla_graph.npu.limits import Violation
 from .base import Invariant, PassResult, graph_pass
 from .contract import SEQ_LENS, GraphInput, find_input, graph_meta, input_of
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, remove_input
-from .mla_patterns import _is, val
-from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_rule
+from .mla_patterns import KV_CACHE_WRITE, _is, norm_and_rope_feed_only_the_write, val
+from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_emit
 from .rewrite import Match, Pattern, Rule, Skip, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -181,7 +181,8 @@ def _write_functional(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
     _writeback(g.owning_module, m.rope_cache, k_new, k_new)
 
 
-KV_WRITE_FUNCTIONAL = kv_cache_write_rule("rmsnorm+rope+cache write (functional)", _write_functional)
+KV_WRITE_FUNCTIONAL = Rule("rmsnorm+rope+cache write (functional)", KV_CACHE_WRITE,
+                           emit=kv_cache_write_emit(_write_functional), check=norm_and_rope_feed_only_the_write)
 
 
 @graph_pass(ensures=[WRITEBACK_ORDER])

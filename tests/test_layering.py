@@ -141,3 +141,18 @@ def test_every_module_imports_on_its_own():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert len(modules) > 30
+
+
+def test_the_package_still_offers_what_it_loads_late():
+    """After a plain `import mla_graph`: dir() lists the lowering entry points, and submodules such
+    as mla_graph.lowering are reachable as attributes (in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import mla_graph, sys; assert 'mla_graph.lowering' not in sys.modules; "
+            "assert {'lower', 'LoweredMLA', 'LoweringError'} <= set(dir(mla_graph)); "
+            "assert mla_graph.lowering.lower is mla_graph.lower; "
+            "assert not hasattr(mla_graph, 'no_such_thing')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -183,3 +183,29 @@ def test_a_forked_child_cuts_derived_weights_with_its_own_workers():
             raise AssertionError("the forked child hung waiting for derived weights")
         time.sleep(0.2)
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_rebound_layers_have_their_own_graph_meta():
+    """A pass run on one re-bound layer's graph (adding an input) leaves the other layers' alone."""
+    from passes.contract import GraphInput
+    from passes.graph_utils import add_input
+
+    lowered = lower_layers(make_layers(3), "npu", ["decode"], block_size=BLOCK)
+    metas = [graph_meta(low.graphs["decode"]) for low in lowered]
+    assert len({id(m) for m in metas}) == 3
+    before = [list(m.inputs) for m in metas]
+    gm = lowered[1].graphs["decode"]
+    add_input(gm, GraphInput("extra", lambda c: None), None)
+    assert [len(graph_meta(low.graphs["decode"]).inputs) for low in lowered] == \
+        [len(before[0]), len(before[1]) + 1, len(before[2])]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "enable_grad"])
+def test_derived_weights_are_cut_under_the_callers_grad_mode(monkeypatch, mode):
+    """Grad and inference modes are per thread: the worker that cuts derived weights takes the caller's."""
+    monkeypatch.setattr(model_lowering, "derived_weights",
+                        lambda template, own: (torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "enable_grad": torch.enable_grad}
+    with context[mode]():
+        seen = model_lowering._cut_in_background(None, {}).result()
+    assert seen == {"no_grad": (False, False), "inference_mode": (False, True), "enable_grad": (True, False)}[mode]

@@ -174,7 +174,7 @@ def paged_values(requests, *, dtype=f32, latent=L, rope=R, block=BS, heads=N, nu
 MAX_POS = 64
 
 
-def kv_write_graph(*, dtype=f32, extra_user=False, reader=True, latent=L, rope=R, block=BS):
+def kv_write_graph(*, dtype=f32, extra_user=False, reader=True, latent=L, rope=R, block=BS, raw_latent_user=False):
     """The latent cache write of the definition, and an attention that reads the caches after it:
 
         c, k = split(kv, [L, R]); mla.cache_write(mla.rms_norm(c, g, eps), mla.rope(k, pos, table), ...)
@@ -199,6 +199,8 @@ def kv_write_graph(*, dtype=f32, extra_user=False, reader=True, latent=L, rope=R
         outputs.append(b.op(mla.paged_attention.default, ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, SCALE))
     if extra_user:
         outputs.append(b.op(aten.neg.default, normed))
+    if raw_latent_user:                             # the latent before its norm, read elsewhere too
+        outputs.append(b.op(aten.neg.default, normed.args[0]))
     return b.finish(tuple(outputs))
 
 
@@ -522,6 +524,18 @@ def test_kv_cache_fusions_do_not_fire_when_the_normed_latent_has_another_user(pa
     gm = kv_write_graph(extra_user=True)
     assert "other users" in _unchanged(pass_fn, gm).notes[0]
     assert "rope_cos" not in graph_meta(gm).input_names
+
+
+@pytest.mark.parametrize("pass_fn, rule", [(fuse_kv_rmsnorm_rope_cache, "rmsnorm+rope+cache write"),
+                                           (fuse_kv_rmsnorm_rope_cache_functional,
+                                            "rmsnorm+rope+cache write (functional)")])
+def test_kv_cache_fusions_fire_when_the_latent_before_its_norm_has_another_reader(pass_fn, rule):
+    """Only the normed latent and the roped key must feed nothing but the write: the split before
+    them stays for its other reader."""
+    gm = kv_write_graph(raw_latent_user=True)
+    check = check_pass(pass_fn, gm, make_inputs=inputs_for(kv_write_values(DECODE)), compare_mutated=True)
+    assert _result(check.record) == (True, 1, {rule: 1})
+    assert nodes(gm, mla.rms_norm.default) == [] and len(nodes(gm, aten.split_with_sizes.default)) == 1
 
 
 @pytest.mark.parametrize("pass_fn", [fuse_kv_rmsnorm_rope_cache, fuse_kv_rmsnorm_rope_cache_functional])

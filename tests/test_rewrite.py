@@ -107,3 +107,41 @@ def test_a_pattern_rule_notes_what_it_missed():
 def test_a_pattern_is_not_called():
     with pytest.raises(TypeError, match="matched with .match"):
         SCALED_SUM(lambda x: x)
+
+
+@Pattern
+def RELU_TWICE(x):
+    r = aten.relu.default(x)
+    return aten.neg.default(r), aten.sigmoid.default(r)      # anchors: neg, then sigmoid after it
+
+
+def test_the_driver_skips_a_node_an_earlier_match_erased():
+    """A two-anchor match erases its second anchor (as the prolog erases its cache write); a later
+    rule on that op must not count or rewrite the erased node."""
+    def build(b, a, c):
+        r = b.op(aten.relu.default, a)
+        return b.op(aten.neg.default, r), b.op(aten.sigmoid.default, r)
+    gm, _, _ = _graph(build)
+
+    def fuse(g, m):
+        (sig,) = [n for n in m.nodes if n.target is aten.sigmoid.default]
+        out = call(g, aten.tanh.default, m.x)
+        sig.replace_all_uses_with(out)
+        g.erase_node(sig)
+        return out
+    result = rewrite(gm, [Rule("fuse", RELU_TWICE, emit=fuse),
+                          Rule("sigmoid -> exp", aten.sigmoid.default, emit=lambda g, n: call(g, aten.exp.default, *n.args))])
+    assert result.matches_by_rule == {"fuse": 1}
+    gm.graph.lint()
+
+
+@Pattern
+def NEG_OF(input):                         # fx renames a placeholder called input; the match does not
+    return aten.neg.default(input)
+
+
+def test_match_values_are_named_as_the_pattern_function_names_its_arguments():
+    gm, a, _ = _graph(lambda b, a, c: b.op(aten.neg.default, a))
+    assert NEG_OF.match(nodes(gm, aten.neg.default)[0]).input is a
+    with pytest.raises(ValueError, match="may not be named"):
+        Pattern(lambda node: aten.neg.default(node))
