@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from passes import PassManager, PassRecord, PipelineReport
 from passes.base import GraphPass
 from passes.contract import graph_meta
-from passes.dump import FORMATS_ENV, parse_formats
+from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode
 from .cache import PADDING_BLOCK, PagedLatentCache

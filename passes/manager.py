@@ -1,9 +1,7 @@
 """PassManager: runs a flat pipeline; one observer times, dumps and records every pass."""
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -11,13 +9,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from mla_graph.dumptool.folder import DumpWriter, stage_stem
+from mla_graph.dumptool.render import format_table
+
 from .base import GraphPass, PassResult, Violation, pass_name
 from .contract import maybe_meta
-from .dump import FORMATS_ENV, format_table, PASS_FORMATS, format_graph, node_rows, parse_formats, render_svg, require_dot, to_dot
 from .verifier import PassVerificationError, verify_graph
-
-# Files the manager writes into a dump folder (see _remove_stale_dumps).
-_DUMP_FILE = re.compile(r"^(00-capture|\d\d-\w+\.(before|after))\.(txt|dot|svg)$|^summary\.json$")
 
 
 @dataclass
@@ -88,23 +85,15 @@ class PassManager:
                 raise ValueError(f"stop_after names pass {stop_after!r}, which is not in this pipeline; "
                                  f"passes: {', '.join(names)}")
             self.pipeline = self.pipeline[:names.index(stop_after) + 1]
-        self.dump_dir = os.fspath(dump_dir) if dump_dir is not None else None
-        chosen = parse_formats(formats if formats is not None else os.environ.get(FORMATS_ENV) or "txt")
-        if "html" in chosen:   # the report (written over the whole dump) is built from the txt dumps
-            chosen += ("txt",)
-        self.formats = tuple(f for f in PASS_FORMATS if f in chosen)
-        if self.dump_dir is not None and "svg" in self.formats:
-            require_dot()
+        self.dump = DumpWriter(dump_dir, formats) if dump_dir is not None else None
         self.verify = verify
         self.on_pass = on_pass
         self.inspect = inspect
 
     def run(self, gm: GraphModule) -> PipelineReport:
         capture_ops = op_histogram(gm)
-        if self.dump_dir is not None:
-            os.makedirs(self.dump_dir, exist_ok=True)
-            self._remove_stale_dumps()
-            self._dump("00-capture", format_graph(gm), node_rows(gm), f"{getattr(maybe_meta(gm), 'phase', '?')}: capture")
+        if self.dump is not None:
+            self.dump.start(gm, f"{getattr(maybe_meta(gm), 'phase', '?')}: capture")
         # call nodes the verifier found consistent, kept for this run: unchanged ones are not re-run
         passed: dict = {}
         if self.verify:
@@ -118,10 +107,8 @@ class PassManager:
             if self.inspect is not None:
                 self.inspect(record, gm)
         report = PipelineReport(records, op_histogram(gm), capture_ops, self.stop_after)
-        if self.dump_dir is not None:
-            summary = {"phase": getattr(maybe_meta(gm), "phase", None), **report.to_json(), "formats": list(self.formats),
-                       "nodes": node_rows(gm)}
-            self._write("summary.json", json.dumps(summary, indent=2))
+        if self.dump is not None:
+            self.dump.summary(gm, {"phase": getattr(maybe_meta(gm), "phase", None), **report.to_json()})
         return report
 
     def _run_one(self, index: int, fn: GraphPass, gm: GraphModule, passed: dict) -> PassRecord:
@@ -133,7 +120,7 @@ class PassManager:
         before_nodes = set(gm.graph.nodes)
         before_text = str(gm.graph)
         # rendered now: the pass may erase nodes the "before" dumps must still show
-        before = (format_graph(gm), node_rows(gm)) if self.dump_dir is not None else None
+        before = self.dump.render(gm) if self.dump is not None else None
         watch = _Provenance(gm)
         start = time.perf_counter()
         try:
@@ -165,11 +152,11 @@ class PassManager:
         if result.changed:
             gm.recompile()
             if before is not None:
-                stem = f"{index:02d}-{name}"
+                stem = stage_stem(index, name)
                 title = f"{getattr(maybe_meta(gm), 'phase', '?')}: {stem}"
-                self._dump(f"{stem}.before", *before, f"{title} (before)", erased=erased, pass_=name)
-                self._dump(f"{stem}.after", format_graph(gm), node_rows(gm), f"{title} (after)",
-                           created=[n.name for n in created], pass_=name)
+                self.dump.graph(f"{stem}.before", before, f"{title} (before)", erased=erased, pass_name=name)
+                self.dump.graph(f"{stem}.after", self.dump.render(gm), f"{title} (after)", created=[n.name for n in created],
+                                pass_name=name)
         if self.verify:
             self._raise_first(name, verify_graph(gm, passed))
             for inv in getattr(fn, "ensures", ()):
@@ -178,31 +165,6 @@ class PassManager:
                           len(created), len(erased), list(result.notes), [n.name for n in created],
                           sorted(erased), op_histogram(gm), watch.replaced, [n.name for n in edited],
                           dict(result.rule_sources))
-
-    def _dump(self, stem: str, text: str, rows: list[dict], title: str, *, created: Sequence[str] = (),
-              erased: Sequence[str] = (), pass_: str = "") -> None:
-        if "txt" in self.formats:
-            self._write(f"{stem}.txt", text)
-        if "dot" in self.formats or "svg" in self.formats:
-            dot = to_dot(rows, title, created=set(created), erased=set(erased), pass_name=pass_)
-            if "dot" in self.formats:
-                self._write(f"{stem}.dot", dot)
-            if "svg" in self.formats:
-                self._write(f"{stem}.svg", render_svg(dot))
-
-    def _remove_stale_dumps(self) -> None:
-        """A pass that changed nothing writes nothing, so files of an earlier run into the same folder
-        would pass for this run's: remove the manager's own files (and nothing else) first."""
-        for filename in os.listdir(self.dump_dir):
-            if _DUMP_FILE.match(filename):
-                os.remove(os.path.join(self.dump_dir, filename))
-
-    def _write(self, filename: str, text: str) -> None:
-        path = os.path.join(self.dump_dir, filename)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
 
     @staticmethod
     def _raise_first(name: str, violations: list[Violation]) -> None:

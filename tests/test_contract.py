@@ -17,9 +17,9 @@ from mla_graph.npu import ensure_npu_ops
 from mla_graph.torchair_compat.air_ops import ensure_air_ops
 from passes import contract
 from passes.contract import GraphMeta, graph_meta, input_of
-from passes.dump import format_graph
+from mla_graph.dumptool.render import format_graph
 from passes.npu_lower import CONTEXT_SLOTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
-from passes.testing import check_pass
+from mla_graph.testing import check_pass
 from passes.torchair_lower import SEQ_LENS_INT64, lengths_as_tensors
 
 bf16, i32 = torch.bfloat16, torch.int32

@@ -18,7 +18,7 @@ from mla_graph.dumptool import write_report
 from mla_graph.dumptool.files import write_text_atomic
 from mla_graph.targets import TARGETS
 from passes import pass_name
-from passes.dump import CREATED_FILL, ERASED_FILL
+from mla_graph.dumptool.render import CREATED_FILL, ERASED_FILL
 
 TINY = ["--dtype", "bf16", "--block-size", "128", "--phase", "decode"]
 SVG_NS = "{http://www.w3.org/2000/svg}"

@@ -39,7 +39,7 @@ files with MLA_GRAPH_DUMP=DIR (formats from MLA_GRAPH_DUMP_FORMAT, default txt).
 
 
 def _formats(value: str) -> tuple[str, ...]:
-    from passes.dump import parse_formats
+    from mla_graph.dumptool.render import parse_formats
     try:
         return parse_formats(value)
     except ValueError as exc:
@@ -98,7 +98,7 @@ def _check_pass_names(args: argparse.Namespace, pipelines: dict[str, list[str]])
 
 
 def _printer(args: argparse.Namespace, phase: str):
-    from passes.dump import format_graph
+    from mla_graph.dumptool.render import format_graph
     wanted = set(args.print_after)
 
     def inspect(record, gm) -> None:
@@ -129,7 +129,7 @@ def _torchair_report(gm, phase: str, phase_dir: Path, args: argparse.Namespace, 
 
 def run(args: argparse.Namespace) -> int:
     from passes import PassManager, PassVerificationError, pass_name
-    from passes.dump import GraphvizNotFound, require_dot
+    from mla_graph.dumptool.render import GraphvizNotFound, require_dot
 
     from ..attention import MLAAttention
     from ..capture import capture

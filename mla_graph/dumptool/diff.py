@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .loading import PhaseDump, load_dump
-from passes.dump import format_table
+from .render import format_table
 
 NOT_RUN = "(not run)"
 

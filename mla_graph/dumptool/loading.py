@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .folder import CAPTURE_STEM, SUMMARY_NAME, last_after_stem, stage_stem
 
 META_NAME = "dump.json"          # written by `mla-graph dump`: model, target, formats, layers
 TORCHAIR_NAME = "torchair.json"  # per phase, when the target's graph was checked for torchair
 GE_GRAPH_NAME = "ge_graph.pbtxt"  # per phase, when torchair's own converters built the GE graph
-_STAGE = re.compile(r"^(\d\d-[A-Za-z0-9_]+)\.after\.txt$")
 
 
 def split_code(text: str) -> tuple[str, str]:
@@ -39,12 +39,12 @@ class PhaseDump:
 
     def changed_stems(self) -> list[str]:
         """'NN-<pass>' of every pass that changed the graph, in pipeline order."""
-        return [f"{p['index']:02d}-{p['name']}" for p in self.passes if p["changed"]]
+        return [stage_stem(p["index"], p["name"]) for p in self.passes if p["changed"]]
 
     def final_text(self) -> str | None:
         """The txt dump of the graph as the pipeline left it (the last pass that changed it)."""
-        stems = sorted(m.group(1) for p in self.path.iterdir() if (m := _STAGE.match(p.name)))
-        return self.text(f"{stems[-1]}.after") if stems else self.text("00-capture")
+        stem = last_after_stem(self.path)
+        return self.text(f"{stem}.after") if stem else self.text(CAPTURE_STEM)
 
     @property
     def torchair(self) -> dict | None:
@@ -67,21 +67,21 @@ def load_dump(path: str | Path) -> Dump:
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"dump folder {str(root)!r} does not exist or is not a folder")
-    if (root / "summary.json").is_file():
+    if (root / SUMMARY_NAME).is_file():
         folders = [root]
     else:
         order = {name: i for i, name in enumerate(("prefill", "decode", "mixed"))}   # capture.PHASES
-        folders = sorted((p for p in root.iterdir() if (p / "summary.json").is_file()),
+        folders = sorted((p for p in root.iterdir() if (p / SUMMARY_NAME).is_file()),
                          key=lambda p: (order.get(p.name, len(order)), p.name))
     if not folders:
         # the torch.compile backend dumps each layer to <dump_dir>/<layer path>/<phase>/
-        nested = sorted({str(p.parent.parent) for p in root.glob("*/*/**/summary.json")})
+        nested = sorted({str(p.parent.parent) for p in root.glob(f"*/*/**/{SUMMARY_NAME}")})
         hint = f"; dumps found below it: {', '.join(nested[:5])}" if nested else \
             " (write one with `mla-graph dump --out DIR`, lower(dump_dir=DIR) or MLA_GRAPH_DUMP=DIR)"
         raise ValueError(f"{str(root)!r} is not a dump folder: no summary.json in it or in its subfolders{hint}")
     phases = []
     for folder in folders:
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
         phases.append(PhaseDump(summary.get("phase") or folder.name, folder, summary))
     meta_path = root / META_NAME
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}

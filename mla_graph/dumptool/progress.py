@@ -7,7 +7,7 @@ from typing import TextIO
 
 from passes import PipelineReport
 
-from passes.dump import format_table
+from .render import format_table
 
 
 class Progress:

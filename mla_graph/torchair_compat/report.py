@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from passes.dump import format_table
+from mla_graph.dumptool.render import format_table
 
 SEVERITIES = ("error", "note")
 RULES: dict[str, str] = {

@@ -12,8 +12,8 @@ from typing import Collection, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from .base import is_device_kernel, op_name
-from .contract import maybe_meta
+from passes.base import is_device_kernel, op_name
+from passes.contract import maybe_meta
 
 # Per-pass file formats the manager writes; "html" is a report over a whole dump folder,
 # written by whoever owns that folder (mla_graph.dumptool), and is accepted here so one
