@@ -1,9 +1,9 @@
-"""Cleanup passes, tested with the public harness passes.testing.check_pass."""
+"""Cleanup passes, tested with the public harness mla_graph.testing.check_pass."""
 import pytest
 import torch
 
 from passes import eliminate_dead_code, remove_noop_views
-from passes.testing import check_pass
+from mla_graph.testing import check_pass
 
 aten = torch.ops.aten
 

@@ -179,7 +179,7 @@ def test_rules_through_the_one_driver():
     rule with the file:line it was defined at (into the pass record and the dumps), and a node no
     rule checks is left as it is."""
     from passes.rewrite import Rule, rewrite
-    from passes.testing import check_pass
+    from mla_graph.testing import check_pass
 
     line = __import__("inspect").currentframe().f_lineno
     square_only = Rule("square mm", aten.mm.default, check=lambda n: n.args[0] is n.args[1],

@@ -29,9 +29,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "mla_graph.metadata", "mla_graph.primitives", "mla_graph.cpu_kernels", "mla_graph.npu",
                     "mla_graph.layer_op")),
     ("definition", ("mla_graph.attention", "mla_graph.checking")),
-    # passes, capture, the dump format (passes.dump writes dumps; mla_graph.dumptool reads them and
-    # renders the HTML report lower() writes with dump_formats=html), kernel accounting, torchair's rules
-    ("compiler", ("passes", "mla_graph.capture", "mla_graph.dumptool", "mla_graph.kernels",
+    # passes, capture, the dumps (mla_graph.dumptool writes them for the manager, reads them back and
+    # renders the HTML report lower() writes with dump_formats=html), the pass test harness, kernel
+    # accounting, torchair's rules
+    ("compiler", ("passes", "mla_graph.capture", "mla_graph.dumptool", "mla_graph.testing", "mla_graph.kernels",
                   "mla_graph.torchair_compat", "mla_graph.ascend_toolchain")),
     ("lowering", ("mla_graph.targets", "mla_graph.torchair_runtime", "mla_graph.lowering",
                   "mla_graph.model_lowering")),
@@ -137,6 +138,9 @@ def test_every_module_imports_on_its_own():
     modules += [f"mla_graph.{p.stem}" for p in sorted((root / "mla_graph").glob("*.py")) if p.stem != "__init__"]
     modules += [f"mla_graph.{p.name}" for p in sorted((root / "mla_graph").iterdir())
                 if (p / "__init__.py").is_file() and p.name != "vllm_plugin"]   # that one needs vLLM
+    # the manager writes dumps with mla_graph.dumptool, which renders graphs with passes' helpers
+    modules += [f"mla_graph.dumptool.{p.stem}" for p in sorted((root / "mla_graph" / "dumptool").glob("*.py"))
+                if p.stem != "__init__"]
     result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *modules], cwd=root, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]

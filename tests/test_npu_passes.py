@@ -3,7 +3,7 @@
 Each pass gets: structure (FileCheck op counts on gm.code), its match count as the PassManager
 records it (the verifier runs too), numerics against the graph before the pass (output and
 both caches), and a case where it must not fire. All of it goes through the public harness
-passes.testing.check_pass; a pass may add graph inputs, so each graph is called with its own
+mla_graph.testing.check_pass; a pass may add graph inputs, so each graph is called with its own
 inputs via graph_inputs(gm, Call(...)).
 
 Two kinds of config: the tiny ones (V3_TINY, V2_LITE_TINY), which no NPU kernel's documented
@@ -34,7 +34,7 @@ from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_ca
                               lower_paged_attention, lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
 from passes.split_mixed import split_mixed_batch
-from passes.testing import PassCheck, check_pass, snapshot
+from mla_graph.testing import PassCheck, check_pass, snapshot
 
 aten, mla = torch.ops.aten, torch.ops.mla
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16

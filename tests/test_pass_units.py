@@ -4,7 +4,7 @@ Before: only the nodes the pass's pattern anchors on and what it needs, with sym
 request and block counts as capture() makes them. Expected: written here, independently of the
 pass (op counts over the whole graph, the arguments the new nodes take, FileCheck order on
 gm.code). Numerics: the graph after the pass against the graph before it on the same random
-inputs (caches pre-filled with NaN or random data, compared too), through passes.testing.check_pass
+inputs (caches pre-filled with NaN or random data, compared too), through mla_graph.testing.check_pass
 (so the verifier and the pass's requires/ensures run as well). Each pass also gets a case where it
 must not fire.
 
@@ -35,7 +35,7 @@ from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_ca
                               lower_paged_attention, lower_rms_norm, lower_rope)
 from passes.page import page_latent_attention
 from passes.split_mixed import split_mixed_batch
-from passes.testing import check_pass
+from mla_graph.testing import check_pass
 from passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
                                    lengths_as_tensors)
 

@@ -25,7 +25,7 @@ from mla_graph.cli import main
 from mla_graph.npu import ensure_npu_ops, limits
 from mla_graph.torchair_compat import (AIR_SCHEMAS, RULES, check_torchair, ensure_air_ops, load_converters,
                                        parse_table)
-from passes.testing import trace
+from mla_graph.testing import trace
 
 ROOT = pathlib.Path(__file__).parent.parent
 FIA_AIR = "air.npu_fused_infer_attention_score.default"
@@ -432,14 +432,14 @@ def test_cli_checks_a_config_json(tmp_path, capsys):
 
 BUILD_CLEAN = """
 import torch
-from passes.testing import trace
+from mla_graph.testing import trace
 
 def build_graph():
     return trace(lambda x, w: torch.nn.functional.linear(x, w).relu(), (torch.randn(4, 6), torch.randn(8, 6)))
 """
 BUILD_INDEX_PUT = """
 import torch
-from passes.testing import trace
+from mla_graph.testing import trace
 
 def _write(cache, idx, v):
     cache = cache.clone()
@@ -502,7 +502,7 @@ import torch
 from mla_graph import ascend_toolchain
 from mla_graph.cli import main
 from mla_graph.torchair_compat import check_torchair
-from passes.testing import trace
+from mla_graph.testing import trace
 
 print("exit", main(["check", sys.argv[1]]))
 try:

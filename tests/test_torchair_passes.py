@@ -1,7 +1,7 @@
 """Direct tests of the torchair decode passes (passes/torchair_lower.py, passes/multistream.py).
 
 Each pass runs on a captured decode graph that the torchair pipeline's earlier passes have
-prepared, in pipeline order, through the public harness passes.testing.check_pass: structure
+prepared, in pipeline order, through the public harness mla_graph.testing.check_pass: structure
 (FileCheck op counts on gm.code), its match count, numerics of the output and both paged caches
 against the graph before the pass, and a case where it must not fire.
 """
@@ -26,7 +26,7 @@ from mla_graph.torchair_compat.air_ops import ensure_air_ops
 from passes import PassManager
 from passes.multistream import insert_multistream_scopes
 from passes.npu_lower import lower_paged_attention
-from passes.testing import PassCheck, check_pass, snapshot
+from mla_graph.testing import PassCheck, check_pass, snapshot
 from passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
                                    lengths_as_tensors)
 
