@@ -1,31 +1,13 @@
 """Rules, traced patterns and the one driver that applies them: the node-walking skeleton of a rewrite, written once.
 
-A Rule is (anchor, match, emit): the op a node must call, whether and how the node matches, and
-the nodes that replace it. `rewrite(gm, rules)` walks the graph once; at each node, the first rule
-that anchors there and matches emits its replacement before the node, the node's uses move to it,
-the node goes (with a pattern's other nodes that nothing reads any more), and the match is counted
-under the rule's name. Each rule records where it was
-defined (file:line), which the pass's record carries into the dumps beside the counts.
-
-Small rewrites are declarative (a check on the node, an emit):
-
-    RMS_NORM = Rule("rms_norm", mla.rms_norm.default,
-                    emit=lambda g, n: call(g, operator.getitem, call(g, npu.npu_rms_norm.default, *n.args), 0))
-
-Fusions match a Pattern, a function traced with torch.fx: its arguments are wildcards (any node, or
-any literal: sizes, eps, scale are arguments, never one pattern per constant), its other literals
-(getitem indices, dims) must be equal, and an argument used twice must be the same node twice. The
-match is walked backwards from the pattern's result with torch.fx's SubgraphMatcher, node by node
-(as there, two arguments bind two different nodes):
-
-    @Pattern
-    def KV_WRITE(kv, sizes, gamma, eps, positions, table, latent_cache, rope_cache, slots):
-        c, k = split(kv, sizes); ...; return mla.cache_write.default(...)
-
-    Rule("rmsnorm+rope+cache write", KV_WRITE, emit=lambda g, m: call(g, npu..., m.kv, m.gamma, ...))
-
-The emit gets the Match: the anchor node (m.node), each argument's value by name (m.kv, m.eps).
-A match may be refused with Skip(reason): the reason goes to the pass's notes.
+A Rule is (anchor, check, emit): the op a node must call (or a Pattern rooted there), whether the
+match is taken (True, False, or Skip(reason), which goes to the pass's notes), and what replaces
+the node. A Pattern is a function traced with torch.fx and matched with its SubgraphMatcher: its
+arguments are wildcards (any node or literal, so sizes and eps never make one pattern per
+constant; two arguments bind two different nodes), its own literals must be equal, an argument
+used twice is one node, and a tuple result adds anchors (a cache write). `rewrite(gm, rules)` walks
+the graph once and counts matches per rule with the file:line the rule was defined at.
+docs/writing-a-pass.md shows both kinds.
 
 Every rewrite of ours is a rule. Two passes walk the graph by hand, because no pattern anchors
 what they look for: insert_multistream_scopes (independent branches of the attention's ancestor
@@ -38,6 +20,7 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -59,39 +42,17 @@ def _defined_at() -> str:
     return f"{os.path.relpath(path, root) if path.startswith(root) else os.path.basename(path)}:{frame.f_lineno}"
 
 
-class Match:
-    """A pattern matched at `node`: each pattern argument's value by name (a node or a literal)."""
-
-    def __init__(self, node: Node, values: dict[str, Any], nodes: list[Node]) -> None:
-        self.node, self.nodes, self._values = node, nodes, values
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["_values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+class Match(SimpleNamespace):
+    """A pattern matched at `node` (its anchor; `nodes`: every node it matched): each pattern
+    argument's value by name (a node or a literal)."""
 
 
 class Pattern:
     """A pattern function traced with torch.fx (see the module docstring). Its result is the anchor;
     a pattern returning a tuple has further anchors (side-effect nodes such as a cache write),
-    searched among the nodes that call the same op. `exclusive`: the matched nodes, its results
-    aside, feed nothing outside the match (a fusion would otherwise drop a value another node reads)."""
+    searched among the nodes that call the same op."""
 
-    def __init__(self, fn: Callable | None = None, *, exclusive: bool = False) -> None:
-        self.exclusive, self.defined_at = exclusive, _defined_at()
-        self.fn = fn
-        if fn is not None:
-            self._trace(fn)
-
-    def __call__(self, fn: Callable) -> "Pattern":     # @Pattern(exclusive=True) as a decorator
-        if self.fn is not None:
-            raise TypeError(f"pattern {self.name} is matched with .match(node), not called")
-        self.fn = fn
-        self._trace(fn)
-        return self
-
-    def _trace(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable) -> None:
         self.graph = torch.fx.symbolic_trace(fn).graph
         self.name = fn.__name__
         self._matcher = SubgraphMatcher(self.graph)
@@ -110,10 +71,10 @@ class Pattern:
         for anchor in self.anchors[1:]:
             m = next(filter(None, (self._walk(anchor, n, m) for n in node.graph.nodes
                                    if n.op == "call_function" and n.target is anchor.target)), None) if m else None
-        if m is None or (self.exclusive and not self._matcher._is_contained(m.nodes_map)):
+        if m is None:
             return None
         nodes = [gn for pn, gn in m.nodes_map.items() if pn.op != "placeholder"]
-        return Match(node, {pn.target: m.nodes_map.get(pn) for pn in self.inputs}, nodes)
+        return Match(node=node, nodes=nodes, **{pn.target: m.nodes_map.get(pn) for pn in self.inputs})
 
     def _walk(self, anchor: Node, node: Node, so_far: InternalMatch) -> InternalMatch | None:
         trial = copy.copy(so_far)     # the matcher leaves a failed walk's partial bindings behind
