@@ -16,8 +16,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from passes.contract import INPUTS, GraphInput, GraphMeta, graph_meta
-from passes.graph_utils import register_fake_mode
+from mla_graph.contract import INPUTS, GraphInput, GraphMeta, graph_meta, register_fake_mode
 
 from .attention import MLAAttention
 from .cache import PagedLatentCache
@@ -28,7 +27,7 @@ PHASES = ("prefill", "decode", "mixed")
 
 @dataclass
 class Call:
-    """One call's arguments; each graph input (passes.contract.GraphInput) derives its value from it."""
+    """One call's arguments; each graph input (mla_graph.contract.GraphInput) derives its value from it."""
 
     hidden_states: torch.Tensor
     positions: torch.Tensor
@@ -37,7 +36,7 @@ class Call:
     cos_sin: torch.Tensor | None = None   # the layer's rope table, for inputs derived from it
 
 
-# The definition's inputs (HIDDEN_STATES ... QUERY_START_LOC, passes.contract.INPUTS) are the
+# The definition's inputs (HIDDEN_STATES ... QUERY_START_LOC, mla_graph.contract.INPUTS) are the
 # captured graph's placeholders; passes declare the inputs they add (another form of the metadata:
 # a host list, int64 lengths, rope rows) beside the pass, with how a call provides them.
 

@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 
 from passes import PassManager, PassRecord, PipelineReport
 from passes.base import GraphPass
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode

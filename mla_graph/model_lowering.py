@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from passes.verifier import PassVerificationError, verify_attrs
 
 from .attention import MLAAttention

@@ -29,7 +29,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
 from passes.base import GraphPass, PassResult
-from passes.contract import GraphMeta
+from mla_graph.contract import GraphMeta
 from passes.manager import PassManager, PassRecord
 
 # (rtol, atol) per dtype: what the same math in two op orders can differ by.

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from .cache import PADDING_BLOCK
-from passes.contract import HIDDEN_STATES, find_input, graph_meta
+from mla_graph.contract import HIDDEN_STATES, find_input, graph_meta
 
 from .capture import Call, graph_inputs
 from .metadata import MLAMetadata

@@ -6,8 +6,9 @@ from functools import partial
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from mla_graph.contract import graph_meta, maybe_meta
+
 from .base import Invariant, PassResult, Violation, graph_pass
-from .contract import graph_meta, maybe_meta
 from .graph_utils import add_constant, call, first_user_position
 from .mla_patterns import DECOMPRESSED, val
 from .rewrite import Match, Rule, Skip, rewrite

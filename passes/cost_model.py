@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule
 
-from .contract import graph_meta, maybe_meta
+from mla_graph.contract import graph_meta, maybe_meta
+
 from .base import Invariant, PassResult, Violation, graph_pass
 from .mla_patterns import match_decompressed_attention, val
 from .rewrite import Match

@@ -1,7 +1,6 @@
 """Helpers passes use to build nodes: every new node gets its fake value at creation."""
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -9,20 +8,11 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 
-from .contract import GraphInput, find_input, graph_meta
+from mla_graph.contract import GraphInput, fake_mode_of, find_input, graph_meta
 
 
 def fake_value(node_or_value: Any) -> Any:
     return node_or_value.meta.get("val") if isinstance(node_or_value, Node) else node_or_value
-
-
-# shape environment -> the fake mode made over it (capture registers each graph's), so a factory
-# op whose only inputs are symbolic sizes (aten.arange(0, s0)) runs in its graph's fake mode
-_FAKE_MODES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def register_fake_mode(mode) -> None:
-    _FAKE_MODES[mode.shape_env] = mode
 
 
 def fake_run(target: Any, args: tuple, kwargs: dict) -> Any:
@@ -31,7 +21,7 @@ def fake_run(target: Any, args: tuple, kwargs: dict) -> Any:
     fkwargs = map_arg(kwargs, fake_value)
     flat = torch.utils._pytree.tree_flatten((fargs, fkwargs))[0]
     mode = detect_fake_mode(_tensors((fargs, fkwargs))) or next(
-        (_FAKE_MODES.get(x.node.shape_env) for x in flat if isinstance(x, torch.SymInt)), None)
+        (fake_mode_of(x.node.shape_env) for x in flat if isinstance(x, torch.SymInt)), None)
     if mode is None:
         return target(*fargs, **fkwargs)
     with mode:
@@ -52,7 +42,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 def add_input(gm, inp: GraphInput, val: Any, part: str | None = None) -> Node:
     """The placeholder reading `inp` (of `part` of a mixed call), added after the others if the graph
-    has none yet; the runtime provides its value by inp.derive (passes.contract)."""
+    has none yet; the runtime provides its value by inp.derive (mla_graph.contract)."""
     existing = find_input(gm, inp, part)
     if existing is not None:
         return existing

@@ -9,11 +9,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from mla_graph.dumptool.folder import DumpWriter, stage_stem
-from mla_graph.dumptool.render import format_table
+from mla_graph.contract import maybe_meta
 
 from .base import GraphPass, PassResult, Violation, pass_name
-from .contract import maybe_meta
 from .verifier import PassVerificationError, verify_graph
 
 
@@ -48,6 +46,7 @@ class PipelineReport:
         return sum(r.seconds for r in self.records)
 
     def table(self, only_changed: bool = False) -> str:
+        from mla_graph.dumptool.render import format_table   # on use: the dump tool imports passes
         rows = [(f"{r.index:02d}", r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "-",
                  str(r.matches), str(r.created), str(r.erased)) for r in self.records
                 if r.changed or not only_changed]
@@ -85,7 +84,10 @@ class PassManager:
                 raise ValueError(f"stop_after names pass {stop_after!r}, which is not in this pipeline; "
                                  f"passes: {', '.join(names)}")
             self.pipeline = self.pipeline[:names.index(stop_after) + 1]
-        self.dump = DumpWriter(dump_dir, formats) if dump_dir is not None else None
+        self.dump = None
+        if dump_dir is not None:
+            from mla_graph.dumptool.folder import DumpWriter   # on use: the dump tool imports passes
+            self.dump = DumpWriter(dump_dir, formats)
         self.verify = verify
         self.on_pass = on_pass
         self.inspect = inspect
@@ -152,11 +154,11 @@ class PassManager:
         if result.changed:
             gm.recompile()
             if before is not None:
-                stem = stage_stem(index, name)
+                stem = self.dump.stage_stem(index, name)
                 title = f"{getattr(maybe_meta(gm), 'phase', '?')}: {stem}"
                 self.dump.graph(f"{stem}.before", before, f"{title} (before)", erased=erased, pass_name=name)
-                self.dump.graph(f"{stem}.after", self.dump.render(gm), f"{title} (after)", created=[n.name for n in created],
-                                pass_name=name)
+                self.dump.graph(f"{stem}.after", self.dump.render(gm), f"{title} (after)",
+                                created=[n.name for n in created], pass_name=name)
         if self.verify:
             self._raise_first(name, verify_graph(gm, passed))
             for inv in getattr(fn, "ensures", ()):

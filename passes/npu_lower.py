@@ -11,12 +11,12 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from mla_graph.contract import GraphInput, find_input, graph_meta, input_of
 from mla_graph.npu import limits
 from mla_graph.npu.limits import Violation
 
 from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
-from .contract import GraphInput, find_input, graph_meta, input_of
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, new_symbol, same_size
 from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, norm_and_rope_feed_only_the_write, val
 from .rewrite import Match, Rule, Skip, rewrite
@@ -51,7 +51,7 @@ def _rope_memo(c) -> tuple:
     return c.positions, c.cos_sin, c.hidden_states.dtype
 
 
-# The inputs these kernels read beside the definition's (passes.contract), each computed once per
+# The inputs these kernels read beside the definition's (mla_graph.contract), each computed once per
 # step outside the graph, as vllm-ascend builds them: rope cos / sin rows of each token in the layout
 # the NPU rope kernels take ([T, 1, 1, R], each half-table repeated), lengths as host lists for
 # torch_npu's SymInt[] arguments, and the cache slot of every context token request by request.

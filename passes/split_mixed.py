@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from mla_graph.contract import BLOCK_TABLE, PARTS, QUERY_START_LOC, SEQ_LENS, graph_meta
+
 from .base import PassResult, graph_pass
-from .contract import BLOCK_TABLE, PARTS, QUERY_START_LOC, SEQ_LENS, graph_meta
 from .graph_utils import add_input, call, fake_empty, fake_run, new_symbol
 from .mla_patterns import DECOMPRESSED, val
 from .rewrite import Match, Rule, rewrite

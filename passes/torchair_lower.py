@@ -12,11 +12,11 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from mla_graph.contract import SEQ_LENS, GraphInput, find_input, graph_meta, input_of
 from mla_graph.npu import limits, npu_backend
 from mla_graph.npu.limits import Violation
 
 from .base import Invariant, PassResult, graph_pass
-from .contract import SEQ_LENS, GraphInput, find_input, graph_meta, input_of
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, remove_input
 from .mla_patterns import KV_CACHE_WRITE, _is, norm_and_rope_feed_only_the_write, val
 from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_emit

@@ -2,7 +2,7 @@
 
 A GraphBuilder makes a torch.fx.Graph node by node, every node with its fake value, sizes that
 vary per call (tokens, requests, blocks) as symbols of one shape environment the way capture()
-makes them, and the GraphMeta the passes read (passes.contract). An input named like one of the
+makes them, and the GraphMeta the passes read (mla_graph.contract). An input named like one of the
 contract's (capture's, or one a pass declares; "decode_seq_lens" is the decode part's seq_lens) reads
 that GraphInput; any other is an input of the hand-built graph alone. Values for a run are given by
 placeholder name, so a graph a pass added inputs to is called with its own placeholders (`inputs_for`).
@@ -19,8 +19,9 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla)
-from passes import contract
-from passes.graph_utils import call, register_fake_mode
+from mla_graph import contract
+from mla_graph.contract import register_fake_mode
+from passes.graph_utils import call
 from passes.npu_lower import (CONTEXT_ENDS_LIST, CONTEXT_SLOTS, QUERY_ENDS_LIST, ROPE_COS, ROPE_SIN,
                               SEQ_LENS_LIST)
 from passes.torchair_lower import SEQ_LENS_INT64

@@ -1,4 +1,4 @@
-"""The typed contract between capture, passes and runtime (passes.contract): every graph input is a
+"""The typed contract between capture, passes and runtime (mla_graph.contract): every graph input is a
 GraphInput declared by whoever adds it and found by what it reads, never by its name; what a graph
 is lives in one GraphMeta."""
 import operator
@@ -15,8 +15,8 @@ from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.torchair_compat.air_ops import ensure_air_ops
-from passes import contract
-from passes.contract import GraphMeta, graph_meta, input_of
+from mla_graph import contract
+from mla_graph.contract import GraphMeta, graph_meta, input_of
 from mla_graph.dumptool.render import format_graph
 from passes.npu_lower import CONTEXT_SLOTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
 from mla_graph.testing import check_pass

@@ -8,7 +8,7 @@ import torch
 from torch.testing import FileCheck
 
 from conftest import CONFIGS, randomize
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, lower
 from mla_graph.checking import compare_with_plain
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import V3_TINY, randomize
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, lower
 from mla_graph.checking import compare_with_plain
 from mla_graph.targets import STAGES, TARGETS, pipeline

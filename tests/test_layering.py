@@ -25,9 +25,10 @@ def test_passes_do_not_import_vllm_torch_npu_or_cli():
 # of the file or inside a function alike). The definition and its primitives at the bottom, users at
 # the top. A new module must be placed here (the test says so).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    # (the graph contract is types only: capture makes it, passes extend it, the runtime reads it)
     ("primitives", ("mla_graph.config", "mla_graph.envflags", "mla_graph.rope", "mla_graph.cache",
-                    "mla_graph.metadata", "mla_graph.primitives", "mla_graph.cpu_kernels", "mla_graph.npu",
-                    "mla_graph.layer_op")),
+                    "mla_graph.metadata", "mla_graph.contract", "mla_graph.primitives", "mla_graph.cpu_kernels",
+                    "mla_graph.npu", "mla_graph.layer_op")),
     ("definition", ("mla_graph.attention", "mla_graph.checking")),
     # passes, capture, the dumps (mla_graph.dumptool writes them for the manager, reads them back and
     # renders the HTML report lower() writes with dump_formats=html), the pass test harness, kernel

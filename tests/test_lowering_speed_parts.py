@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import V3_TINY
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, capture, lower
 from mla_graph.model_lowering import lower_layers, rebind
 from passes import PassManager, PassResult, PassVerificationError, verify_graph

@@ -5,7 +5,7 @@ from conftest import randomize
 
 import mla_graph.lowering as lowering_module
 import mla_graph.model_lowering as model_lowering
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, MLAConfig, lower
 from mla_graph.checking import PHASE_BATCHES, compare_with_plain, random_batch
 from mla_graph.model_lowering import LayerLowering, lower_layers, rebind
@@ -187,7 +187,7 @@ def test_a_forked_child_cuts_derived_weights_with_its_own_workers():
 
 def test_rebound_layers_have_their_own_graph_meta():
     """A pass run on one re-bound layer's graph (adding an input) leaves the other layers' alone."""
-    from passes.contract import GraphInput
+    from mla_graph.contract import GraphInput
     from passes.graph_utils import add_input
 
     lowered = lower_layers(make_layers(3), "npu", ["decode"], block_size=BLOCK)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.testing import FileCheck
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.targets import TARGETS, check_fully_lowered
 from mla_graph.torchair_compat.air_ops import ensure_air_ops

@@ -6,7 +6,7 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, randomize
 from hf_oracle import hf_attention, hf_prefill
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, capture, lower, positions_for
 from mla_graph.attention import shard_state_dict
 

@@ -8,7 +8,7 @@ from conftest import TOL, V3_TINY, randomize
 from wheels import torch_npu_wheel
 
 import mla_graph.npu
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower, positions_for
 from mla_graph.torchair_runtime import TorchairOptions, _torchair_backend
 

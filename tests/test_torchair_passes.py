@@ -14,7 +14,7 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, V3_TINY, randomize
 from torch.testing import FileCheck
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, MLAConfig, capture
 from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch

@@ -14,8 +14,8 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V2_LITE_TINY, V3_NPU, changed_rows, randomize
 from wheels import torch_npu_wheel
 
-from passes import contract
-from passes.contract import graph_meta
+from mla_graph import contract
+from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, positions_for
 from mla_graph.cache import PADDING_BLOCK
 from mla_graph.compile_backend import mla_graph_backend

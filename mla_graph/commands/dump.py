@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from passes.contract import graph_meta
+from mla_graph.contract import graph_meta
 
 from ..capture import PHASES
 from ..targets import TARGETS

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from passes import contract
+from mla_graph import contract
 
 from ..attention import check_values, checked_mode
 from ..cache import PADDING_BLOCK, PagedLatentCache

@@ -70,6 +70,8 @@ class DumpWriter:
         summary = {**summary, "formats": list(self.formats), "nodes": node_rows(gm)}
         write_text_atomic(self.folder / SUMMARY_NAME, json.dumps(summary, indent=2))
 
+    stage_stem = staticmethod(stage_stem)
+
     @staticmethod
     def render(gm: GraphModule) -> tuple[str, list[dict]]:
         """What the dump files of gm are made from: its txt dump and its node rows."""

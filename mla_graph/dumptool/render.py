@@ -13,7 +13,7 @@ import torch
 from torch.fx import GraphModule
 
 from passes.base import is_device_kernel, op_name
-from passes.contract import maybe_meta
+from mla_graph.contract import maybe_meta
 
 # Per-pass file formats the manager writes; "html" is a report over a whole dump folder,
 # written by whoever owns that folder (mla_graph.dumptool), and is accepted here so one
@@ -97,7 +97,7 @@ def format_graph(gm: GraphModule) -> str:
     meta = maybe_meta(gm)
     legend = ", ".join(f"{name}={sym}" for sym, name in getattr(meta, "symbols", {}).items())
     header = f"# phase: {getattr(meta, 'phase', '?')}" + (f"; symbols: {legend}" if legend else "")
-    if meta is not None:   # where each input comes from (passes.contract.GraphInput)
+    if meta is not None:   # where each input comes from (mla_graph.contract.GraphInput)
         header += "\n# inputs: " + ", ".join(
             f"{i.name} ({i.on}, per {i.per}{', memo' if i.memo else ''}{f', {i.part} part' if i.part else ''})"
             for i in meta.inputs)
