@@ -15,6 +15,10 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule, Node
 
+__all__ = ["BLOCK_TABLE", "HIDDEN_STATES", "INPUTS", "LATENT_CACHE", "PARTS", "POSITIONS", "QUERY_START_LOC",
+           "ROPE_CACHE", "SEQ_LENS", "SLOT_MAPPING", "GraphInput", "GraphMeta", "fake_mode_of", "find_input",
+           "graph_meta", "input_of", "maybe_meta", "register_fake_mode"]
+
 PARTS = ("decode", "prefill")   # the parts of a split mixed batch (passes.split_mixed)
 
 

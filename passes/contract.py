@@ -1,4 +1,3 @@
 """The graph contract lives in mla_graph.contract; this name keeps existing imports working."""
-from mla_graph.contract import (BLOCK_TABLE, HIDDEN_STATES, INPUTS, LATENT_CACHE, PARTS, POSITIONS,  # noqa: F401
-                                QUERY_START_LOC, ROPE_CACHE, SEQ_LENS, SLOT_MAPPING, GraphInput, GraphMeta,
-                                find_input, graph_meta, input_of, maybe_meta)
+from mla_graph.contract import *  # noqa: F401,F403
+from mla_graph.contract import __all__  # noqa: F401

@@ -161,3 +161,20 @@ def test_the_package_still_offers_what_it_loads_late():
     result = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent.parent,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_moved_modules_keep_their_old_import_paths():
+    """The harness and the graph contract moved out of passes/ (to mla_graph.testing and
+    mla_graph.contract); code written against passes.testing / passes.contract still imports them,
+    every public name included."""
+    import mla_graph.contract
+    import mla_graph.testing
+    import passes.contract
+    import passes.testing
+
+    for new, old in ((mla_graph.testing, passes.testing), (mla_graph.contract, passes.contract)):
+        defined = {name for name, value in vars(new).items() if not name.startswith("_")
+                   and getattr(value, "__module__", None) == new.__name__}   # its functions and classes
+        assert defined <= set(new.__all__), f"{new.__name__}.__all__ lacks {sorted(defined - set(new.__all__))}"
+        assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
+    assert passes.testing.check_pass is mla_graph.testing.check_pass
