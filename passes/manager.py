@@ -84,6 +84,9 @@ class PassManager:
                 raise ValueError(f"stop_after names pass {stop_after!r}, which is not in this pipeline; "
                                  f"passes: {', '.join(names)}")
             self.pipeline = self.pipeline[:names.index(stop_after) + 1]
+        if formats is not None:   # a bad format fails with or without a dump folder
+            from mla_graph.dumptool.render import parse_formats   # on use: the dump tool imports passes
+            parse_formats(formats)
         self.dump = None
         if dump_dir is not None:
             from mla_graph.dumptool.folder import DumpWriter   # on use: the dump tool imports passes

@@ -31,7 +31,7 @@ from .base import PassResult
 
 
 def _defined_at() -> str:
-    """file:line of the code that built the Rule or Pattern (the first frame outside this module)."""
+    """file:line of the code that built the Rule (the first frame outside this module)."""
     frame = inspect.currentframe()
     while frame is not None and (frame.f_code.co_filename == __file__ or frame.f_code.co_name == "__init__"):
         frame = frame.f_back
@@ -120,10 +120,11 @@ class Rule:
 
 
 def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) -> PassResult:
-    """Apply `rules` to every node of gm's graph, once each, in graph order (see the module docstring).
-    An emit that returns None replaced a node nobody reads (a cache write); one that returns the
-    node itself edited it in place (the node stays). `dead_code`: erase what
-    the rewrites orphaned."""
+    """Apply `rules` to every node of gm's graph, once each, in graph order. At a node, the first
+    rule that anchors there and matches emits its replacement before the node; the node's uses move
+    to it and the node goes, with the nodes of a pattern's match that nothing reads any more. An emit
+    that returns None replaced a node nobody reads (a cache write); one that returns the node itself
+    edited it in place (the node stays). `dead_code`: erase what the rewrites orphaned."""
     by_anchor: dict = {}
     for rule in rules:
         for anchor in rule.anchors():

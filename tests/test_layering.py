@@ -163,18 +163,35 @@ def test_the_package_still_offers_what_it_loads_late():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _top_level_names(module) -> set[str]:
+    """The public names a module's own source defines at the top level (defs, classes, assignments)."""
+    import ast
+    import inspect
+
+    names = set()
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return {n for n in names if not n.startswith("_")}
+
+
 def test_moved_modules_keep_their_old_import_paths():
-    """The harness and the graph contract moved out of passes/ (to mla_graph.testing and
-    mla_graph.contract); code written against passes.testing / passes.contract still imports them,
-    every public name included."""
+    """The harness, the graph contract and the dump rendering moved out of passes/ (to
+    mla_graph.testing, mla_graph.contract, mla_graph.dumptool.render); code written against
+    passes.testing / passes.contract / passes.dump still imports them, every public name included."""
     import mla_graph.contract
+    import mla_graph.dumptool.render
     import mla_graph.testing
     import passes.contract
+    import passes.dump
     import passes.testing
 
-    for new, old in ((mla_graph.testing, passes.testing), (mla_graph.contract, passes.contract)):
-        defined = {name for name, value in vars(new).items() if not name.startswith("_")
-                   and getattr(value, "__module__", None) == new.__name__}   # its functions and classes
+    for new, old in ((mla_graph.testing, passes.testing), (mla_graph.contract, passes.contract),
+                     (mla_graph.dumptool.render, passes.dump)):
+        defined = _top_level_names(new)
         assert defined <= set(new.__all__), f"{new.__name__}.__all__ lacks {sorted(defined - set(new.__all__))}"
         assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
     assert passes.testing.check_pass is mla_graph.testing.check_pass

@@ -1,5 +1,6 @@
 """The pass manager: dumps only on change, provenance, the verifier names a broken pass."""
 import json
+import stat
 
 import pytest
 import torch
@@ -47,6 +48,23 @@ def test_dumps_only_on_change_and_provenance(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [p["name"] for p in summary["passes"]] == ["nothing", "double_output", "eliminate_dead_code"]
     assert "double_output" in report.table()
+
+
+def test_a_second_run_into_the_folder_leaves_none_of_the_first_runs_dumps(tmp_path):
+    """A pass that changes nothing writes nothing, so the manager's files of an earlier run go
+    first (files it does not write stay); every file is readable as a plain open() leaves it."""
+    PassManager([double_output], dump_dir=tmp_path).run(_graph())
+    (tmp_path / "notes.txt").write_text("mine")
+    PassManager([nothing, eliminate_dead_code], dump_dir=tmp_path).run(_graph())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-capture.txt", "notes.txt", "summary.json"]
+    plain = stat.S_IMODE((tmp_path / "notes.txt").stat().st_mode)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {plain}
+
+
+def test_a_bad_dump_format_fails_with_or_without_a_dump_folder(tmp_path):
+    for dump_dir in (None, tmp_path):
+        with pytest.raises(ValueError, match=r"unknown dump format\(s\) \['pdf'\]; expected .*txt, dot, svg, html"):
+            PassManager([nothing], dump_dir=dump_dir, formats="txt,pdf")
 
 
 def broken_shape(gm):

@@ -1,4 +1,5 @@
-"""Tools over pass-by-pass dump folders: the HTML report, the diff of two dumps, progress display.
+"""Pass-by-pass dump folders: writing them for the pass manager (folder.py, render.py), and tools over
+them: the HTML report, the diff of two dumps, progress display.
 
 A dump folder is what `PassManager(dump_dir=...)` writes per phase (`<root>/<phase>/summary.json`,
 numbered `NN-<pass>.before/.after` files), plus `dump.json` when `mla-graph dump` wrote it.

@@ -14,8 +14,8 @@ from .render import FORMATS_ENV, PASS_FORMATS, format_graph, node_rows, parse_fo
 
 SUMMARY_NAME = "summary.json"
 CAPTURE_STEM = "00-capture"
-# every file the manager writes: the capture, a pass's before/after graphs, the summary
-_OWN_FILE = re.compile(r"^(00-capture|\d\d-\w+\.(before|after))\.(txt|dot|svg)$|^summary\.json$")
+# every file a DumpWriter writes: the capture, a pass's before/after graphs, the summary
+_OWN_FILE = re.compile(rf"^({CAPTURE_STEM}|\d\d-\w+\.(before|after))\.(txt|dot|svg)$|^{re.escape(SUMMARY_NAME)}$")
 _AFTER_TXT = re.compile(r"^(\d\d-\w+)\.after\.txt$")
 
 

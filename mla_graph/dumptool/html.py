@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .files import write_text_atomic
+from .folder import stage_stem
 from .loading import Dump, PhaseDump, load_dump, split_code
 
 REPORT_NAME = "report.html"
@@ -34,7 +35,7 @@ def _inline_svg(svg: str) -> str:
 def _pass_sections(phase: PhaseDump, differ: difflib.HtmlDiff) -> str:
     parts = []
     for record in phase.passes:
-        stem = f"{record['index']:02d}-{record['name']}"
+        stem = stage_stem(record["index"], record["name"])
         before, after = phase.text(f"{stem}.before"), phase.text(f"{stem}.after")
         if not record["changed"] or before is None or after is None:
             continue

@@ -15,6 +15,10 @@ from torch.fx import GraphModule
 from passes.base import is_device_kernel, op_name
 from mla_graph.contract import maybe_meta
 
+__all__ = ["ALL_FORMATS", "CREATED_FILL", "ERASED_FILL", "FORMATS_ENV", "INPUT_FILL", "PASS_FORMATS", "WEIGHT_FILL",
+           "GraphvizNotFound", "describe", "format_graph", "format_table", "node_rows", "node_table", "parse_formats",
+           "render_svg", "require_dot", "to_dot"]
+
 # Per-pass file formats the manager writes; "html" is a report over a whole dump folder,
 # written by whoever owns that folder (mla_graph.dumptool), and is accepted here so one
 # format list can name all of them.
