@@ -96,10 +96,22 @@ class MLAForHF(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
                 attention_mask: torch.Tensor | None = None, cache: Any = None, **kwargs: Any):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if cache is None:
+            raise TypeError(f"layer {self.layer_idx}: the converted model was called without a cache (use_cache="
+                            f"False, or a forward call with none); its attention reads every request's context "
+                            f"from a PagedMLACache: use generate() with use_cache=True (its default), or pass "
+                            f"cache=PagedMLACache.for_model(model, batch_size, max_tokens) and use_cache=True")
         if not isinstance(cache, PagedMLACache):
             raise TypeError(f"layer {self.layer_idx}: mla-graph's MLA needs a PagedMLACache, got "
-                            f"{type(cache).__name__}; call the converted model through generate(), or pass "
+                            f"{type(cache).__name__}; call the converted model through generate() without a "
+                            f"cache of your own (it makes one), or pass "
                             f"cache=PagedMLACache.for_model(model, batch_size, max_tokens) and use_cache=True")
+        weights = self.kv_b_proj.weight.dtype
+        if weights != self.lowered.dtype:
+            raise ConversionError(f"layer {self.layer_idx}: the model's weights are {weights} but convert() lowered "
+                                  f"it for {self.lowered.dtype} (the dtype changed after convert(), e.g. "
+                                  f"model.to({weights})); a lowering is made for one dtype: change the dtype "
+                                  f"first, then convert (convert(model.to({weights}), target))")
         step = cache.step
         if step is None:
             raise RuntimeError("PagedMLACache has no step in progress: the converted model's forward hook "
@@ -334,6 +346,10 @@ def convert(model: nn.Module, target: str = "reference", *, block_size: int = 16
         original = model._prepare_cache_for_generation
 
         def prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+            if generation_config.use_cache is False:
+                raise ValueError("generate(use_cache=False): a converted model's attention reads every request's "
+                                 "context from its paged cache (PagedMLACache), so it needs use_cache=True, "
+                                 "generate's default; leave use_cache out")
             if (generation_config.num_beams or 1) > 1:
                 raise NotImplementedError(f"num_beams={generation_config.num_beams}: beam search reorders cache "
                                           f"rows, which mla-graph's paged cache does not support; greedy and "

@@ -53,6 +53,11 @@ class LoweredMLA(nn.Module):
                         for phase, gm in graphs.items() if phase in target.runtimes}
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer was lowered for (its weights' then)."""
+        return self._dtype
+
+    @property
     def phases(self) -> list[str]:
         return list(self.graphs)
 

@@ -7,6 +7,7 @@ from torch.fx import GraphModule
 from .base import PassResult, graph_pass
 from .graph_utils import same_size
 from .rewrite import Rule, rewrite
+from .side_effects import eliminate_dead_code as eliminate_dead_nodes
 
 aten = torch.ops.aten
 
@@ -16,13 +17,14 @@ _VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 
 @graph_pass()
 def eliminate_dead_code(gm: GraphModule) -> PassResult:
-    """Erase nodes whose results nobody uses; mutating ops (cache writes) are kept.
+    """Erase nodes whose results nobody uses; nodes with a side effect (cache writes, in-place
+    methods, copies back) are kept (passes.side_effects).
 
         linear_3 = aten.linear(x, w)      # unused
       ->  (erased)
     """
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_nodes(gm.graph)
     result = PassResult(changed=False)
     result.count("dead node", before - len(gm.graph.nodes))
     return result

@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 from mla_graph.contract import maybe_meta
 
 from .base import GraphPass, PassResult, Violation, pass_name
+from .side_effects import effects
 from .verifier import PassVerificationError, verify_graph
 
 
@@ -63,7 +64,9 @@ class PassManager:
     Per pass: time; created/erased nodes; node.meta['mla_pass'] on every node the pass created
     (provenance); numbered dumps `NN-<pass>.before.*` / `.after.*` in `dump_dir`, written only
     when the pass changed the graph; then the verifier (lint, fake values) and the pass's own
-    `ensures`. A pass's `requires` are checked before it runs. A broken invariant raises
+    `ensures`. A pass's `requires` are checked before it runs. Whatever `verify` says, no pass may
+    drop a side effect (passes.side_effects: a value written before and still in the graph is
+    still written after). A broken invariant raises
     PassVerificationError naming the pass and the node.
 
     `formats` picks the per-pass files: "txt" (FX code + node table), "dot", "svg" (drawings in
@@ -122,6 +125,7 @@ class PassManager:
             for inv in getattr(fn, "requires", ()):
                 self._raise_first(name, [(n, f"requires '{inv}': {m}") for n, m in inv.check(gm)])
         versions = _weight_versions(gm)
+        before_effects = effects(gm.graph)
         before_nodes = set(gm.graph.nodes)
         before_text = str(gm.graph)
         # rendered now: the pass may erase nodes the "before" dumps must still show
@@ -139,6 +143,8 @@ class PassManager:
             if tensor._version != version:
                 raise PassVerificationError(name, None, f"wrote to weight {attr!r} in place; a pass must "
                                                         f"leave weights as they are and make new tensors")
+        # always, verify or not: a dropped write gives wrong results without an error
+        self._raise_first(name, before_effects.lost(gm.graph))
         graph_changed = str(gm.graph) != before_text
         if graph_changed and not result.changed:
             raise PassVerificationError(name, None, "the graph changed but the pass reported changed=False")

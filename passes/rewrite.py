@@ -11,7 +11,8 @@ docs/writing-a-pass.md shows both kinds.
 
 Every rewrite of ours is a rule. Two passes walk the graph by hand, because no pattern anchors
 what they look for: insert_multistream_scopes (independent branches of the attention's ancestor
-DAG, a property of the whole graph, not the shape of a subgraph) and eliminate_dead_code (FX's).
+DAG, a property of the whole graph, not the shape of a subgraph) and eliminate_dead_code (FX's, told
+about every side effect: passes.side_effects).
 choose_attention_form matches the DECOMPRESSED pattern but rewrites nothing (it annotates).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .base import PassResult
+from .side_effects import eliminate_dead_code, has_side_effect
 
 
 def _defined_at() -> str:
@@ -152,7 +154,7 @@ def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) 
             result.rule_sources[rule.name] = rule.defined_at
             break
     if dead_code and result.changed:
-        g.eliminate_dead_code()
+        eliminate_dead_code(g)
     return result
 
 
@@ -160,7 +162,7 @@ def _erase_unread(g: Graph, nodes: list[Node]) -> None:
     """A match's nodes that nothing reads any more (and that write nothing) go with it."""
     left = [n for n in nodes if not getattr(n, "_erased", False)]
     while True:
-        dead = [n for n in left if not n.users and not n.is_impure()]
+        dead = [n for n in left if not n.users and not has_side_effect(n)]
         if not dead:
             return
         for n in dead:

@@ -141,6 +141,11 @@ def test_bad_uses_say_what_to_do():
         converted(ids, attention_mask=mask, cache=DynamicCache(config=converted.config), use_cache=True)
     with pytest.raises(NotImplementedError, match="beam search"):
         converted.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, pad_token_id=0)
+    # generate(use_cache=False) was called through generate(): the message names use_cache instead
+    with pytest.raises(ValueError, match=r"use_cache=False.*needs use_cache=True.*leave use_cache out"):
+        converted.generate(ids, attention_mask=mask, max_new_tokens=3, use_cache=False, pad_token_id=0)
+    with pytest.raises(TypeError, match=r"without a cache.*use_cache=True.*PagedMLACache.for_model"):
+        converted(ids, attention_mask=mask, use_cache=False)
     with pytest.raises(ConversionError, match="no decoder layers.*DeepseekV3ForCausalLM"):
         convert(torch.nn.Module())
     llama_like = tiny_hf("dense")
@@ -175,3 +180,15 @@ def test_readme_example_runs():
     exec(compile(code, "README.md (Hugging Face models)", "exec"), scope)
     assert tuple(scope["out"].shape) == (2, 5 + 40)
     assert isinstance(scope["model"].model.layers[0].self_attn, MLAForHF)
+
+
+def test_a_dtype_change_after_convert_names_the_fix():
+    """model.to(bf16) after convert: the shared weights are bf16, the lowering was made for fp32;
+    the error says so and what to do (convert after .to()), and converting in that order works."""
+    ids, mask = padded_batch([4, 6])
+    converted = convert(tiny_hf("dense"), "cpu", block_size=BLOCK).to(torch.bfloat16)
+    with pytest.raises(ConversionError, match=r"weights are torch.bfloat16 but convert\(\) lowered it for "
+                                              r"torch.float32.*convert\(model.to\(torch.bfloat16\), target\)"):
+        generate(converted, ids, mask, do_sample=False)
+    in_order = convert(tiny_hf("dense").to(torch.bfloat16), "cpu", block_size=BLOCK)
+    assert generate(in_order, ids, mask, do_sample=False).sequences.shape == (2, 6 + NEW_TOKENS)

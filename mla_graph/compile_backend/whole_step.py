@@ -17,7 +17,11 @@ lowered module between pieces compiled by the inner backend.
 
 Padding needs the token count symbolic in Dynamo's graph (so the code between the layers runs at
 any bucket size). While Dynamo still specialises it (the first batch size seen, unless
-torch.compile(dynamic=True)), the step runs at its own size: one graph for that size.
+torch.compile(dynamic=True)), the step runs at its own size: one graph for that size. A graph whose
+inputs a bucket cannot pad (an integer input with one entry per token, such as the token index of
+a converted Hugging Face model, whose padding would point at real rows; a batch dimension Dynamo
+kept static while the token count varies) also runs at its own size: one graph per batch size, at
+most as many sizes as there are buckets (later sizes run layer by layer); MLA_GRAPH_LOG=1 says why.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from mla_graph import contract
+from passes.side_effects import Effects, effects, eliminate_dead_code
+from passes.verifier import PassVerificationError
 
 from ..attention import check_values, checked_mode
 from ..cache import PADDING_BLOCK, PagedLatentCache
@@ -69,8 +75,9 @@ class Plan:
     token_rows: list[int]           # tensor inputs with one row per token: zero rows appended
     sym_values: dict[int, str]      # SymInt placeholder index -> "tokens" | "width" | "num_prefills"
     token_outputs: list[int]        # outputs with one row per token: cut back to the batch
-    padded: bool                    # False: the token count is static, the step runs at its own size
+    padded: bool                    # False: the step runs at its own size (one graph per size seen)
     width_padded: bool              # the block-table width is symbolic: padded to the graph's width
+    unpadded_because: str = ""      # why a symbolic token count is not padded to a bucket
 
 
 class WholeStep:
@@ -97,8 +104,11 @@ class WholeStep:
         self.split_steps = 0
         self.graphs: list[GraphModule] = []     # what the stand-in compiled (Ascend: torchair does not expose them)
         self._compiled = None
+        self.sizes: set[int] = set()          # the sizes an unpadded plan has compiled
         if self.plan is None:
             log.info("decode steps: layer by layer (%s)", self.reason)
+        elif self.plan.unpadded_because:
+            log.info("decode steps: one graph per batch size, not padded to buckets (%s)", self.plan.unpadded_because)
         _STEPS.add(self)
 
     def _prepare(self) -> None:
@@ -107,6 +117,14 @@ class WholeStep:
         self.lowered = self._lower_layers()
         self.width = max(m.runners["decode"].width for m in self.lowered)
         self.inlined, self.step_inputs = inline_layers(self.gm, self.lowered)
+        # Dynamo's inputs the inlined step still reads (HF's mask code is dead once attention is
+        # ours): only those are passed, so a dead input's size never recompiles the step
+        self.live = prune_inputs(self.inlined, sum(1 for n in self.gm.graph.nodes if n.op == "placeholder"))
+        varying = _varying_input(self.gm, self.plan, self.live)
+        if varying:
+            self.plan, self.reason = None, varying
+            log.info("decode steps: layer by layer (%s)", varying)
+            return
         on_npu = all(m.runners["decode"].on_npu for m in self.lowered)
         self.backend = _torchair_backend(self.options) if on_npu else StandInBackend(self.graphs)
         self._compiled = torch.compile(own_code(self._run, f"mla_whole_step_{self.serial}"), backend=self.backend,
@@ -114,7 +132,7 @@ class WholeStep:
         self._limits = recompile_limits(self.options.graph_batch_sizes)
         log.info("decode steps: %d MLA layer(s) inlined, one %s graph per batch bucket %s%s", len(self.lowered),
                  self.target, list(self.options.graph_batch_sizes),
-                 "" if self.plan.padded else " (token count static here: one graph at this size)")
+                 "" if self.plan.padded else " (not padded here: one graph per batch size)")
 
     def _run(self, *inputs: Any) -> Any:
         return self.inlined(*inputs)
@@ -129,13 +147,30 @@ class WholeStep:
         tokens = args[p.step["slot_mapping"]].shape[0]
         decode = counts["num_prefills"] == 0 and counts["num_decodes"] == tokens > 0 \
             and all(args[i].shape[1] == self.block_size for i, _ in p.caches)
-        if not decode or (p.padded and tokens > self.options.graph_batch_sizes[-1]):
+        if not decode or (p.padded and tokens > self.options.graph_batch_sizes[-1]) or not self._fits(tokens):
             self.split_steps += 1
             return self.split(*args)
         if self._compiled is None:
             self._prepare()
+            if self.plan is None:
+                self.split_steps += 1
+                return self.split(*args)
         self.whole_steps += 1
         return self._decode(args, tokens)
+
+    def _fits(self, tokens: int) -> bool:
+        """An unpadded plan compiles one graph per size, as many sizes as there are buckets (the
+        recompile budget); a size past that runs layer by layer (said once)."""
+        if self.plan.padded or tokens in self.sizes:
+            return True
+        if len(self.sizes) < len(self.options.graph_batch_sizes):
+            self.sizes.add(tokens)
+            return True
+        if not getattr(self, "_said_full", False):
+            self._said_full = True
+            log.info("decode steps: %d batch sizes compiled already (%s); a batch of %d runs layer by layer",
+                     len(self.sizes), sorted(self.sizes), tokens)
+        return False
 
     def _decode(self, args: Sequence[Any], tokens: int) -> Any:
         p = self.plan
@@ -169,7 +204,7 @@ class WholeStep:
         extra = [fn(values[p.step["positions"]], padded, dtype) for fn, dtype in self.step_inputs]
         self.buckets_run.append(size)
         with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
-            out = self._compiled(*values, *extra)
+            out = self._compiled(*(values[i] for i in self.live), *extra)
         if size == tokens:
             return out
         return type(out)(o[:tokens] if i in p.token_outputs else o for i, o in enumerate(out))
@@ -227,15 +262,15 @@ def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, s
             return None, f"{name} is not a tensor input"
     tokens = _expr(_example(placeholders[step["slot_mapping"]]).shape[0])
     width = _expr(_example(placeholders[step["block_table"]]).shape[1])
-    padded = not isinstance(tokens, int)
+    symbolic = not isinstance(tokens, int)
     width_padded = not isinstance(width, int)
-    if padded and tokens.free_symbols & getattr(width, "free_symbols", set()):
+    unpadded = ""    # why a symbolic token count cannot be padded: the step then runs at its own size
+    if symbolic and tokens.free_symbols & getattr(width, "free_symbols", set()):
         # Dynamo met a first batch whose block table was as wide as its token count (or its request
-        # count + 1, ...: duck sizing): the graph holds only where that relation does, so it runs at
-        # its own size
-        log.info("decode steps: the block-table width is %s and the token count %s in this graph (Dynamo's "
-                 "duck sizing); each size runs as its own graph", width, tokens)
-        padded = width_padded = False
+        # count + 1, ...: duck sizing): the graph holds only where that relation does
+        unpadded = (f"the block-table width is {width} and the token count {tokens} in this graph (Dynamo's "
+                    f"duck sizing)")
+        width_padded = False
     caches = []
     for n in nodes:
         if not all(isinstance(n.args[i], Node) and n.args[i] in index for i in (LATENT, ROPE)):
@@ -254,27 +289,66 @@ def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, s
             elif width_padded and expr == width:
                 sym_values[i] = "width"
             continue
-        if not isinstance(value, torch.Tensor) or not padded:
+        if not isinstance(value, torch.Tensor) or not symbolic:
             continue
         dims = [_expr(d) for d in value.shape]
         if any(tokens.free_symbols & getattr(d, "free_symbols", set()) for d in dims[1:]):
-            return None, f"input {node.name} has the token count in a dimension other than its first"
-        if dims and dims[0] == tokens:
+            unpadded = unpadded or f"input {node.name} has the token count in a dimension other than its first"
+        elif dims and dims[0] == tokens:
             if isinstance(real, nn.Parameter):
-                return None, f"parameter {node.name} has one row per token"
-            if not value.is_floating_point():
+                unpadded = unpadded or f"parameter {node.name} has one row per token"
+            elif not value.is_floating_point():
                 # rows of zeros appended to an index would point at real rows
-                return None, f"{value.dtype} input {node.name} has one entry per token, which a bucket cannot pad"
-            token_rows.append(i)
-    if padded:
+                unpadded = unpadded or (f"{value.dtype} input {node.name} has one entry per token, which a bucket "
+                                        f"cannot pad")
+            else:
+                token_rows.append(i)
+    if symbolic and not unpadded:
         for i, n in ((i, placeholders[i]) for i in layer_inputs):
             if tokens in [_expr(d) for d in _example(n).shape]:
-                return None, f"cache {n.name} has the token count in its shape"
+                unpadded = f"cache {n.name} has the token count in its shape"
+    padded = symbolic and not unpadded
+    if not padded:
+        token_rows = []
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     token_outputs = [i for i, o in enumerate(outs) if isinstance(o, Node) and isinstance(_example(o), torch.Tensor)
                      and _example(o).dim() and _expr(_example(o).shape[0]) == tokens]
-    return Plan(step, constants, caches, token_rows, sym_values, token_outputs, padded, width_padded), ""
+    return Plan(step, constants, caches, token_rows, sym_values, token_outputs, padded, width_padded, unpadded), ""
+
+
+def prune_inputs(gm: GraphModule, count: int) -> list[int]:
+    """Erase the first `count` placeholders of `gm` (Dynamo's inputs) that nothing reads; returns
+    the indices of those kept."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][:count]
+    live = []
+    for i, node in enumerate(placeholders):
+        if node.users:
+            live.append(i)
+        else:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return live
+
+
+def _varying_input(gm: GraphModule, plan: Plan, live: list[int]) -> str:
+    """Why a static graph per bucket would recompile at every step, or "": a live input whose size
+    (or a live size input) is symbolic in something other than the token count and the block-table
+    width (an attention mask that grows by a column every step)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tokens = _expr(_example(placeholders[plan.step["slot_mapping"]]).shape[0])
+    width = _expr(_example(placeholders[plan.step["block_table"]]).shape[1])
+    known = {tokens, width}
+    for i in live:
+        if i in plan.step.values() or i in plan.sym_values or any(i in pair for pair in plan.caches):
+            continue
+        value = _example(placeholders[i])
+        sizes = [value] if isinstance(value, torch.SymInt) else list(getattr(value, "shape", ()))
+        for size in map(_expr, sizes):
+            if not isinstance(size, int) and size not in known:
+                return (f"input {placeholders[i].name} has size {size}, which changes from step to step: a static "
+                        f"graph would recompile at every step")
+    return ""
 
 
 def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModule, list]:
@@ -295,6 +369,8 @@ def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModul
     nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
     mla_index = {n: i for i, n in enumerate(nodes)}
     output_node = None
+    # every side effect of Dynamo's graph and of each layer's graph, as nodes of the new graph
+    kept = Effects({}, [])
     for node in gm.graph.nodes:
         if node.op == "output":
             output_node = node
@@ -302,17 +378,30 @@ def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModul
         if node.op in ("get_attr", "call_module"):
             attrs[node.target] = _fetch(gm, node.target)
         if node in mla_index:
-            env[node] = _inline(graph, node, layers[mla_index[node]], mla_index[node], env, attrs, step_nodes,
-                                tables)
+            env[node], inner = _inline(graph, node, layers[mla_index[node]], mla_index[node], env, attrs,
+                                       step_nodes, tables)
+            _carry(kept, effects(layers[mla_index[node]].graphs["decode"].graph), inner)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
+    _carry(kept, effects(gm.graph), env)   # mla::layer's writes too: its inlined graph must make them
     # per-step inputs: placeholders after Dynamo's (their order is the call's order)
     for inp, table_id, dtype in step_nodes:
         step_inputs.append((_step_input(inp, tables[table_id]), dtype))
     graph.output(torch.fx.graph.map_arg(output_node.args[0], lambda n: env[n]))
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
+    lost = kept.lost(graph)
+    if lost:
+        node, message = lost[0]
+        raise PassVerificationError("inline_layers", node, message)
     inlined = GraphModule(attrs, graph, class_name="MLAWholeStep")
     return inlined, step_inputs
+
+
+def _carry(kept: Effects, found: Effects, mapping: dict[Node, Node]) -> None:
+    """Add `found` (a source graph's side effects) to `kept`, as the nodes `mapping` copied them to."""
+    for value, writers in found.writes.items():
+        kept.writes.setdefault(mapping[value], []).extend(writers)
+    kept.impure += [mapping[n] for n in found.impure]
 
 
 def _fetch(module: nn.Module, target: str) -> Any:
@@ -323,7 +412,9 @@ def _fetch(module: nn.Module, target: str) -> Any:
 
 
 def _inline(graph: Graph, node: Node, lowered: LoweredMLA, layer: int, env: dict, attrs: dict,
-            step_nodes: dict, tables: list) -> Node:
+            step_nodes: dict, tables: list) -> tuple[Node, dict[Node, Node]]:
+    """The layer's lowered decode graph copied into `graph` in place of mla::layer `node`: its
+    result node, and the copy of each of its nodes."""
     gm = lowered.graphs["decode"]
     table = next((i for i, t in enumerate(tables) if t.shape == lowered.cos_sin.shape and torch.equal(t, lowered.cos_sin)),
                  None)
@@ -364,7 +455,7 @@ def _inline(graph: Graph, node: Node, lowered: LoweredMLA, layer: int, env: dict
             inner[n] = copy
     if isinstance(result, (tuple, list)):
         (result,) = result
-    return result
+    return result, inner
 
 
 def _step_input(inp: contract.GraphInput, cos_sin: torch.Tensor) -> Callable:
