@@ -1,4 +1,4 @@
-"""The real torchair converters and torch-npu meta functions, loaded from the 2.13.0 wheel.
+"""The real torchair converters and torch-npu meta functions, loaded from the wheel of the running torch's torch-npu release.
 
 The oracle is the wheel itself: torchair's FX -> GE converters, the GE IR's registered dtype lists
 and torch-npu's Python meta functions judge graphs built here with our emulated ops.
@@ -15,6 +15,7 @@ from mla_graph import ascend_toolchain as at
 from mla_graph.ascend_toolchain.ge_registry import parse_ge_ops
 from mla_graph.npu import ensure_npu_ops, npu_backend
 from mla_graph.torchair_compat import ensure_air_ops
+from mla_graph.stacks import torch_npu_release
 
 # MLA decode through FIA: 32 heads over one latent KV head, D 512 + rope 64, paged cache of 128-row blocks.
 B, N, BLOCKS, BLOCK, SCALE = 2, 32, 4, 128, 0.07
@@ -194,7 +195,7 @@ def test_wheel_meta_argument_checks_are_findings(toolchain):
 
 def test_load_is_idempotent_and_status_names_the_wheel(toolchain, tmp_path):
     assert at.load() is toolchain and at.available()
-    assert str(toolchain.wheel) in at.status() and "2.13.0" in at.status()
+    assert str(toolchain.wheel) in at.status() and f"torch-npu {torch_npu_release()} wheel" in at.status()
     assert toolchain.npu_schemas_failed == {} and toolchain.converter_import_failures == []
     with pytest.raises(ValueError, match="already loaded"):
         at.load(tmp_path / "other.whl")

@@ -19,6 +19,7 @@ from mla_graph.dumptool.files import write_text_atomic
 from mla_graph.targets import TARGETS
 from passes import pass_name
 from mla_graph.dumptool.render import CREATED_FILL, ERASED_FILL
+from mla_graph.stacks import torch_npu_release
 
 TINY = ["--dtype", "bf16", "--block-size", "128", "--phase", "decode"]
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -323,7 +324,7 @@ def test_torchair_dump_writes_the_ge_graph_and_reports_what_was_checked(torchair
     [note] = [f for f in data["findings"] if f["rule"] == "kernel-limit"]
     assert note["severity"] == "note" and "num_heads=16" in note["message"]
     printed = stdout.split("[torchair / decode]")[1]
-    assert "torchair check: checked with the torch-npu 2.13.0 wheel's toolchain" in printed
+    assert f"torchair check: checked with the torch-npu {torch_npu_release()} wheel's toolchain" in printed
     assert re.search(r"^GE ops: .*MlaPrologV3.*FusedInferAttentionScore", printed, re.M)
     report = embedded_data((out / "report.html").read_text())["phases"][0]["torchair"]
     assert [op["type"] for op in report["ge_ops"]] == types and report["checked"] == data["checked"]

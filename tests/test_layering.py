@@ -26,7 +26,7 @@ def test_passes_do_not_import_vllm_torch_npu_or_cli():
 # the top. A new module must be placed here (the test says so).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # (the graph contract is types only: capture makes it, passes extend it, the runtime reads it)
-    ("primitives", ("mla_graph.config", "mla_graph.envflags", "mla_graph.rope", "mla_graph.cache",
+    ("primitives", ("mla_graph.stacks", "mla_graph.config", "mla_graph.envflags", "mla_graph.rope", "mla_graph.cache",
                     "mla_graph.metadata", "mla_graph.contract", "mla_graph.primitives", "mla_graph.cpu_kernels",
                     "mla_graph.npu", "mla_graph.layer_op")),
     ("definition", ("mla_graph.attention", "mla_graph.checking")),

@@ -26,6 +26,9 @@ from mla_graph.npu import ensure_npu_ops, limits
 from mla_graph.torchair_compat import (AIR_SCHEMAS, RULES, check_torchair, ensure_air_ops, load_converters,
                                        parse_table)
 from mla_graph.testing import trace
+from mla_graph.stacks import torch_npu_release
+
+NPU = torch_npu_release()   # the torch-npu release of the running torch's stack
 
 ROOT = pathlib.Path(__file__).parent.parent
 FIA_AIR = "air.npu_fused_infer_attention_score.default"
@@ -53,7 +56,7 @@ def _call_nodes(gm, prefix):
 
 def test_vendored_converter_list_knows_the_mla_kernels():
     table = load_converters()
-    assert table.version == "2.13.0"
+    assert table.version == NPU
     expected = {
         "npu.npu_fused_infer_attention_score.default": "real",
         "npu.npu_kv_rmsnorm_rope_cache_v2_functional.default": "real",
@@ -98,7 +101,7 @@ def test_partial_converter():
     gm = trace(lambda w, i: torch.nn.functional.embedding(i, w), (torch.randn(10, 4), torch.tensor([1, 3])))
     [finding] = converter_list(gm).findings
     assert (finding.rule, finding.op) == ("partial-converter", "aten.embedding.default")
-    assert "2.13.0" in finding.suggestion
+    assert NPU in finding.suggestion
 
 
 def test_no_converter_for_an_aten_op_outside_the_list():
@@ -237,14 +240,14 @@ def test_report_table_and_json_say_what_was_checked():
     report = converter_list(gm)
     lines = report.table().splitlines()
     assert lines[0].startswith("torchair check: converter-list check only (")
-    assert lines[1].startswith("  checked: converter list of torch-npu 2.13.0")
+    assert lines[1].startswith(f"  checked: converter list of torch-npu {NPU}")
     assert "only real hardware shows: GE compiling and running the graph" in report.table()
     header = next(i for i, line in enumerate(lines) if line.startswith("severity"))
     assert lines[header].split() == ["severity", "rule", "node", "op", "message", "suggestion"]
     assert lines[header + 2].split()[:3] == ["error", "stub-converter", "roll"]
     assert lines[-1] == "1 error(s), 0 note(s) in what was checked above"
     data = json.loads(json.dumps(report.to_json()))
-    assert data["ok"] is False and data["converters"] == "torch-npu 2.13.0" and data["toolchain_used"] is False
+    assert data["ok"] is False and data["converters"] == f"torch-npu {NPU}" and data["toolchain_used"] is False
     assert data["scope"].startswith("converter-list check only") and len(data["checked"]) == 1
     assert (data["findings"][0]["severity"], data["findings"][0]["rule"], data["findings"][0]["node"]) == (
         "error", "stub-converter", "roll")
@@ -301,7 +304,7 @@ def test_v3_decode_bucket_graph_converts_with_torchairs_own_converters(v3_bucket
     assert [op.fx_node for op in report.ge_ops if op.type == "MlaPrologV3"] == [prolog]
     assert 'op: "MlaPrologV3"' in report.pbtxt and 'op: "FusedInferAttentionScore"' in report.pbtxt
     table = report.table()
-    assert "converter-list check only" not in table and "checked with the torch-npu 2.13.0 wheel" in table
+    assert "converter-list check only" not in table and f"checked with the torch-npu {NPU} wheel" in table
     assert "GE ops: " in table and "MlaPrologV3" in table.split("GE ops: ")[1].splitlines()[0]
 
 
@@ -426,7 +429,7 @@ def test_cli_checks_a_config_json(tmp_path, capsys):
     assert "dynamic-dim" in out and "converter-list check only" in out
     assert main(["check", str(config), "--target", "npu", "--block-size", "16", "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
-    assert data["ok"] is False and data["checked"][0].startswith("converter list of torch-npu 2.13.0")
+    assert data["ok"] is False and data["checked"][0].startswith(f"converter list of torch-npu {NPU}")
     assert {f["rule"] for f in data["findings"] if f["severity"] == "error"} == {"dynamic-dim", "no-converter"}
 
 
@@ -521,9 +524,9 @@ def test_without_the_wheel_the_check_says_converter_list_only(tmp_path):
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert f"converter-list check only (no wheel: no torch-npu==2.13.0 wheel in {tmp_path / 'empty'}" in out
+    assert f"converter-list check only (no wheel: no torch-npu=={NPU} wheel in {tmp_path / 'empty'}" in out
     assert "exit 0" in out and "GE conversion" not in out and "compatible" not in out
-    assert "raised check_torchair(toolchain=True) needs the torch-npu 2.13.0 wheel's toolchain" in out
+    assert f"raised check_torchair(toolchain=True) needs the torch-npu {NPU} wheel's toolchain" in out
 
 
 @pytest.mark.parametrize("source, message", [
@@ -649,7 +652,7 @@ def test_vendored_list_equals_the_real_wheel(tmp_path, capsys):
 
     wheel = torch_npu_wheel()
     out = tmp_path / "ge_converters.txt"
-    out.write_text((ROOT / "mla_graph" / "data" / "ge_converters.txt").read_text())
+    out.write_text((ROOT / "mla_graph" / "data" / f"ge_converters-{NPU}.txt").read_text())
     assert _sync_tool().main(["--wheel", str(wheel), "--out", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[1] == "  no converter changed"
     assert parse_table(out.read_text()) == load_converters()

@@ -1,4 +1,4 @@
-"""Regenerate mla_graph/data/ge_converters.txt from a torch-npu wheel.
+"""Regenerate mla_graph/data/ge_converters-<release>.txt from a torch-npu wheel (one table per release).
 
 torchair (shipped inside torch-npu as torch_npu/dynamo/torchair) turns an FX graph into a
 GE graph node by node, through converters registered with
@@ -25,13 +25,13 @@ import sys
 import zipfile
 from typing import Iterator
 
-from mla_graph.torchair_compat.converters import KINDS, parse_table, render_table
+from mla_graph.torchair_compat.converters import KINDS, parse_table, render_table, table_name
 
 TORCHAIR = "torch_npu/dynamo/torchair/"
 SCANNED = ("_ge_concrete_graph/ge_converter/", "ops/", "scope/")
 SKIPPED = ("_ge_concrete_graph/ge_converter/lite/",)
 DECORATOR = "register_fx_node_ge_converter"
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "mla_graph" / "data" / "ge_converters.txt"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "mla_graph" / "data"
 
 HEADER = """\
 # torchair GE converters of torch-npu {version} ({source})
@@ -144,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                     "torch-npu wheel, read with ast (torch_npu is never imported). Prints what changed.")
     parser.add_argument("--wheel", required=True, type=pathlib.Path,
                         help="torch-npu wheel file (.whl) or an unpacked wheel directory")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="list to rewrite (default: mla_graph/data/ge_converters.txt)")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="list to rewrite (default: mla_graph/data/ge_converters-<the wheel's release>.txt)")
     args = parser.parse_args(argv)
 
     sources, version = read_sources(args.wheel)
     converters = scan(sources)
+    args.out = args.out or DATA / table_name(version)
     old = parse_table(args.out.read_text()) if args.out.exists() else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render_table(HEADER.format(version=version, source=args.wheel.name), converters))

@@ -1,4 +1,6 @@
-"""Regenerate mla_graph/npu/schemas.py from a torch-npu wheel.
+"""Regenerate the vendored schema table of one torch-npu release from its wheel
+(mla_graph/npu/schema_tables/torch_npu_<release>.py; mla_graph.npu.schemas picks the table of
+the running torch's release).
 
 The emulated ``npu::`` ops must be registered with the exact schema strings that
 torch-npu ships, so graphs built on a CPU host are valid on an Ascend host. This
@@ -21,7 +23,11 @@ import zipfile
 import yaml
 
 YAML_SUFFIX = "csrc/aten/npu_native_functions_by_codegen.yaml"
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "mla_graph" / "npu" / "schemas.py"
+TABLES = pathlib.Path(__file__).resolve().parent.parent / "mla_graph" / "npu" / "schema_tables"
+
+
+def table_path(release: str) -> pathlib.Path:
+    return TABLES / f"torch_npu_{release.replace('.', '_')}.py"
 
 TEMPLATE = '''"""Vendored schema strings of the torch-npu ops that mla_graph emulates.
 
@@ -36,7 +42,7 @@ NPU_SCHEMAS: dict[str, str] = {{
 {npu_entries}}}
 
 # atb:: schemas are not in the YAML; the sync tool carries them over unchanged.
-# Where each comes from in the torch-npu 2.13.0 wheel (tests/npu/
+# Where each comes from in the torch-npu {version} wheel (tests/npu/
 # test_schema_conformance.py checks all of this against the wheel):
 # - npu_ring_mla: verbatim, as a string in torch_npu/lib/libop_plugin_atb.so.
 # - _npu_reshape_and_cache, _npu_paged_attention_mla: that library holds no
@@ -139,15 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         "atb:: schemas are not in the wheel's YAML and are carried over unchanged.")
     parser.add_argument("--wheel", required=True, type=pathlib.Path,
                         help="torch-npu wheel file (.whl) or an unpacked wheel directory")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
-                        help="schema module to rewrite (default: mla_graph/npu/schemas.py)")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="schema module to rewrite (default: mla_graph/npu/schema_tables/"
+                             "torch_npu_<the wheel's release>.py)")
     parser.add_argument("--add", action="append", default=[], metavar="OP",
                         help="also vendor this npu op (name as in the YAML, e.g. npu_rotary_mul)")
     args = parser.parse_args(argv)
 
     yaml_text, version = read_yaml_text(args.wheel)
     available = yaml_schemas(yaml_text)
-    old_version, old_npu, atb = read_existing(args.out)
+    args.out = args.out or table_path(version)
+    # a release's first table takes its op list and atb:: schemas from the newest table there is
+    source = args.out if args.out.exists() else max(TABLES.glob("torch_npu_*.py"), default=args.out)
+    old_version, old_npu, atb = read_existing(source)
+    if source != args.out:
+        print(f"{args.out.name}: a new table; ops and atb:: schemas from {source.name}")
     wanted = list(old_npu) + [name for name in args.add if name not in old_npu]
     missing = [name for name in wanted if name not in available]
     if missing:

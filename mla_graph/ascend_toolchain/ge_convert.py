@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ..stacks import torch_npu_release
 from .findings import GeFinding
 from .ge_dtypes import check_ge_dtypes
 from .ge_interpreter import tracking_converter_class
@@ -147,7 +148,7 @@ def _missing_converters(gm: GraphModule) -> list[GeFinding]:
         if getattr(target, "_ge_converter", None) is None and _CONVERTERS.get(target) is None:
             findings.append(GeFinding(
                 "error", "ge-no-converter", node.name, _target_name(target),
-                f"torchair 2.13.0 registers no GE converter for {_target_name(target)}; on a CANN host it would "
+                f"torchair {torch_npu_release()} registers no GE converter for {_target_name(target)}; on a CANN host it would "
                 f"try to generate one from the GE op registry",
                 "lower this node to ops torchair converts, or check the GE op exists in CANN"))
     return findings

@@ -15,7 +15,9 @@ from ..npu import ensure_npu_ops, npu_backend
 from ..torchair_compat import ensure_air_ops
 from .ge_registry import GeInputSpec, parse_ge_ops
 from .torchair_import import define_npu_schemas, import_torchair
-from .wheel import REQUIREMENT, ToolchainUnavailable, cache_dir, extract, find_wheel
+from ..stacks import current, release_line, torch_npu_release
+from .wheel import (TYPES_H, ToolchainUnavailable, cache_dir, extract, find_wheel, required_torch, requirement,
+                    wheel_release)
 
 
 @dataclass
@@ -33,6 +35,11 @@ class Toolchain:
     _meta: dict[str, Callable] | None = field(default=None, repr=False)
 
     @property
+    def release(self) -> str:
+        """The torch-npu release whose toolchain this is ('2.13.0', '2.10.0.post4')."""
+        return wheel_release(self.wheel)
+
+    @property
     def torch_npu_dir(self) -> pathlib.Path:
         return self.root / "torch_npu"
 
@@ -40,7 +47,7 @@ class Toolchain:
         """{GE op type: {input: GeInputSpec}} from the IR registry (parsed on first use)."""
         if self._ge_ops is None:
             raw_ops = self.torch_npu_dir / "dynamo/torchair/_ge_concrete_graph/auto_generated_ge_raw_ops.py"
-            self._ge_ops = parse_ge_ops(raw_ops.read_text(), (self.torch_npu_dir / "include/graph/types.h").read_text())
+            self._ge_ops = parse_ge_ops(raw_ops.read_text(), (self.root / TYPES_H).read_text())
         return self._ge_ops
 
     def meta_functions(self) -> dict[str, Callable]:
@@ -51,7 +58,7 @@ class Toolchain:
         return self._meta
 
     def describe(self) -> str:
-        return (f"{REQUIREMENT.replace('==', ' ')} wheel at {self.wheel}: torchair loaded in {self.load_seconds:.1f} s, "
+        return (f"torch-npu {self.release} wheel at {self.wheel}: torchair loaded in {self.load_seconds:.1f} s, "
                 f"{self.npu_schemas_defined} npu:: schemas defined from the YAML, "
                 f"{len(self.converter_import_failures)} converter files skipped by torchair")
 
@@ -102,10 +109,17 @@ def _locate(wheel: pathlib.Path | str | None) -> pathlib.Path:
         raise ToolchainUnavailable(f"another torchair is importable from {spec.origin}; it would shadow the wheel's")
     path = pathlib.Path(wheel) if wheel is not None else find_wheel()
     if path is None:
-        raise ToolchainUnavailable(f"no {REQUIREMENT} wheel in {cache_dir()}; call fetch_wheel() (pip download) "
+        raise ToolchainUnavailable(f"no {requirement()} wheel in {cache_dir()}; call fetch_wheel() (pip download) "
                                    f"or set MLA_GRAPH_CACHE to the folder holding it")
     if not path.is_file():
-        raise ToolchainUnavailable(f"wheel {path} does not exist; expected a torch_npu-2.13.0-*.whl file")
+        raise ToolchainUnavailable(f"wheel {path} does not exist; expected a torch_npu-{torch_npu_release()}-*.whl file")
+    built_for = required_torch(path)
+    if built_for is not None and release_line(built_for) != current().torch:
+        # torchair's converter package skips a file at its first AttributeError: another torch's
+        # aten overloads would silently drop the converters after it
+        raise ToolchainUnavailable(f"{path.name} is torch-npu {wheel_release(path)}, built for torch {built_for}, but "
+                                   f"this is torch {torch.__version__}; its torchair would load only in part. Use "
+                                   f"the torch-npu {torch_npu_release()} wheel (fetch_wheel())")
     return path
 
 
@@ -115,11 +129,11 @@ def available() -> bool:
 
 
 def status() -> str:
-    """'torch-npu 2.13.0 wheel at PATH ...' or why the toolchain is unavailable."""
+    """'torch-npu RELEASE wheel at PATH ...' or why the toolchain is unavailable."""
     if _LOADED:
         return _LOADED[0].describe()
     reason = _FAILED[0] if _FAILED else _unavailable_reason()
-    return reason or f"{REQUIREMENT.replace('==', ' ')} wheel at {find_wheel()} (not loaded yet)"
+    return reason or f"torch-npu {torch_npu_release()} wheel at {find_wheel()} (not loaded yet)"
 
 
 def _unavailable_reason() -> str | None:

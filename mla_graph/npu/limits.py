@@ -5,6 +5,8 @@ hardware would), and the passes ask before they emit a kernel, routing around a 
 failing (mla_graph/targets.py). Every limit cites the op doc of the torch-npu 2.13.0 wheel
 (torch_npu/_op_plugin_docs.py, by line). A limit that vllm-ascend's production use contradicts is
 *advisory*: the kernels accept it and `mla-graph check` reports it, with the reason.
+torch-npu 2.10.0.post4's op docs state each of these limits in the same words (its line numbers
+are 37 to 52 lower: L8176 there is L8132), so the same checks hold on both supported stacks.
 
 The checks take shapes, dtypes and ints, never data, so passes run them on fake values; the
 data-dependent ones (query tokens per request, cache_index range) take the values when known.

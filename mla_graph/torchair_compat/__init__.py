@@ -4,7 +4,7 @@
     print(report.table())      # what was checked, then severity, rule, node, op, message, suggestion
     report.ok                  # no error findings in what was checked (report.checked)
 
-Always: the vendored converter list (mla_graph/data/ge_converters.txt, regenerated from a wheel
+Always: the vendored converter list (mla_graph/data/ge_converters-<release>.txt, regenerated from a wheel
 by tools/sync_ge_converters.py). Where the torch-npu 2.13.0 wheel is available
 (mla_graph.ascend_toolchain): torchair's own converters and the GE IR's dtype lists, the wheel's
 meta functions, and the documented kernel limits (advisory ones as notes). ensure_air_ops() makes

@@ -1,4 +1,4 @@
-"""The vendored list of torchair GE converters (mla_graph/data/ge_converters.txt).
+"""The vendored lists of torchair GE converters (mla_graph/data/ge_converters-<torch-npu release>.txt).
 
 One registered target per line, 'ns.op.overload' for torch.ops.ns.op.overload, 'ns.op' for a
 packet, the Python expression otherwise ('operator.add'); an optional tag '[stub]' (the converter
@@ -56,11 +56,21 @@ def render_table(header: str, kinds: dict[str, str]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+def table_name(release: str) -> str:
+    """The vendored table's file name under mla_graph/data for a torch-npu release."""
+    return f"ge_converters-{release}.txt"
+
+
 @functools.cache
-def load_converters() -> ConverterTable:
-    """The vendored table shipped with mla_graph."""
-    text = importlib.resources.files("mla_graph").joinpath("data", "ge_converters.txt").read_text()
-    return parse_table(text)
+def load_converters(release: str | None = None) -> ConverterTable:
+    """The vendored table of `release` (default: the running torch's torch-npu, mla_graph.stacks)."""
+    from ..stacks import torch_npu_release
+    release = release or torch_npu_release()
+    path = importlib.resources.files("mla_graph").joinpath("data", table_name(release))
+    if not path.is_file():
+        raise FileNotFoundError(f"no vendored torchair converter table for torch-npu {release} (mla_graph/data/"
+                                f"{table_name(release)}); regenerate it with tools/sync_ge_converters.py --wheel")
+    return parse_table(path.read_text())
 
 
 def target_keys(target: object) -> list[str]:

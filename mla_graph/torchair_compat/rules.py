@@ -4,7 +4,7 @@ GE mode converts every node through a converter registered for its target and ha
 fallback: a missing or stub converter is a compile error (reference: torchair 2.13.0,
 fx2ge_converter.py). The rules, per call_function node:
 
-- an OpOverload needs a real converter in the vendored list (data/ge_converters.txt). An op
+- an OpOverload needs a real converter in the vendored list (data/ge_converters-<release>.txt). An op
   without one that is CompositeImplicitAutograd (aten.linear) is judged by what it decomposes
   into on this host, since torchair's AOT trace decomposes it before any converter runs (on an
   NPU, torch_npu keeps a few composites whole, e.g. aten.matmul, which has a converter);
@@ -137,7 +137,7 @@ def _alternative(name: str, packet: str, table: ConverterTable, kind: str | None
     others = [k for k in table.real_overloads(packet) if k != name]
     if others:
         return f"use an overload with a real converter: {', '.join(others)}"
-    rewrite = "rewrite it with ops that have a real GE converter (listed in mla_graph/data/ge_converters.txt)"
+    rewrite = "rewrite it with ops that have a real GE converter (listed in mla_graph/data/ge_converters-<release>.txt)"
     if kind == "partial":
         return f"keep it only with arguments its torch-npu {table.version} converter supports; otherwise {rewrite}"
     return rewrite

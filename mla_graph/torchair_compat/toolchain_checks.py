@@ -1,4 +1,4 @@
-"""The checks check_torchair adds when the torch-npu 2.13.0 wheel's toolchain is available.
+"""The checks check_torchair adds when the running torch's torch-npu wheel's toolchain is available.
 
 After the converter list (rules.py), on the same report:
 
@@ -42,7 +42,7 @@ def run_toolchain_checks(gm: GraphModule, report: TorchairReport, toolchain: boo
         if toolchain is None:   # a wheel is there but torchair would not import from it
             report.toolchain = f"no usable wheel: {error}"
             return
-        raise at.ToolchainUnavailable(f"check_torchair(toolchain=True) needs the torch-npu 2.13.0 wheel's "
+        raise at.ToolchainUnavailable(f"check_torchair(toolchain=True) needs the {report.converters} wheel's "
                                       f"toolchain, which is unavailable: {error}") from error
     report.toolchain, report.toolchain_used = at.status(), True
     wheel = f"{report.converters} wheel"
