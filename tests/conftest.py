@@ -11,6 +11,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 os.environ.setdefault("MLA_GRAPH_CHECKED", "1")
 
 from mla_graph import MLAConfig, YarnScaling  # noqa: E402
+from mla_graph.stacks import current  # noqa: E402
+
+
+def pytest_report_header(config):
+    """Which stack this run tests: `make test` runs the suite on two."""
+    stack = current()
+    return [f"mla-graph stack: torch {torch.__version__} (the {stack.torch} line), judged by torch-npu "
+            f"{stack.torch_npu}"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"ran on torch {torch.__version__} (torch-npu {current().torch_npu} judging)")
 
 # Tiny configs with the structure of the real models: V3-like (q_lora, yarn with mscale 1.0)
 # and V2-Lite-like (no q_lora, yarn with mscale 0.707). v_head_dim differs from qk_nope in V3_TINY.
