@@ -13,7 +13,7 @@ from . import primitives  # noqa: F401  (registers torch.ops.mla)
 from .cache import PagedLatentCache
 from .config import MLAConfig
 from .envflags import env_flag
-from .layer_op import call_layer, ensure_layer_op
+from .layer_op import call_layer, ensure_layer_op, register_layer
 from .metadata import MLAMetadata, MetadataError
 from .rope import cos_sin_table
 
@@ -68,6 +68,12 @@ class MLAAttention(nn.Module):
         self.o_proj = linear(n * c.v_head_dim, c.hidden_size)
         self.register_buffer("cos_sin", cos_sin_table(c), persistent=False)
         self.scale = c.softmax_scale
+        register_layer(self)   # the key its mla::layer nodes carry under torch.compile (layer_op)
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.copy / deepcopy / unpickling make a layer without __init__: register the new one too
+        super().__setstate__(state)
+        register_layer(self)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -7,9 +7,12 @@ each through the layer's lowered module; any other backend just runs the op, who
 the eager layer.
 
 The layer itself cannot be an op argument, so the node carries an int key into `_LAYERS`, a
-weak registry filled at trace time. `layer_key` is `assume_constant_result`: Dynamo calls it
-while tracing, bakes the key into the graph and guards on the layer's identity, so a compiled
-graph never runs with another instance's key.
+weak registry every MLAAttention joins when it is made (or copied, or unpickled). The key is the
+layer's id(): Dynamo evaluates id() of a module from outside the graph while tracing, bakes the int
+into the graph and guards on the module's identity (ID_MATCH), so a compiled graph never runs with
+another instance's key. (Not `assume_constant_result` over the module: Dynamo hands such a
+function a module argument only from torch 2.13 on; torch 2.10 refuses it, "UnspecializedNNModuleVariable
+is not a constant". id() is traced the same way by both.)
 """
 from __future__ import annotations
 
@@ -41,10 +44,17 @@ def ensure_layer_op() -> None:
 _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 
 
-@torch._dynamo.assume_constant_result
-def layer_key(layer: torch.nn.Module) -> int:
-    """The key `mla::layer` nodes use for `layer`; registers it (weakly)."""
+def register_layer(layer: torch.nn.Module) -> None:
+    """Make `layer` reachable from its key (weakly: the registry never keeps a layer alive)."""
     _LAYERS[id(layer)] = layer
+
+
+def layer_key(layer: torch.nn.Module) -> int:
+    """The key `mla::layer` nodes use for `layer` (traced by Dynamo to a constant guarded on the
+    layer's identity). Outside torch.compile it (re)registers the layer too; under it the layer must
+    already be registered, as every MLAAttention is from construction."""
+    if not torch.compiler.is_compiling():
+        register_layer(layer)
     return id(layer)
 
 

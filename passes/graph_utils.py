@@ -9,6 +9,7 @@ from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 
 from mla_graph.contract import GraphInput, fake_mode_of, find_input, graph_meta
+from mla_graph.torch_compat import fake_mode_context
 
 
 def fake_value(node_or_value: Any) -> Any:
@@ -24,7 +25,7 @@ def fake_run(target: Any, args: tuple, kwargs: dict) -> Any:
         (fake_mode_of(x.node.shape_env) for x in flat if isinstance(x, torch.SymInt)), None)
     if mode is None:
         return target(*fargs, **fkwargs)
-    with mode:
+    with fake_mode_context(mode):
         return target(*fargs, **fkwargs)
 
 

@@ -55,3 +55,18 @@ def test_capture_rejects_bad_arguments():
         capture(layer, "decode", block_size=0)
     with pytest.raises(TypeError, match="capture expects an MLAAttention, got Linear"):
         capture(torch.nn.Linear(2, 2), "decode")
+
+
+def test_fake_values_of_a_linear_over_symbolic_sizes_outside_make_fx():
+    """The verifier and passes re-run nodes on their fake values after capture, outside make_fx.
+    kv_b_proj over the gathered cache is a linear of a [B, MB*block_size, L] input with two
+    symbolic sizes: torch 2.10's C++ matmul refuses it (numel() on symbolic sizes) unless the
+    Python dispatcher runs it, as make_fx does (mla_graph.torch_compat.fake_mode_context)."""
+    from passes.graph_utils import fake_run
+
+    gm = capture(randomize(MLAAttention(V3_TINY)), "prefill", block_size=16)
+    linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default
+                  and getattr(n.args[0], "target", None) is torch.ops.mla.gather_paged.default)
+    fresh = fake_run(linear.target, linear.args, linear.kwargs)
+    assert [str(s) for s in fresh.shape] == [str(s) for s in linear.meta["val"].shape]
+    assert len(fresh.shape) == 3 and not all(isinstance(s, int) for s in fresh.shape)

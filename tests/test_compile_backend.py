@@ -109,6 +109,23 @@ def test_each_instance_runs_its_own_layers(stack, lowered_calls):
     assert len(lowered_calls) == 6
 
 
+def test_a_copied_model_runs_its_own_layers(stack):
+    """A layer made by copy.deepcopy (no __init__) is registered too, under its own key: the copy,
+    its weights changed, compiles and runs its layers, not the original's."""
+    import copy
+
+    twin = copy.deepcopy(stack)
+    with torch.no_grad():
+        twin.attn1.o_proj.weight.mul_(-1)
+    prefill = SCHEDULE[:1]
+    for model in (stack, twin):
+        compiled = torch.compile(model, backend=mla_graph_backend,
+                                 options={"target": "reference", "inner_backend": "eager"})
+        got, _ = run_schedule(compiled, prefill)
+        want, _ = run_schedule(model, prefill)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
 def test_dump_dir_gets_one_folder_per_layer(stack, tmp_path):
     compiled = torch.compile(stack, backend=mla_graph_backend,
                              options={"target": "reference", "dump_dir": str(tmp_path), "inner_backend": "eager"})

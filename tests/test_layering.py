@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # (the graph contract is types only: capture makes it, passes extend it, the runtime reads it)
     ("primitives", ("mla_graph.stacks", "mla_graph.config", "mla_graph.envflags", "mla_graph.rope", "mla_graph.cache",
                     "mla_graph.metadata", "mla_graph.contract", "mla_graph.primitives", "mla_graph.cpu_kernels",
-                    "mla_graph.npu", "mla_graph.layer_op")),
+                    "mla_graph.npu", "mla_graph.layer_op", "mla_graph.torch_compat")),
     ("definition", ("mla_graph.attention", "mla_graph.checking")),
     # passes, capture, the dumps (mla_graph.dumptool writes them for the manager, reads them back and
     # renders the HTML report lower() writes with dump_formats=html), the pass test harness, kernel

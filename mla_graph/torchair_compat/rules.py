@@ -29,6 +29,8 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from mla_graph.torch_compat import fake_mode_context
+
 from .converters import ConverterTable, is_host_builtin, load_converters, target_keys
 from .report import Finding, TorchairReport
 from .toolchain_checks import run_toolchain_checks
@@ -165,7 +167,7 @@ def _decomposition(node: Node, target: object) -> list[str] | None:
     fake_mode = detect_fake_mode(tree_leaves((args, kwargs)))
     if fake_mode is None or any(v is missing for v in tree_leaves((args, kwargs))):
         return None
-    with fake_mode, _OpRecorder() as recorder:
+    with fake_mode_context(fake_mode), _OpRecorder() as recorder:
         target.decompose(*args, **kwargs)
     return list(dict.fromkeys(recorder.ops))
 
