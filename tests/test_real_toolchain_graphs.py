@@ -1,4 +1,5 @@
-"""Every graph we lower for the NPU, judged by the real toolchain of the torch-npu 2.13.0 wheel.
+"""Every graph we lower for the NPU, judged by the real toolchain of the running torch's torch-npu wheel
+(2.13.0 beside torch 2.13, 2.10.0.post4 beside torch 2.10; `make test` runs both).
 
 - torchair target: each bucket graph the compiler is handed (presets x bf16/fp32 x tp 1/8 x
   torchair/multistream) converts with torchair's own FX -> GE converters, with no error: every node
