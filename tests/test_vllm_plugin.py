@@ -524,42 +524,45 @@ def test_plugin_found_through_entry_point_in_fresh_interpreter():
     assert "mla_graph.vllm mla-graph: replaced vLLM's pluggable layer 'multi_head_latent_attention'" in run.stderr
 
 
-@pytest.mark.parametrize("env, extra, device, expected", [
-    (None, None, "cpu", ("reference", "reference")),
-    (None, None, "npu", ("npu", "npu")),                     # vllm-ascend: eager kernels
-    (None, {"mla_graph": {"target": "npu"}}, "cpu", ("npu", "npu")),
-    ("reference", {"mla_graph": {"target": "npu"}}, "npu", ("reference", "reference")),   # the env var wins
-    (None, {"torchair_graph_config": {"enabled": True}}, "npu", ("npu", "torchair")),
-    (None, {"torchair_graph_config": {"enabled": False}}, "npu", ("npu", "npu")),
-    (None, {"torchair_graph_config": {"enabled": True}, "mla_graph": {"decode_target": "torchair-multistream"}},
-     "npu", ("npu", "torchair-multistream")),                # decode_target wins over torchair's flag
-    ("npu", {"mla_graph": {"decode_target": "reference"}}, "cpu", ("npu", "reference")),
-    ("torchair", {"torchair_graph_config": {"enabled": False}}, "cpu", ("torchair", "torchair")),
-], ids=["cpu-default", "npu-default", "config-target", "env-over-config", "torchair-graph-mode",
-        "torchair-graph-mode-off", "decode-target-over-graph-mode", "decode-target", "env-target-every-phase"])
-def test_target_choice_from_env_additional_config_and_torchair_graph_mode(monkeypatch, env, extra, device, expected):
-    from mla_graph.vllm_plugin.targets import TARGET_ENV, choose_targets
+@pytest.mark.parametrize("env, decode_env, extra, device, expected", [
+    (None, None, None, "cpu", ("reference", "reference")),
+    (None, None, None, "npu", ("npu", "npu")),                     # vllm-ascend: eager kernels
+    (None, None, {"mla_graph": {"target": "npu"}}, "cpu", ("npu", "npu")),
+    ("reference", None, {"mla_graph": {"target": "npu"}}, "npu", ("reference", "reference")),   # the env var wins
+    (None, "torchair", None, "npu", ("npu", "torchair")),          # beside vllm-ascend 0.30: env vars only
+    (None, "torchair", {"mla_graph": {"decode_target": "reference"}}, "npu", ("npu", "torchair")),
+    ("npu", None, {"mla_graph": {"decode_target": "reference"}}, "cpu", ("npu", "reference")),
+    ("torchair", None, None, "cpu", ("torchair", "torchair")),
+], ids=["cpu-default", "npu-default", "config-target", "env-over-config", "decode-env",
+        "decode-env-over-config", "decode-target", "env-target-every-phase"])
+def test_target_choice_from_env_and_additional_config(monkeypatch, env, decode_env, extra, device, expected):
+    from mla_graph.vllm_plugin.targets import DECODE_TARGET_ENV, TARGET_ENV, choose_targets
 
-    if env is None:
-        monkeypatch.delenv(TARGET_ENV, raising=False)
-    else:
-        monkeypatch.setenv(TARGET_ENV, env)
+    for name, value in ((TARGET_ENV, env), (DECODE_TARGET_ENV, decode_env)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     base, decode = expected
     assert choose_targets(extra, device) == {"prefill": base, "mixed": base, "decode": decode}
 
 
-def test_target_choice_rejects_unknown_targets(monkeypatch):
-    from mla_graph.vllm_plugin.targets import TARGET_ENV, choose_targets
+def test_target_choice_rejects_unknown_targets_and_the_removed_torchair_graph_mode(monkeypatch):
+    from mla_graph.vllm_plugin.targets import DECODE_TARGET_ENV, TARGET_ENV, choose_targets
 
+    monkeypatch.delenv(DECODE_TARGET_ENV, raising=False)
     monkeypatch.setenv(TARGET_ENV, "gpu")
-    with pytest.raises(ValueError, match="mla-graph target 'gpu' \\(from MLA_GRAPH_VLLM_TARGET, additional_config or "
-                                         "torchair_graph_config\\) is not a target; known: reference, npu, torchair"):
+    with pytest.raises(ValueError, match="mla-graph target 'gpu' \\(from MLA_GRAPH_VLLM_TARGET or "
+                                         "additional_config\\['mla_graph'\\]\\) is not a target; known: reference, npu, "
+                                         "torchair"):
         choose_targets(None, "cpu")
     monkeypatch.delenv(TARGET_ENV)
     with pytest.raises(ValueError, match="mla-graph decode target 'fast' .* is not a target"):
         choose_targets({"mla_graph": {"decode_target": "fast"}}, "npu")
-    with pytest.raises(ValueError, match="additional_config\\['mla_graph'\\] must be a dict, got 'npu'"):
-        choose_targets({"mla_graph": "npu"}, "npu")
+    # vllm-ascend's torchair graph mode is gone (v0.12.0rc1): the key says what to set instead
+    with pytest.raises(ValueError, match="torchair_graph_config.*removed in vllm-ascend v0.12.0rc1.*"
+                                         "MLA_GRAPH_VLLM_DECODE_TARGET=torchair"):
+        choose_targets({"torchair_graph_config": {"enabled": True}}, "npu")
 
 
 def test_tensor_parallel_all_reduce_only_with_more_than_one_rank(vllm_setup, monkeypatch):
