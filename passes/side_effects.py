@@ -51,8 +51,7 @@ _VIEW_FUNCTIONS = frozenset({
 def written(node: Node) -> list[Node]:
     """The graph values `node` writes in place (empty: it writes nothing)."""
     if node.op == "call_method":
-        name = node.target
-        return [node.args[0]] if _in_place_name(name) and isinstance(node.args[0], Node) else []
+        return [node.args[0]] if _in_place_name(node.target) and isinstance(node.args[0], Node) else []
     if node.op != "call_function":
         return []
     target = node.target
@@ -152,6 +151,8 @@ def eliminate_dead_code(graph: Graph) -> bool:
     masked_fill_ of a mask whose consumer is gone) is dead with its temporary; FX's own
     elimination keeps the schema'd ones and erases in-place methods even when their value is read."""
     nodes = list(graph.nodes)
+    writes = {n: written(n) for n in nodes}     # once: the loop below may visit a node several times
+    impure = {n for n in nodes if not writes[n] and has_side_effect(n)}   # placeholders and output too
     base = {n: base_of(n) for n in nodes}
     views: dict[Node, list[Node]] = {}
     for n in nodes:
@@ -168,9 +169,7 @@ def eliminate_dead_code(graph: Graph) -> bool:
         for node in reversed(nodes):
             if node in live:
                 continue
-            needed = (any(u in live for u in node.users) or node.op in ("placeholder", "output")
-                      or any(visible(v) for v in written(node))
-                      or (not written(node) and has_side_effect(node)))
+            needed = node in impure or any(u in live for u in node.users) or any(map(visible, writes[node]))
             if needed:
                 live.add(node)
                 changed = True

@@ -77,6 +77,8 @@ class Plan:
     token_outputs: list[int]        # outputs with one row per token: cut back to the batch
     padded: bool                    # False: the step runs at its own size (one graph per size seen)
     width_padded: bool              # the block-table width is symbolic: padded to the graph's width
+    tokens: Any                     # the token count and block-table width as Dynamo knows them (_expr)
+    width: Any
     unpadded_because: str = ""      # why a symbolic token count is not padded to a bucket
 
 
@@ -105,6 +107,7 @@ class WholeStep:
         self.graphs: list[GraphModule] = []     # what the stand-in compiled (Ascend: torchair does not expose them)
         self._compiled = None
         self.sizes: set[int] = set()          # the sizes an unpadded plan has compiled
+        self._said_full = False               # logged once that no further size gets a graph
         if self.plan is None:
             log.info("decode steps: layer by layer (%s)", self.reason)
         elif self.plan.unpadded_because:
@@ -166,7 +169,7 @@ class WholeStep:
         if len(self.sizes) < len(self.options.graph_batch_sizes):
             self.sizes.add(tokens)
             return True
-        if not getattr(self, "_said_full", False):
+        if not self._said_full:
             self._said_full = True
             log.info("decode steps: %d batch sizes compiled already (%s); a batch of %d runs layer by layer",
                      len(self.sizes), sorted(self.sizes), tokens)
@@ -314,7 +317,8 @@ def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, s
     outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     token_outputs = [i for i, o in enumerate(outs) if isinstance(o, Node) and isinstance(_example(o), torch.Tensor)
                      and _example(o).dim() and _expr(_example(o).shape[0]) == tokens]
-    return Plan(step, constants, caches, token_rows, sym_values, token_outputs, padded, width_padded, unpadded), ""
+    return Plan(step, constants, caches, token_rows, sym_values, token_outputs, padded, width_padded, tokens, width,
+                unpadded), ""
 
 
 def prune_inputs(gm: GraphModule, count: int) -> list[int]:
@@ -336,16 +340,13 @@ def _varying_input(gm: GraphModule, plan: Plan, live: list[int]) -> str:
     (or a live size input) is symbolic in something other than the token count and the block-table
     width (an attention mask that grows by a column every step)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    tokens = _expr(_example(placeholders[plan.step["slot_mapping"]]).shape[0])
-    width = _expr(_example(placeholders[plan.step["block_table"]]).shape[1])
-    known = {tokens, width}
     for i in live:
         if i in plan.step.values() or i in plan.sym_values or any(i in pair for pair in plan.caches):
             continue
         value = _example(placeholders[i])
         sizes = [value] if isinstance(value, torch.SymInt) else list(getattr(value, "shape", ()))
         for size in map(_expr, sizes):
-            if not isinstance(size, int) and size not in known:
+            if not isinstance(size, int) and size not in (plan.tokens, plan.width):
                 return (f"input {placeholders[i].name} has size {size}, which changes from step to step: a static "
                         f"graph would recompile at every step")
     return ""
