@@ -46,3 +46,23 @@ def test_the_running_torch_is_a_supported_stack():
     stack = current()
     assert torch_requirement().specifier.contains(torch.__version__)
     assert torch.__version__.startswith(stack.torch + ".")
+
+
+def test_a_torch_npu_wheel_of_another_torch_line_is_refused(tmp_path):
+    """Loaded beside another torch, a wheel's torchair would drop converters silently (its converter
+    package skips a file at its first missing aten overload): the toolchain refuses it, naming the
+    wheel's torch and the release to use."""
+    import zipfile
+
+    from mla_graph.ascend_toolchain.toolchain import _locate
+    from mla_graph.ascend_toolchain.wheel import ToolchainUnavailable, required_torch, wheel_release
+
+    other = next(s for s in STACKS if s is not current())
+    wheel = tmp_path / f"torch_npu-{other.torch_npu}-cp311-cp311-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"torch_npu-{other.torch_npu}.dist-info/METADATA",
+                         f"Name: torch_npu\nVersion: {other.torch_npu}\nRequires-Dist: torch =={other.torch}.0+cpu\n")
+    assert wheel_release(wheel) == other.torch_npu and required_torch(wheel) == f"{other.torch}.0+cpu"
+    with pytest.raises(ToolchainUnavailable, match=f"torch-npu {other.torch_npu}, built for torch {other.torch}.0\\+cpu, "
+                                                   f"but this is torch .*Use the torch-npu {current().torch_npu} wheel"):
+        _locate(wheel)
