@@ -62,6 +62,7 @@ demo: $(STAMP)
 # Python code as vllm-ascend 0.30.0rc2 has it (a source install with VLLM_TARGET_DEVICE=empty): the
 # wheel without its dependencies, its common requirements (torch and the CUDA-only ones left out,
 # torch pinned), and none of the wheel's compiled extensions or the kernels its build copies in.
+# scipy: vllm-ascend 0.30.0rc2's Python code imports it (tests/test_vllm_ascend.py runs that code).
 # About 4 min in all; checked again that torch is 2.10.0.
 VENV_210 := .venv-torch2.10
 $(VENV_210)/.installed: pyproject.toml tools/vllm_common_requirements.py
@@ -72,7 +73,7 @@ $(VENV_210)/.installed: pyproject.toml tools/vllm_common_requirements.py
 	$(VENV_210)/bin/python -m pip install --quiet --no-deps vllm==0.30.0
 	$(VENV_210)/bin/python tools/vllm_common_requirements.py > $(VENV_210)/vllm-requirements.txt
 	echo "torch==2.10.0" > $(VENV_210)/torch-pin.txt
-	$(VENV_210)/bin/python -m pip install --quiet -r $(VENV_210)/vllm-requirements.txt -c $(VENV_210)/torch-pin.txt
+	$(VENV_210)/bin/python -m pip install --quiet -r $(VENV_210)/vllm-requirements.txt scipy -c $(VENV_210)/torch-pin.txt
 	SP=$$($(VENV_210)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  find $$SP/vllm -name '*.so' -delete && rm -f $$SP/vllm/vllm-rs && \
 	  rm -rf $$SP/vllm/third_party/deep_gemm $$SP/vllm/third_party/fmha_sm100 $$SP/vllm/third_party/tml_fa4 $$SP/vllm/third_party/triton_kernels

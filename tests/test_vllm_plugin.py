@@ -164,6 +164,12 @@ def test_plugin_replaces_vllm_mla_and_shares_its_weights(vllm_setup):
     assert graph_weights["kv_a_proj_with_mqa.weight"].data_ptr() == fused[32:].data_ptr()
     for name in ("q_b_proj", "kv_b_proj", "o_proj", "kv_a_layernorm", "q_a_layernorm"):
         assert graph_weights[f"{name}.weight"].data_ptr() == getattr(ours, name).weight.data_ptr(), name
+    # vLLM's CPU linear method, and vllm-ascend's NZ cast, leave the tensors the graphs read alone
+    from mla_graph.vllm_plugin.ascend import KEEP_ND
+    from mla_graph.vllm_plugin.versions import vllm_support
+    for name in ("fused_qkv_a_proj", "q_b_proj", "kv_b_proj", "o_proj"):
+        linear = getattr(ours, name)
+        assert getattr(linear, vllm_support().skip_relayout_attr) is True and getattr(linear, KEEP_ND) is True, name
     # no vLLM attention impl and no W_UK/W_UV copies on the plugin's side
     assert not hasattr(ours.mla_attn, "W_UV") and hasattr(theirs.mla_attn, "W_UV")
     # vLLM's own layer runs the pinned CPU_MLA although its backend was chosen as on a CPU with AMX

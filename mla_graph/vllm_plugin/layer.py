@@ -34,6 +34,7 @@ from ..attention import MLAAttention
 from ..lowering import LoweredMLA, lower
 from ..metadata import MLAMetadata
 from ..rope import cos_sin_table
+from .ascend import KEEP_ND, refuse_conflicting_options
 from .backend import MLAGraphBackend
 from .op import split_at_op
 from .targets import choose_targets
@@ -100,6 +101,7 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
                                       f"are not supported by mla-graph")
         if mla_modules.g_proj is not None:
             raise NotImplementedError(f"{prefix}: gated MLA output (g_proj) is not supported by mla-graph")
+        refuse_conflicting_options()   # vllm-ascend's, where it runs
         vllm_config = get_current_vllm_config()
         self.config = config_from_hf(vllm_config.model_config.hf_config)
         c = self.config
@@ -123,8 +125,11 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
             setattr(self, name, module)
             if hasattr(module, "quant_method"):
                 # vLLM's CPU linear method would otherwise repack the weight and drop the tensor the
-                # lowered graph reads (vLLM sets the same flag on kv_b_proj for its own MLA).
+                # lowered graph reads (vLLM sets the same flag on kv_b_proj for its own MLA), and
+                # vllm-ascend's would cast it to the NZ layout (weight_nz_mode=2) where the lowered
+                # graph reads ND rows and views.
                 setattr(module, skip_relayout, True)
+                setattr(module, KEEP_ND, True)
         self.reduce_results = getattr(self.o_proj, "reduce_results", True)
         self.targets = choose_targets(vllm_config.additional_config, current_platform.device_type)
         self.block_size = vllm_config.cache_config.block_size
