@@ -29,7 +29,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from passes import PassVerificationError
+    from mla_graph.passes import PassVerificationError
 
     parser, modules = build_parser()
     args = parser.parse_args(argv)

@@ -44,6 +44,14 @@ def ensure_layer_op() -> None:
 _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 
 
+def is_layer_op(node: torch.fx.Node) -> bool:
+    """An mla::layer call in a graph (Dynamo's, with the op as a packet or an overload)."""
+    if node.op != "call_function":
+        return False
+    ensure_layer_op()
+    return node.target in (torch.ops.mla.layer, torch.ops.mla.layer.default)
+
+
 def register_layer(layer: torch.nn.Module) -> None:
     """Make `layer` reachable from its key (weakly: the registry never keeps a layer alive)."""
     _LAYERS[id(layer)] = layer

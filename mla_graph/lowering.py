@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from passes import PassManager, PassRecord, PipelineReport
-from passes.base import GraphPass
+from mla_graph.passes import PassManager, PassRecord, PipelineReport
+from mla_graph.passes.base import GraphPass
 from mla_graph.contract import graph_meta
 from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
@@ -34,7 +34,7 @@ class LoweredMLA(nn.Module):
 
     def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
                  reports: dict[str, PipelineReport], block_size: int,
-                 target_options: dict | None = None, checked: bool | None = None) -> None:
+                 options: object | None = None, checked: bool | None = None) -> None:
         super().__init__()
         self.config = layer.config
         self.num_heads = layer.num_heads
@@ -44,12 +44,12 @@ class LoweredMLA(nn.Module):
         self.reports = reports
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
-        self.target_options = dict(target_options or {})
+        self.options = target.parse(options)   # the target's typed options (Target.parse), None without
         self.checked = checked   # value checks before each call; None: $MLA_GRAPH_CHECKED decides
         # fingerprints only where checked mode will compare them (they cost a float64 pass over the weight)
         self._derived = _derived_constants(layer, graphs, fingerprint=checked_mode(checked))
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
-        self.runners = {phase: target.runtimes[phase](gm, self.target_options, layer.config, block_size)
+        self.runners = {phase: target.runtimes[phase](gm, self.options, layer.config, block_size)
                         for phase, gm in graphs.items() if phase in target.runtimes}
 
     @property
@@ -172,13 +172,16 @@ def _with_passes(spec: Target, passes: Mapping[str, Sequence[GraphPass]] | Seque
 def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] = PHASES, *,
           block_size: int = 128, dump_dir: str | os.PathLike | None = None, verify: bool = True,
           on_pass: Callable[[str, PassRecord], None] | None = None,
-          target_options: dict | None = None, dump_formats: Iterable[str] | None = None,
+          target_options: dict | object | None = None, dump_formats: Iterable[str] | None = None,
           checked: bool | None = None,
           passes: Mapping[str, Sequence[GraphPass]] | Sequence[GraphPass] | None = None) -> LoweredMLA:
     """Lower `layer` for `target`. Never mutates `layer` or its weights; derived weights are new
     tensors held by the lowered graphs. With `dump_dir`, writes `<dump_dir>/<phase>/NN-<pass>.*`.
     `dump_dir` defaults to $MLA_GRAPH_DUMP when that is set; `dump_formats` (txt, dot, svg, html) to
     $MLA_GRAPH_DUMP_FORMAT, else txt. With html, `<dump_dir>/report.html` is written too.
+
+    `target_options`: the target's options as a dict (torchair's graph_batch_sizes, ...), or the
+    typed object `TARGETS[target].parse(dict)` made of one (parsed once, used as it is).
 
     `checked=True` checks the values of each call's metadata and positions before anything is
     written (a device sync per call; see check_values); False never; None (default): when
@@ -201,14 +204,8 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
         dump_dir = os.environ["MLA_GRAPH_DUMP"]
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int (tokens per cache block), got {block_size!r}")
-    if target_options is not None and not isinstance(target_options, dict):
-        raise ValueError(f"target_options must be a dict of option name -> value, got {target_options!r}")
     spec = _with_passes(TARGETS[target], passes)
-    unknown = sorted(set(target_options or {}) - set(spec.options))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for target {target!r}; valid: {', '.join(spec.options) or 'none'}")
-    if spec.parse_options is not None:
-        spec.parse_options(target_options)   # bad values fail here, before any work
+    options = spec.parse(target_options)   # bad values fail here, before any work
     spec.prepare()
     graphs, reports = {}, {}
     for phase in phases:
@@ -226,4 +223,4 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report
         write_report(dump_dir)
-    return LoweredMLA(layer, spec, graphs, reports, block_size, target_options, checked)
+    return LoweredMLA(layer, spec, graphs, reports, block_size, options, checked)

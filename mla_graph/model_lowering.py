@@ -25,11 +25,12 @@ import torch
 from torch.fx import GraphModule
 
 from mla_graph.contract import graph_meta
-from passes.verifier import PassVerificationError, verify_attrs
+from mla_graph.passes.verifier import PassVerificationError, verify_attrs
 
 from .attention import MLAAttention
 from .capture import PHASES
 from .lowering import LoweredMLA, lower
+from .targets import TARGETS
 
 
 @dataclass
@@ -62,6 +63,8 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
         if not isinstance(layer, MLAAttention):
             raise TypeError(f"layers[{i}] is a {type(layer).__name__}; lower_layers expects MLAAttention layers")
     phases = list(dict.fromkeys(phases))
+    if target in TARGETS:   # parsed once for every layer (lower() says what is wrong with an unknown target)
+        target_options = TARGETS[target].parse(target_options)
     groups: dict[tuple, LayerLowering] = {}
     for i, layer in enumerate(layers):
         key = shape_key(layer, target, phases, block_size)
@@ -171,7 +174,7 @@ def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True,
             node, message = problems[0]
             raise PassVerificationError("rebind", node, f"{phase} graph re-bound to another layer: {message}")
     return LoweredMLA(layer, template.target, graphs, template.reports, template.block_size,
-                      template.target_options, template.checked)
+                      template.options, template.checked)
 
 
 def _why_not_rebindable(lowered: LoweredMLA, layer_tensors: set[str]) -> str:

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from passes import eliminate_dead_code, no_namespace, remove_noop_views
-from passes.absorb import absorb_kv_weights
-from passes.attention_fallback import lower_paged_attention_to_aten
-from passes.base import GraphPass, graph_pass
-from passes.cost_model import choose_attention_form
-from passes.cpu_lower import lower_paged_attention_to_cpu
-from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
+from mla_graph.passes import eliminate_dead_code, no_namespace, remove_noop_views
+from mla_graph.passes.absorb import absorb_kv_weights
+from mla_graph.passes.attention_fallback import lower_paged_attention_to_aten
+from mla_graph.passes.base import GraphPass, graph_pass
+from mla_graph.passes.cost_model import choose_attention_form
+from mla_graph.passes.cpu_lower import lower_paged_attention_to_cpu
+from mla_graph.passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
                               lower_paged_attention, lower_rms_norm, lower_rope)
-from passes.page import page_latent_attention
-from passes.multistream import insert_multistream_scopes
-from passes.split_mixed import split_mixed_batch
-from passes.torchair_lower import (WRITEBACK_ORDER, decompose_linear, fuse_kv_rmsnorm_rope_cache_functional,
+from mla_graph.passes.page import page_latent_attention
+from mla_graph.passes.multistream import insert_multistream_scopes
+from mla_graph.passes.split_mixed import split_mixed_batch
+from mla_graph.passes.torchair_lower import (WRITEBACK_ORDER, decompose_linear, fuse_kv_rmsnorm_rope_cache_functional,
                                    fuse_mla_prolog, lengths_as_tensors)
 
 from .npu import ensure_npu_ops
+from .torchair_runtime import BucketedDecode, TorchairOptions
 
 
 # Stages: named, ordered groups of passes. A target's pipeline for a phase is a sequence of stages
@@ -34,7 +35,7 @@ from .npu import ensure_npu_ops
 def check_fully_lowered(gm):
     """No mla:: primitive is left for the NPU to run, and functional cache writes are still read and
     copied back in order (checked by the manager after every pass, a user's included; changes nothing)."""
-    from passes import PassResult
+    from mla_graph.passes import PassResult
     return PassResult(changed=False)
 
 
@@ -110,14 +111,31 @@ class Target:
     description: str
     stages: Callable[[str], Sequence[str]]          # phase -> names of STAGES, in order
     prepare: Callable[[], object] = field(default=lambda: None)
-    # phase -> factory(gm, options dict, config, block_size) of a callable that runs that phase
+    # phase -> factory(gm, parsed options, config, block_size) of a callable that runs that phase
     # (e.g. graph mode for decode); phases without one run the lowered graph eagerly
     runtimes: dict[str, Callable] = field(default_factory=dict)
     options: tuple[str, ...] = ()   # keys `lower(..., target_options=)` accepts
-    # options dict -> parsed options; raises ValueError naming the option, value and what is allowed
+    # options dict -> the typed options object (options_type); raises ValueError naming the option,
+    # value and what is allowed. Called by Target.parse only.
     parse_options: Callable[[dict], object] | None = None
+    options_type: type | None = None
     # user passes: stage name -> passes run right after that stage (Target.extended)
     extra: tuple[tuple[str, tuple[GraphPass, ...]], ...] = ()
+
+    def parse(self, given: Mapping[str, Any] | object | None, where: str = "target_options") -> object | None:
+        """The target's options as its typed object (None for a target without options): the one place
+        they are parsed. lower() and the compile backend call it; what it returns travels to the
+        runtimes, and an object it returned passes through unchanged (the backend parses once, then
+        lowers each layer with the result)."""
+        if self.options_type is not None and isinstance(given, self.options_type):
+            return given
+        if given is not None and not isinstance(given, Mapping):
+            raise ValueError(f"{where} must be a dict of option name -> value, got {given!r}")
+        unknown = sorted(set(given or {}) - set(self.options))
+        if unknown:
+            raise ValueError(f"unknown target option(s) {unknown} for target {self.name!r}; valid: "
+                             f"{', '.join(self.options) or 'none'}")
+        return self.parse_options(dict(given or {})) if self.parse_options is not None else None
 
     def pipeline(self, phase: str) -> list[GraphPass]:
         """The passes for `phase`: each stage's passes, then any passes added after it."""
@@ -154,23 +172,12 @@ def pipeline(target: str, phase: str) -> list[GraphPass]:
     return TARGETS[target].pipeline(phase)
 
 
-def _bucketed_decode(gm, options, config, block_size):
-    from .torchair_runtime import BucketedDecode, TorchairOptions
-    return BucketedDecode(gm, TorchairOptions.from_dict(options), config, block_size)
-
-
-def _parse_torchair_options(options):
-    from .torchair_runtime import TorchairOptions
-    return TorchairOptions.from_dict(options)
-
-
-def _torchair_option_names() -> tuple[str, ...]:
-    from .torchair_runtime import TorchairOptions
-    return tuple(f.name for f in dataclasses.fields(TorchairOptions))
+_TORCHAIR_OPTIONS = dict(runtimes={"decode": BucketedDecode}, options=tuple(f.name for f in dataclasses.fields(TorchairOptions)),
+                         parse_options=TorchairOptions.from_dict, options_type=TorchairOptions)
 
 
 def _prepare_torchair():
-    from .torchair_compat.air_ops import ensure_air_ops
+    from .npu.air_ops import ensure_air_ops
     ensure_npu_ops()
     ensure_air_ops()
 
@@ -182,14 +189,10 @@ TARGETS: dict[str, Target] = {
                   _stages_fixed(*_NPU), prepare=ensure_npu_ops),
     "torchair": Target("torchair", "decode as one static-shape graph of GE-convertible kernels per batch "
                        "bucket (torchair on Ascend; torch.compile stand-in elsewhere); other phases as npu",
-                       _torchair_stages, prepare=_prepare_torchair,
-                       runtimes={"decode": _bucketed_decode}, options=_torchair_option_names(),
-                       parse_options=_parse_torchair_options),
+                       _torchair_stages, prepare=_prepare_torchair, **_TORCHAIR_OPTIONS),
     "torchair-multistream": Target("torchair-multistream", "torchair, with independent decode branches in a "
                                    "secondary-stream scope (npu_stream_switch / npu_wait_tensor)",
-                                   _torchair_multistream_stages, prepare=_prepare_torchair,
-                                   runtimes={"decode": _bucketed_decode}, options=_torchair_option_names(),
-                                   parse_options=_parse_torchair_options),
+                                   _torchair_multistream_stages, prepare=_prepare_torchair, **_TORCHAIR_OPTIONS),
     "cpu": Target("cpu", "absorbed / paged forms chosen per phase by the cost model; latent attention as "
                   "per-request GEMMs (mla_cpu::paged_attention), other mla:: primitives as PyTorch CPU code",
                   _stages_fixed("tidy", "choose-form", "absorb-page", "cpu-kernels", "finish")),

@@ -1,8 +1,8 @@
-"""check_pass: the harness for writing a pass test (ours and yours; also importable as passes.testing).
+"""check_pass: the harness for writing a pass test (ours and yours).
 
 A small graph, traced from plain PyTorch with fake tensors:
 
-    from passes import remove_noop_views
+    from mla_graph.passes import remove_noop_views
 
     def build(x, w):
         return torch.ops.aten.view.default(x @ w, [4, 8])    # already [4, 8]: a no-op view
@@ -28,9 +28,9 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
-from passes.base import GraphPass, PassResult
+from mla_graph.passes.base import GraphPass, PassResult
 from mla_graph.contract import GraphMeta
-from passes.manager import PassManager, PassRecord
+from mla_graph.passes.manager import PassManager, PassRecord
 
 # (rtol, atol) per dtype: what the same math in two op orders can differ by.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

@@ -31,8 +31,14 @@ class TorchairOptions:
     frozen_parameter: bool = True
     tiling_schedule_optimize: bool = True
 
+    def bucket(self, count: int) -> int | None:
+        """The smallest graph batch size that holds `count` requests, or None past the largest: the one
+        place a bucket is chosen (the per-layer runner and the whole-step runner both ask here)."""
+        return next((size for size in self.graph_batch_sizes if size >= count), None)
+
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "TorchairOptions":
+        """Parse and check the options (called by Target.parse, once per lowering)."""
         options = dict(options or {})
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
@@ -117,11 +123,11 @@ class BucketedDecode:
         return self.gm(*tensors)
 
     def bucket_for(self, num_reqs: int) -> int:
-        for size in self.options.graph_batch_sizes:
-            if size >= num_reqs:
-                return size
-        raise ValueError(f"decode batch of {num_reqs} requests exceeds the largest graph batch size "
-                         f"{self.options.graph_batch_sizes[-1]}; add a larger size to graph_batch_sizes")
+        size = self.options.bucket(num_reqs)
+        if size is None:
+            raise ValueError(f"decode batch of {num_reqs} requests exceeds the largest graph batch size "
+                             f"{self.options.graph_batch_sizes[-1]}; add a larger size to graph_batch_sizes")
+        return size
 
     def warmup(self, kv_cache, cos_sin: torch.Tensor, sizes: tuple[int, ...] | None = None) -> list[GraphModule]:
         """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
@@ -147,9 +153,7 @@ class BucketedDecode:
         md = call.metadata
         B = md.num_reqs
         size = self.bucket_for(B)
-        if md.block_table.shape[1] > self.width:
-            raise ValueError(f"block_table has {md.block_table.shape[1]} columns but the graph was built for "
-                             f"max_blocks_per_req={self.width}; raise the max_blocks_per_req option")
+        check_width(md.block_table, self.width)
         padded = Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
                       _pad_metadata(md, size, self.width, self.block_size), call.cos_sin)
         self.buckets_run.append(size)
@@ -173,6 +177,13 @@ def recompile_limits(buckets: tuple[int, ...]) -> dict[str, int]:
     limit = len(buckets) + 1
     return {"recompile_limit": max(torch._dynamo.config.recompile_limit, limit),
             "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit, 8 * limit)}
+
+
+def check_width(block_table: torch.Tensor, width: int) -> None:
+    """A step's block table must fit the width a decode graph was compiled with."""
+    if block_table.shape[1] > width:
+        raise ValueError(f"block_table has {block_table.shape[1]} columns but the decode graph was built for "
+                         f"max_blocks_per_req={width}; raise the torchair max_blocks_per_req option")
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:

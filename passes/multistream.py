@@ -40,7 +40,7 @@ def insert_multistream_scopes(gm: GraphModule) -> PassResult:
     result = PassResult(changed=False)
     if not hasattr(torch.ops, "air") or not hasattr(torch.ops.air, "scope_enter"):
         raise RuntimeError("torch.ops.air scope ops are not registered; call "
-                           "mla_graph.torchair_compat.air_ops.ensure_air_ops() first")
+                           "mla_graph.npu.air_ops.ensure_air_ops() first")
     g = gm.graph
     dag = nx.DiGraph()
     for node in g.nodes:

@@ -21,10 +21,10 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla)
 from mla_graph import contract
 from mla_graph.contract import register_fake_mode
-from passes.graph_utils import call
-from passes.npu_lower import (CONTEXT_ENDS_LIST, CONTEXT_SLOTS, QUERY_ENDS_LIST, ROPE_COS, ROPE_SIN,
+from mla_graph.passes.graph_utils import call
+from mla_graph.passes.npu_lower import (CONTEXT_ENDS_LIST, CONTEXT_SLOTS, QUERY_ENDS_LIST, ROPE_COS, ROPE_SIN,
                               SEQ_LENS_LIST)
-from passes.torchair_lower import SEQ_LENS_INT64
+from mla_graph.passes.torchair_lower import SEQ_LENS_INT64
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -114,7 +114,7 @@ def inputs_for(values: Mapping[str, Any]):
 
 def ops(gm: GraphModule) -> list[str]:
     """The call_function targets in graph order, as 'aten.bmm.default', 'getitem', ..."""
-    from passes.base import op_name
+    from mla_graph.passes.base import op_name
     return [op_name(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mla_graph import MLAConfig, lower
-from passes.base import VIEW_OPS
+from mla_graph.passes.base import VIEW_OPS
 
 from mla_graph.bench import (DOCS_BEGIN, DOCS_END, Settings, count_kernels, kv_cache_bytes,
                              peak_bytes, summary)

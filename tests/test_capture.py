@@ -6,7 +6,7 @@ from conftest import V3_TINY, randomize
 from mla_graph import MLAAttention, capture
 from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
-from passes import verify_graph
+from mla_graph.passes import verify_graph
 
 
 @pytest.mark.parametrize("phase, batches", [
@@ -62,7 +62,7 @@ def test_fake_values_of_a_linear_over_symbolic_sizes_outside_make_fx():
     kv_b_proj over the gathered cache is a linear of a [B, MB*block_size, L] input with two
     symbolic sizes: torch 2.10's C++ matmul refuses it (numel() on symbolic sizes) unless the
     Python dispatcher runs it, as make_fx does (mla_graph.torch_compat.fake_mode_context)."""
-    from passes.graph_utils import fake_run
+    from mla_graph.passes.graph_utils import fake_run
 
     gm = capture(randomize(MLAAttention(V3_TINY)), "prefill", block_size=16)
     linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default

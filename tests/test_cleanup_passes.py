@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from passes import eliminate_dead_code, remove_noop_views
+from mla_graph.passes import eliminate_dead_code, remove_noop_views
 from mla_graph.testing import check_pass
 
 aten = torch.ops.aten
@@ -54,11 +54,11 @@ def test_eliminate_dead_code_keeps_writes():
 
 def test_harness_catches_a_wrong_rewrite():
     """check_pass's numerics comparison fails when a pass changes results."""
-    from passes import PassResult
+    from mla_graph.passes import PassResult
 
     def negate_output(gm):
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        from passes.graph_utils import call
+        from mla_graph.passes.graph_utils import call
         with gm.graph.inserting_before(out):
             neg = call(gm.graph, aten.neg.default, out.args[0][0])
         out.args = ([neg],)

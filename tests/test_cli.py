@@ -14,7 +14,7 @@ from conftest import V3_TINY
 from mla_graph.cli import build_parser, main
 from mla_graph.commands._common import DEFAULT_TARGET, PRESETS
 from mla_graph.targets import TARGETS
-from passes import PassResult, graph_pass, no_namespace
+from mla_graph.passes import PassResult, graph_pass, no_namespace
 
 TINY = ["--dtype", "fp32", "--block-size", "16"]
 

@@ -147,7 +147,7 @@ def test_dump_dir_gets_one_folder_per_layer(stack, tmp_path):
     ({"target": "torchair", "target_options": {"graph_batch_sizes": []}},
      "graph_batch_sizes must be a non-empty list of positive ints"),
     ({"target": "torchair", "target_options": [("graph_batch_sizes", [2])]},
-     "option target_options must be a dict, got [('graph_batch_sizes', [2])]"),
+     "option target_options must be a dict of option name -> value, got [('graph_batch_sizes', [2])]"),
 ])
 def test_bad_options_name_the_valid_ones(stack, options, message):
     for call in (lambda: BackendOptions.parse(options), lambda: mla_graph_backend(None, [], options=options)):

@@ -14,13 +14,13 @@ from mla_graph import MLAAttention, capture, lower
 from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
-from mla_graph.torchair_compat.air_ops import ensure_air_ops
+from mla_graph.npu.air_ops import ensure_air_ops
 from mla_graph import contract
 from mla_graph.contract import GraphMeta, graph_meta, input_of
 from mla_graph.dumptool.render import format_graph
-from passes.npu_lower import CONTEXT_SLOTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
+from mla_graph.passes.npu_lower import CONTEXT_SLOTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
 from mla_graph.testing import check_pass
-from passes.torchair_lower import SEQ_LENS_INT64, lengths_as_tensors
+from mla_graph.passes.torchair_lower import SEQ_LENS_INT64, lengths_as_tensors
 
 bf16, i32 = torch.bfloat16, torch.int32
 

@@ -9,11 +9,11 @@ from mla_graph import MLAAttention
 from mla_graph.capture import Call, capture, graph_inputs
 from mla_graph.checking import PHASE_BATCHES, random_batch
 from mla_graph.cpu_kernels import KEY_CHUNK
-from passes import PassManager, eliminate_dead_code, remove_noop_views
-from passes.absorb import absorb_kv_weights
-from passes.cost_model import choose_attention_form
-from passes.cpu_lower import lower_paged_attention_to_cpu
-from passes.page import page_latent_attention
+from mla_graph.passes import PassManager, eliminate_dead_code, remove_noop_views
+from mla_graph.passes.absorb import absorb_kv_weights
+from mla_graph.passes.cost_model import choose_attention_form
+from mla_graph.passes.cpu_lower import lower_paged_attention_to_cpu
+from mla_graph.passes.page import page_latent_attention
 
 L, R = 48, 16
 # Allowed max |kernel - textbook| relative to the textbook output's largest element, in eps of the

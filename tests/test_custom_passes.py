@@ -11,8 +11,8 @@ from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, lower
 from mla_graph.checking import compare_with_plain
 from mla_graph.targets import STAGES, TARGETS, pipeline
-from passes import PassResult, PassVerificationError, pass_name
-from passes.graph_utils import call
+from mla_graph.passes import PassResult, PassVerificationError, pass_name
+from mla_graph.passes.graph_utils import call
 
 aten = torch.ops.aten
 DOC = pathlib.Path(__file__).parent.parent / "docs" / "writing-a-pass.md"
@@ -178,7 +178,7 @@ def test_rules_through_the_one_driver():
     """passes.rewrite: the first rule that anchors and checks wins, each match is counted under its
     rule with the file:line it was defined at (into the pass record and the dumps), and a node no
     rule checks is left as it is."""
-    from passes.rewrite import Rule, rewrite
+    from mla_graph.passes.rewrite import Rule, rewrite
     from mla_graph.testing import check_pass
 
     line = __import__("inspect").currentframe().f_lineno

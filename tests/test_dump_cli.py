@@ -17,7 +17,7 @@ from mla_graph.cli import main
 from mla_graph.dumptool import write_report
 from mla_graph.dumptool.files import write_text_atomic
 from mla_graph.targets import TARGETS
-from passes import pass_name
+from mla_graph.passes import pass_name
 from mla_graph.dumptool.render import CREATED_FILL, ERASED_FILL
 from mla_graph.stacks import torch_npu_release
 

@@ -8,7 +8,7 @@ from conftest import V3_NPU, V3_TINY, randomize
 from mla_graph import MLAAttention, LoweringError, lower
 from mla_graph.checking import compare_with_plain, random_batch
 from mla_graph.targets import TARGETS
-from passes import PassResult
+from mla_graph.passes import PassResult
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode", "mixed"])
@@ -72,7 +72,7 @@ def test_dump_dir_from_environment(tmp_path, monkeypatch):
 
 
 def test_pass_writing_a_weight_in_place_is_named(monkeypatch):
-    from passes import PassVerificationError
+    from mla_graph.passes import PassVerificationError
 
     def scales_weight(gm):
         gm.o_proj.weight.mul_(2)

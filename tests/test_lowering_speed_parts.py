@@ -9,7 +9,7 @@ from conftest import V3_TINY
 from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, capture, lower
 from mla_graph.model_lowering import lower_layers, rebind
-from passes import PassManager, PassResult, PassVerificationError, verify_graph
+from mla_graph.passes import PassManager, PassResult, PassVerificationError, verify_graph
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -83,7 +83,7 @@ def test_memo_gives_the_full_verifiers_answer():
 
 def test_verified_lowering_reruns_fewer_fake_calls(monkeypatch):
     """The memo is what makes the verifier cheaper: fewer fake re-runs than nodes x passes, same graph."""
-    import passes.verifier as verifier
+    import mla_graph.passes.verifier as verifier
     runs = []
     real = verifier._check_call
     monkeypatch.setattr(verifier, "_check_call", lambda node: runs.append(node) or real(node))

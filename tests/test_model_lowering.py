@@ -188,7 +188,7 @@ def test_a_forked_child_cuts_derived_weights_with_its_own_workers():
 def test_rebound_layers_have_their_own_graph_meta():
     """A pass run on one re-bound layer's graph (adding an input) leaves the other layers' alone."""
     from mla_graph.contract import GraphInput
-    from passes.graph_utils import add_input
+    from mla_graph.passes.graph_utils import add_input
 
     lowered = lower_layers(make_layers(3), "npu", ["decode"], block_size=BLOCK)
     metas = [graph_meta(low.graphs["decode"]) for low in lowered]

@@ -25,15 +25,15 @@ from mla_graph.capture import Call, graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.targets import pipeline as target_pipeline
-from passes import PassManager, PassResult, remove_noop_views
-from passes.absorb import absorb_kv_weights
-from passes.attention_fallback import FALLBACK_RULE, lower_paged_attention_to_aten
-from passes.cost_model import Dims, REPRESENTATIVE, attention_costs, choose_attention_form
-from passes.graph_utils import call
-from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
+from mla_graph.passes import PassManager, PassResult, remove_noop_views
+from mla_graph.passes.absorb import absorb_kv_weights
+from mla_graph.passes.attention_fallback import FALLBACK_RULE, lower_paged_attention_to_aten
+from mla_graph.passes.cost_model import Dims, REPRESENTATIVE, attention_costs, choose_attention_form
+from mla_graph.passes.graph_utils import call
+from mla_graph.passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
                               lower_paged_attention, lower_rms_norm, lower_rope)
-from passes.page import page_latent_attention
-from passes.split_mixed import split_mixed_batch
+from mla_graph.passes.page import page_latent_attention
+from mla_graph.passes.split_mixed import split_mixed_batch
 from mla_graph.testing import PassCheck, check_pass, snapshot
 
 aten, mla = torch.ops.aten, torch.ops.mla

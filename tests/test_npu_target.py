@@ -15,8 +15,8 @@ from mla_graph.cache import PADDING_BLOCK
 from mla_graph.checking import LAYER_TOLERANCES, PHASE_BATCHES, compare_with_plain, random_batch
 from mla_graph.npu import EMULATED_SCHEMAS, npu_backend
 from mla_graph.targets import pipeline as target_pipeline
-from passes import PassManager, PassResult, PassVerificationError
-from passes.page import page_latent_attention
+from mla_graph.passes import PassManager, PassResult, PassVerificationError
+from mla_graph.passes.page import page_latent_attention
 
 f32, bf16 = torch.float32, torch.bfloat16
 FIA = "npu.npu_fused_infer_attention_score.default"

@@ -7,9 +7,9 @@ import torch
 from conftest import V3_TINY
 
 from mla_graph import MLAAttention, capture
-from passes import (PassManager, PassResult, PassVerificationError, eliminate_dead_code, graph_pass,
+from mla_graph.passes import (PassManager, PassResult, PassVerificationError, eliminate_dead_code, graph_pass,
                     has_ops, no_namespace, no_ops)
-from passes.graph_utils import call
+from mla_graph.passes.graph_utils import call
 
 aten, mla = torch.ops.aten, torch.ops.mla
 

@@ -23,20 +23,20 @@ from torch.testing import FileCheck
 from mla_graph.contract import graph_meta
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.targets import TARGETS, check_fully_lowered
-from mla_graph.torchair_compat.air_ops import ensure_air_ops
+from mla_graph.npu.air_ops import ensure_air_ops
 from pass_graphs import GraphBuilder, inputs_for, nodes, ops, paged_batch, placeholders, rope_rows, rope_table
-from passes import PassManager, PassVerificationError, eliminate_dead_code, remove_noop_views
-from passes.absorb import absorb_kv_weights
-from passes.attention_fallback import FALLBACK_RULE, lower_paged_attention_to_aten
-from passes.cost_model import choose_attention_form
-from passes.cpu_lower import RULE as CPU_RULE, lower_paged_attention_to_cpu
-from passes.multistream import insert_multistream_scopes
-from passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
+from mla_graph.passes import PassManager, PassVerificationError, eliminate_dead_code, remove_noop_views
+from mla_graph.passes.absorb import absorb_kv_weights
+from mla_graph.passes.attention_fallback import FALLBACK_RULE, lower_paged_attention_to_aten
+from mla_graph.passes.cost_model import choose_attention_form
+from mla_graph.passes.cpu_lower import RULE as CPU_RULE, lower_paged_attention_to_cpu
+from mla_graph.passes.multistream import insert_multistream_scopes
+from mla_graph.passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
                               lower_paged_attention, lower_rms_norm, lower_rope)
-from passes.page import page_latent_attention
-from passes.split_mixed import split_mixed_batch
+from mla_graph.passes.page import page_latent_attention
+from mla_graph.passes.split_mixed import split_mixed_batch
 from mla_graph.testing import check_pass
-from passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
+from mla_graph.passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
                                    lengths_as_tensors)
 
 aten, mla = torch.ops.aten, torch.ops.mla

@@ -101,7 +101,7 @@ root = extract(pathlib.Path({str(wheel)!r}))
 for name in CANN_EXTENSIONS:
     sys.modules["torchair.core." + name] = _CannStandIn("torchair.core." + name)
 sys.path.append(str(root / "torch_npu" / "dynamo"))
-from mla_graph.torchair_compat import air_ops
+from mla_graph.npu import air_ops
 air_ops.npu_backend = lambda: "torch_npu"
 print(air_ops.ensure_air_ops(), sorted(n for n in air_ops.AIR_SCHEMAS if not hasattr(torch.ops.air, n)))
 """

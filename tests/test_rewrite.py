@@ -6,8 +6,8 @@ import pytest
 import torch
 from pass_graphs import GraphBuilder, nodes, ops
 
-from passes.graph_utils import call
-from passes.rewrite import Pattern, Rule, Skip, rewrite
+from mla_graph.passes.graph_utils import call
+from mla_graph.passes.rewrite import Pattern, Rule, Skip, rewrite
 
 aten = torch.ops.aten
 

@@ -14,8 +14,8 @@ from conftest import V3_TINY
 from torch.fx import Graph, GraphModule
 
 from mla_graph import MLAAttention, capture, lower
-from passes import PassManager, PassResult, PassVerificationError
-from passes.side_effects import effects, eliminate_dead_code, written
+from mla_graph.passes import PassManager, PassResult, PassVerificationError
+from mla_graph.passes.side_effects import effects, eliminate_dead_code, written
 
 aten = torch.ops.aten
 

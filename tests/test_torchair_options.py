@@ -52,7 +52,7 @@ def test_max_blocks_per_req_is_the_block_table_width_compiled_in():
     # a block table wider than the compiled width is refused before anything runs
     wide = build_metadata(requests, [row + [0] for row in rows], BS)
     before = cache.clone()
-    with pytest.raises(ValueError, match="block_table has 4 columns but the graph was built for max_blocks_per_req=3"):
+    with pytest.raises(ValueError, match="block_table has 4 columns but the decode graph was built for max_blocks_per_req=3"):
         graph(x, positions_for(requests), cache, wide)
     assert torch.equal(cache.latent, before.latent)
 

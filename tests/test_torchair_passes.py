@@ -22,12 +22,12 @@ from mla_graph.npu import ensure_npu_ops
 from mla_graph.npu.formats import npu_format
 from mla_graph.npu.limits import ACL_FORMAT_FRACTAL_NZ
 from mla_graph.targets import pipeline as target_pipeline
-from mla_graph.torchair_compat.air_ops import ensure_air_ops
-from passes import PassManager
-from passes.multistream import insert_multistream_scopes
-from passes.npu_lower import lower_paged_attention
+from mla_graph.npu.air_ops import ensure_air_ops
+from mla_graph.passes import PassManager
+from mla_graph.passes.multistream import insert_multistream_scopes
+from mla_graph.passes.npu_lower import lower_paged_attention
 from mla_graph.testing import PassCheck, check_pass, snapshot
-from passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
+from mla_graph.passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
                                    lengths_as_tensors)
 
 aten, mla = torch.ops.aten, torch.ops.mla

@@ -124,7 +124,7 @@ def test_multistream_scopes_pair_and_hold_the_kv_branch():
 
 def test_bad_options_and_oversized_batches():
     layer = MLAAttention(V3_TINY, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['buckets'\\] for target 'torchair'; valid: graph_batch_sizes"):
+    with pytest.raises(ValueError, match="unknown target option\\(s\\) \\['buckets'\\] for target 'torchair'; valid: graph_batch_sizes"):
         lower(layer, "torchair", ["decode"], block_size=BS, target_options={"buckets": [1]})
     with pytest.raises(ValueError, match="graph_batch_sizes must be a non-empty list of positive ints"):
         lower(layer, "torchair", ["decode"], block_size=BS, target_options={"graph_batch_sizes": [0]})

@@ -223,7 +223,7 @@ def test_converted_hf_model_generates_through_torch_compile():
 @pytest.fixture
 def counted_derivations():
     """Names of the npu inputs (rope rows, host lengths) each time one is derived from a call."""
-    from passes.npu_lower import ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
+    from mla_graph.passes.npu_lower import ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
     calls, inputs = [], (ROPE_COS, ROPE_SIN, SEQ_LENS_LIST)
     originals = [inp.derive for inp in inputs]
     for inp, fn in zip(inputs, originals):   # GraphInputs are frozen: set around it, restored below

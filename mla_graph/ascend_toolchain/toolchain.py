@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..npu import ensure_npu_ops, npu_backend
-from ..torchair_compat import ensure_air_ops
+from ..npu.air_ops import ensure_air_ops
 from .ge_registry import GeInputSpec, parse_ge_ops
 from .torchair_import import define_npu_schemas, import_torchair
 from ..stacks import current, release_line, torch_npu_release

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from passes.base import VIEW_OPS
+from mla_graph.passes.base import VIEW_OPS
 
 from ..attention import MLAAttention
 from ..kernels import device_kernels

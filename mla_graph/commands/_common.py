@@ -76,7 +76,7 @@ def phase_label(target: str, phase: str) -> str:
 
 
 def _pass_names(target: str, phase: str) -> list[str]:
-    from passes import pass_name
+    from mla_graph.passes import pass_name
     return [pass_name(fn) for fn in TARGETS[target].pipeline(phase)]
 
 

@@ -89,7 +89,7 @@ def _graph_from_file(path: pathlib.Path) -> GraphModule:
     if not path.is_file():
         raise ValueError(f"{str(path)!r}: no such file; expected a .py file defining build_graph()")
     from ..npu import ensure_npu_ops
-    from ..torchair_compat import ensure_air_ops
+    from ..npu.air_ops import ensure_air_ops
     ensure_npu_ops()
     ensure_air_ops()
     spec = importlib.util.spec_from_file_location(f"_mla_graph_check_{path.stem}", path)

@@ -128,7 +128,7 @@ def _torchair_report(gm, phase: str, phase_dir: Path, args: argparse.Namespace, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from passes import PassManager, PassVerificationError, pass_name
+    from mla_graph.passes import PassManager, PassVerificationError, pass_name
     from mla_graph.dumptool.render import GraphvizNotFound, require_dot
 
     from ..attention import MLAAttention

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from passes import PassVerificationError
+    from mla_graph.passes import PassVerificationError
 
     from ..attention import MLAAttention
     from ..checking import compare_with_plain

@@ -33,7 +33,8 @@ import logging
 import os
 import re
 import weakref
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -43,7 +44,7 @@ from torch.fx.passes.split_module import split_module
 
 from ..lowering import LoweredMLA, lower
 from ..targets import TARGETS
-from ..layer_op import ensure_layer_op, registered_layer, unflatten
+from ..layer_op import ensure_layer_op, is_layer_op, registered_layer, unflatten
 
 BACKEND_NAME = "mla_graph"
 log = logging.getLogger("mla_graph.compile")
@@ -68,9 +69,7 @@ def _log_to_stderr_if_asked() -> None:
         handler.setFormatter(logging.Formatter("[mla_graph] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-# Dynamo records the op packet; graphs made by make_fx / AOT record the overload
 ensure_layer_op()
-LAYER_OPS = (torch.ops.mla.layer, torch.ops.mla.layer.default)
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,13 @@ class BackendOptions:
     dump_dir: str | None = None               # per-layer lowering dumps: <dump_dir>/<layer>/<phase>/
     inner_backend: str = "inductor"           # compiles everything that is not an MLA layer
     target_options: Mapping[str, Any] | None = None   # as lower(..., target_options=): torchair's graph_batch_sizes, ...
+    # target_options as the target's typed object, set by parse() (Target.parse): what travels on
+    parsed_target_options: Any = field(default=None, init=False, compare=False, repr=False)
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
         options = dict(options or {})
-        valid = list(cls.__dataclass_fields__)
+        valid = [f.name for f in dataclasses.fields(cls) if f.init]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown {BACKEND_NAME} option(s) {unknown}; valid options: {', '.join(valid)}")
@@ -96,15 +97,9 @@ class BackendOptions:
             raise ValueError(f"{BACKEND_NAME} option inner_backend must name another torch.compile backend, "
                              f"got {parsed.inner_backend!r}; valid: {', '.join(_inner_backends())}")
         parsed.inner_compiler()   # fails now, with the valid names, on a backend that does not exist
-        spec = TARGETS[parsed.target]
-        if parsed.target_options is not None and not isinstance(parsed.target_options, Mapping):
-            raise ValueError(f"{BACKEND_NAME} option target_options must be a dict, got {parsed.target_options!r}")
-        unknown = sorted(set(parsed.target_options or {}) - set(spec.options))
-        if unknown:
-            raise ValueError(f"unknown target option(s) {unknown} for target {parsed.target!r}; valid: "
-                             f"{', '.join(spec.options) or 'none'}")
-        if spec.parse_options is not None:
-            spec.parse_options(dict(parsed.target_options or {}))   # bad values fail here
+        # bad values fail here; the typed result is what every layer's lowering and the whole-step runner get
+        object.__setattr__(parsed, "parsed_target_options", TARGETS[parsed.target].parse(
+            parsed.target_options, f"{BACKEND_NAME} option target_options"))
         return parsed
 
     @property
@@ -134,7 +129,7 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
     opts = BackendOptions.parse(options)
     inner = opts.inner_compiler()
     _log_to_stderr_if_asked()
-    mla_nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
+    mla_nodes = [n for n in gm.graph.nodes if is_layer_op(n)]
     if not mla_nodes:
         foreign = _foreign_mla_modules(gm)
         if foreign:
@@ -150,7 +145,7 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
 
     split = _split_at_layers(gm, mla_nodes)
     mla_pieces = {name for name, piece in split.named_children()
-                  if any(map(_is_layer_op, piece.graph.nodes))}
+                  if any(map(is_layer_op, piece.graph.nodes))}
     _compile_pieces(split, gm, example_inputs, mla_pieces, inner)
     for name in mla_pieces:
         _run_lowered_in(getattr(split, name), opts)
@@ -162,7 +157,6 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
 def _whole_step(gm: GraphModule, example_inputs: Sequence[Any], mla_nodes: list[Node], split: Callable,
                 opts: BackendOptions) -> Callable:
     """Graph-mode targets: decode steps as one inlined graph per bucket (whole_step), the rest split."""
-    from ..torchair_runtime import TorchairOptions
     from .whole_step import WholeStep
 
     placeholders = {n: real for n, real in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
@@ -177,7 +171,7 @@ def _whole_step(gm: GraphModule, example_inputs: Sequence[Any], mla_nodes: list[
         return [lowered_for(registered_layer(key), opts.target, block_size, "decode", dump_dir, opts)
                 for key, dump_dir in layers]
     return WholeStep(gm, example_inputs, opts.target, lower_layers, block_size, split,
-                     TorchairOptions.from_dict(dict(opts.target_options or {})))
+                     opts.parsed_target_options)
 
 
 def _foreign_mla_modules(gm: GraphModule) -> dict[str, str]:
@@ -190,10 +184,6 @@ def _foreign_mla_modules(gm: GraphModule) -> dict[str, str]:
             if name in FOREIGN_MLA:
                 found.setdefault(path, name)
     return found
-
-
-def _is_layer_op(node: Node) -> bool:
-    return node.op == "call_function" and node.target in LAYER_OPS
 
 
 def _split_at_layers(gm: GraphModule, mla_nodes: list[Node]) -> GraphModule:
@@ -264,7 +254,7 @@ def _layer_dump_dir(node: Node, options: BackendOptions) -> str | None:
 
 def _run_lowered_in(piece: GraphModule, options: BackendOptions) -> None:
     """Rewire a piece's mla::layer node to call the layer's lowered module (same arguments)."""
-    (node,) = [n for n in piece.graph.nodes if _is_layer_op(n)]
+    (node,) = [n for n in piece.graph.nodes if is_layer_op(n)]
     piece.add_submodule("run_lowered", _RunLowered(options, _layer_dump_dir(node, options)))
     node.op, node.target = "call_module", "run_lowered"
     piece.recompile()
@@ -283,11 +273,11 @@ def lowered_for(layer: nn.Module, target: str, block_size: int, phase: str, dump
     pre = layer.__dict__.get("prelowered")   # lowered already (mla_graph.hf.convert): the same module
     if (key not in cache and pre is not None and pre.target.name == target and pre.block_size == block_size
             and phase in pre.graphs and dump_dir is None
-            and pre.target_options == dict((options.target_options if options else None) or {})):
+            and pre.options == (options.parsed_target_options if options else pre.target.parse(None))):
         cache[key] = pre
     if key not in cache:
         cache[key] = lower(layer, target, [phase], block_size=block_size, dump_dir=dump_dir,
-                           target_options=dict(options.target_options or {}) if options else None)
+                           target_options=options.parsed_target_options if options else None)
     return cache[key]
 
 

@@ -35,16 +35,17 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from mla_graph import contract
-from passes.side_effects import Effects, effects, eliminate_dead_code
-from passes.verifier import PassVerificationError
+from mla_graph.passes.side_effects import Effects, effects, eliminate_dead_code
+from mla_graph.passes.verifier import PassVerificationError
 
 from ..attention import check_values, checked_mode
 from ..cache import PADDING_BLOCK, PagedLatentCache
 from ..capture import Call
+from ..layer_op import is_layer_op
 from ..lowering import LoweredMLA
 from ..metadata import MLAMetadata
 from ..torchair_runtime import (StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend,
-                                own_code, recompile_limits)
+                                check_width, own_code, recompile_limits)
 
 log = logging.getLogger("mla_graph.compile")
 
@@ -150,7 +151,7 @@ class WholeStep:
         tokens = args[p.step["slot_mapping"]].shape[0]
         decode = counts["num_prefills"] == 0 and counts["num_decodes"] == tokens > 0 \
             and all(args[i].shape[1] == self.block_size for i, _ in p.caches)
-        if not decode or (p.padded and tokens > self.options.graph_batch_sizes[-1]) or not self._fits(tokens):
+        if not decode or (p.padded and self.options.bucket(tokens) is None) or not self._fits(tokens):
             self.split_steps += 1
             return self.split(*args)
         if self._compiled is None:
@@ -182,11 +183,9 @@ class WholeStep:
                                num_decodes=tokens, num_decode_tokens=tokens, num_prefills=0)
         positions = args[p.step["positions"]]
         self._check(args, positions, metadata)
-        size = next((s for s in self.options.graph_batch_sizes if s >= tokens), tokens) if p.padded else tokens
+        size = self.options.bucket(tokens) if p.padded else tokens
         width = self.width if p.width_padded else metadata.block_table.shape[1]
-        if metadata.block_table.shape[1] > width:
-            raise ValueError(f"block_table has {metadata.block_table.shape[1]} columns but the decode graph was "
-                             f"built for max_blocks_per_req={width}; raise the torchair max_blocks_per_req option")
+        check_width(metadata.block_table, width)
         padded = _pad_metadata(metadata, size, width, self.block_size)
         values = list(args)
         values[p.step["positions"]] = _pad_rows(positions, size, 0)
@@ -244,9 +243,7 @@ def _example(node: Node) -> Any:
 
 def plan(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Plan | None, str]:
     """How to pad this graph's inputs to a bucket, or (None, why not)."""
-    from .backend import _is_layer_op
-
-    nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
+    nodes = [n for n in gm.graph.nodes if is_layer_op(n)]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
     step, constants = {}, {}
@@ -359,15 +356,13 @@ def inline_layers(gm: GraphModule, layers: list[LoweredMLA]) -> tuple[GraphModul
     per-step inputs of the whole graph, appended after Dynamo's: one per (name, rope table, dtype),
     so layers that share a rope table share its rows. Returns the graph and, per appended input,
     (fn(positions, padded metadata, dtype) -> value, dtype)."""
-    from .backend import _is_layer_op
-
     graph = Graph()
     attrs: dict[str, Any] = {}
     env: dict[Node, Node] = {}
     step_inputs: list = []
     step_nodes: dict[tuple, Node] = {}
     tables: list[torch.Tensor] = []
-    nodes = [n for n in gm.graph.nodes if _is_layer_op(n)]
+    nodes = [n for n in gm.graph.nodes if is_layer_op(n)]
     mla_index = {n: i for i, n in enumerate(nodes)}
     output_node = None
     # every side effect of Dynamo's graph and of each layer's graph, as nodes of the new graph

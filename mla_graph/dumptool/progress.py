@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import TextIO
-
-from passes import PipelineReport
+from typing import TYPE_CHECKING, TextIO
 
 from .render import format_table
+
+if TYPE_CHECKING:   # annotations only: the passes import the dump tool
+    from mla_graph.passes import PipelineReport
 
 
 class Progress:

@@ -12,7 +12,7 @@ from typing import Collection, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from passes.base import is_device_kernel, op_name
+from mla_graph.op_kinds import is_device_kernel, op_name
 from mla_graph.contract import maybe_meta
 
 __all__ = ["ALL_FORMATS", "CREATED_FILL", "ERASED_FILL", "FORMATS_ENV", "INPUT_FILL", "PASS_FORMATS", "WEIGHT_FILL",
@@ -76,7 +76,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent
 
 def node_rows(gm: GraphModule) -> list[dict[str, object]]:
     """One dict per node: name, op, target, shape, dtype, made_by, inputs (node names), kernel
-    (whether it launches a device kernel: passes.base.is_device_kernel)."""
+    (whether it launches a device kernel: mla_graph.op_kinds.is_device_kernel)."""
     symbols = getattr(maybe_meta(gm), "symbols", {})
     rows = []
     for node in gm.graph.nodes:

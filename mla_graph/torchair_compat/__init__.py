@@ -10,7 +10,7 @@ by tools/sync_ge_converters.py). Where the torch-npu 2.13.0 wheel is available
 meta functions, and the documented kernel limits (advisory ones as notes). ensure_air_ops() makes
 torchair's air:: ops exist on hosts without torchair.
 """
-from .air_ops import AIR_SCHEMAS, ensure_air_ops
+from ..npu.air_ops import AIR_SCHEMAS, ensure_air_ops
 from .converters import ConverterTable, load_converters, parse_table
 from .report import HARDWARE_ONLY, RULES, Finding, GeOpRow, TorchairReport
 from .rules import check_torchair

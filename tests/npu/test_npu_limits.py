@@ -131,7 +131,7 @@ def test_fia_limits_hold_at_trace_time():
 
 
 def test_air_fia_rejects_like_the_npu_kernel():
-    from mla_graph.torchair_compat.air_ops import ensure_air_ops   # torchair's FIA, emulated through npu's
+    from mla_graph.npu.air_ops import ensure_air_ops   # torchair's FIA, emulated through npu's
     ensure_air_ops()
     q = rand(1, 2, 3, 8, dtype=torch.float32)
     assert_rejected(lambda: torch.ops.air.npu_fused_infer_attention_score(q, q, q, num_heads=2, input_layout="BNSD"),

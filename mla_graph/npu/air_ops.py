@@ -13,9 +13,9 @@ import importlib
 import torch
 from torch.fx.node import has_side_effect
 
-from passes.base import mark_no_kernel
+from mla_graph.op_kinds import mark_no_kernel
 
-from ..npu import npu_backend
+from .registry import npu_backend
 
 AIR_SCHEMAS: dict[str, str] = {   # as torchair 2.13.0 defines them
     "scope_enter": "scope_enter(str[] keys, str[] values, bool need_execute=False) -> None",
