@@ -222,15 +222,25 @@ def test_the_package_still_offers_what_it_loads_late():
 
 
 def test_install_puts_the_passes_inside_mla_graph(tmp_path):
-    """The wheel `pip install .` installs: the passes as mla_graph.passes, nothing named `passes`
-    (or anything else but mla_graph) at the top of site-packages, the data tables kept."""
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-                           capture_output=True, text=True, timeout=600)
+    """The wheel `pip install .` installs from a clean tree: the passes as mla_graph.passes, nothing
+    named `passes` (or anything else but mla_graph) at the top of site-packages, every data file
+    (converter tables, the HTML report's script and style)."""
+    import shutil
+
+    source = tmp_path / "source"   # a copy: building in place would leave build/ in the repo
+    for name in ("mla_graph", "passes"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"),
+                            str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
-    [wheel] = tmp_path.glob("mla_graph-*.whl")
+    [wheel] = (tmp_path / "wheel").glob("mla_graph-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"mla_graph"}
     passes = {n.removeprefix("mla_graph/passes/") for n in names if n.startswith("mla_graph/passes/")}
     assert passes == {p.name for p in (ROOT / "passes").glob("*.py")}
-    assert any(n.startswith("mla_graph/data/ge_converters-") for n in names)
+    data = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mla_graph").rglob("*")
+            if p.suffix in (".txt", ".json", ".js", ".css")}
+    assert data and data <= set(names), sorted(data - set(names))   # the data files a fresh clone installs
 
