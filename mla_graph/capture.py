@@ -7,7 +7,6 @@ Weights are `get_attr` nodes that refer to the layer's own parameters, never cop
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule
@@ -16,89 +15,11 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mla_graph.contract import INPUTS, GraphInput, GraphMeta, graph_meta, register_fake_mode
+from mla_graph.contract import INPUTS, GraphMeta, register_fake_mode
 
 from .attention import MLAAttention
-from .cache import PagedLatentCache
-from .metadata import MLAMetadata
 
 PHASES = ("prefill", "decode", "mixed")
-
-
-@dataclass
-class Call:
-    """One call's arguments; each graph input (mla_graph.contract.GraphInput) derives its value from it."""
-
-    hidden_states: torch.Tensor
-    positions: torch.Tensor
-    kv_cache: PagedLatentCache
-    metadata: MLAMetadata
-    cos_sin: torch.Tensor | None = None   # the layer's rope table, for inputs derived from it
-
-
-# The definition's inputs (HIDDEN_STATES ... QUERY_START_LOC, mla_graph.contract.INPUTS) are the
-# captured graph's placeholders; passes declare the inputs they add (another form of the metadata:
-# a host list, int64 lengths, rope rows) beside the pass, with how a call provides them.
-
-# memoised step inputs -> (what the value was computed from, their versions, value): the last step's only
-_STEP_VALUES: dict[GraphInput, tuple[tuple, tuple, object]] = {}
-
-
-def _same(key: tuple, versions: tuple, seen: tuple[tuple, tuple, object] | None) -> bool:
-    if seen is None or len(seen[0]) != len(key):
-        return False
-    for a, b in zip(key, seen[0]):
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            if a is not b:
-                return False
-        elif a != b:
-            return False
-    return versions == seen[1]
-
-
-def step_input(inp: GraphInput, call: Call) -> object:
-    """inp.derive(call); for a memoised step input, the value already computed this step: the layers
-    of one step get the same positions and metadata tensors, so it is computed for the first layer
-    and reused by the others while those tensors are the same objects, unwritten since."""
-    if inp.memo is None:
-        return inp.derive(call)
-    key = inp.memo(call)
-    versions = tuple(t._version for t in key if isinstance(t, torch.Tensor))
-    seen = _STEP_VALUES.get(inp)
-    if _same(key, versions, seen):
-        return seen[2]
-    value = inp.derive(call)
-    _STEP_VALUES[inp] = (key, versions, value)
-    return value
-
-
-def graph_inputs(gm: GraphModule, call: Call) -> list[object]:
-    """The values of gm's inputs for `call`, in order (a part's inputs from that part of the call)."""
-    parts: dict[str, Call] = {}
-    values = []
-    for inp in graph_meta(gm).inputs:
-        if inp.part is not None:
-            if inp.part not in parts:
-                parts[inp.part] = part_of(call, inp.part)
-            values.append(inp.base.derive(parts[inp.part]))
-        else:
-            values.append(step_input(inp, call))
-    return values
-
-
-def part_of(call: Call, part: str) -> Call:
-    """The decode requests (the first num_decodes) or the prefill requests of a call, as a call."""
-    md = call.metadata
-    reqs = slice(0, md.num_decodes) if part == "decode" else slice(md.num_decodes, md.num_reqs)
-    tokens = slice(0, md.num_decode_tokens) if part == "decode" else slice(md.num_decode_tokens, md.num_tokens)
-    qsl = md.query_start_loc[reqs.start: reqs.stop + 1]
-    metadata = MLAMetadata(
-        slot_mapping=md.slot_mapping[tokens], block_table=md.block_table[reqs], seq_lens=md.seq_lens[reqs],
-        query_start_loc=qsl - qsl[:1] if qsl.numel() else md.query_start_loc[:1],
-        num_decodes=md.num_decodes if part == "decode" else 0,
-        num_decode_tokens=md.num_decode_tokens if part == "decode" else 0,
-        num_prefills=0 if part == "decode" else md.num_prefills)
-    return Call(call.hidden_states[tokens], call.positions[tokens], call.kv_cache, metadata, call.cos_sin)
 
 
 def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphModule:

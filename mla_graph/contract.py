@@ -1,57 +1,27 @@
 """The typed contract between capture, the passes and the runtime: graph inputs and graph metadata.
 
-Every graph input is a GraphInput, declared by whoever adds it (capture the definition's eight, a
-pass the forms of the metadata its kernels take) with how a call provides it; placeholders carry
-theirs in node.meta["mla_input"]. What capture knows of a graph, and what passes record on it, is
-one GraphMeta in gm.meta["mla"] (graph_meta(gm)). Nothing is matched by name.
+Every graph input is a GraphInput declared once, by key, in mla_graph.inputs with how a call
+provides it (the definition's eight, and the forms of the metadata the kernels take);
+placeholders carry theirs in node.meta["mla_input"]. What capture knows of a graph, and what
+passes record on it, is one GraphMeta in gm.meta["mla"] (graph_meta(gm)); its `inputs` are the
+graph's signature. Nothing is matched by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
+from mla_graph.inputs import (BLOCK_TABLE, HIDDEN_STATES, INPUTS, LATENT_CACHE, PARTS, POSITIONS, QUERY_START_LOC,
+                              ROPE_CACHE, SEQ_LENS, SLOT_MAPPING, GraphInput)
+
 __all__ = ["BLOCK_TABLE", "HIDDEN_STATES", "INPUTS", "LATENT_CACHE", "PARTS", "POSITIONS", "QUERY_START_LOC",
            "ROPE_CACHE", "SEQ_LENS", "SLOT_MAPPING", "GraphInput", "GraphMeta", "fake_mode_of", "find_input",
            "graph_meta", "input_of", "maybe_meta", "register_fake_mode"]
-
-PARTS = ("decode", "prefill")   # the parts of a split mixed batch (passes.split_mixed)
-
-
-@dataclass(frozen=True, eq=False)
-class GraphInput:
-    """A graph input: `derive(call)` gives its value from one call's arguments (a
-    mla_graph.capture.Call: hidden_states, positions, kv_cache, metadata, cos_sin).
-
-    on:   'device', a tensor, or 'host', a list of ints (kernels with SymInt[] lengths)
-    per:  'layer', each layer's own (its hidden states, its caches), or 'step', the same for every
-          layer of a model step (metadata and what is derived from it)
-    memo: for a derived step input, what its value is computed from (tensors by identity and
-          version): the layers of one step then compute it once (mla_graph.capture.step_input)
-    part: read from that part ('decode' / 'prefill') of a mixed call; `base` is the whole-call input
-    """
-
-    name: str
-    derive: Callable[[Any], object]
-    on: str = "device"
-    per: str = "step"
-    memo: Callable[[Any], tuple] | None = None
-    part: str | None = None
-    base: "GraphInput | None" = None
-
-    def of_part(self, part: str) -> "GraphInput":
-        if part not in PARTS:
-            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-        return dataclasses.replace(self, name=f"{part}_{self.name}", part=part, base=self, memo=None)   # parts: not memoised
-
-    @property
-    def kind(self) -> "GraphInput":
-        """The input this is a part of, or itself: what a pass compares inputs by."""
-        return self.base or self
 
 
 @dataclass
@@ -64,7 +34,7 @@ class GraphMeta:
     num_heads: int                  # heads on this rank
     block_size: int
     fake_mode: Any                  # the FakeTensorMode of every meta['val'] (one shape environment)
-    inputs: list[GraphInput]        # the placeholders, in order
+    inputs: list[GraphInput]        # the placeholders, in order: the graph's signature
     symbols: dict[str, str] = field(default_factory=dict)   # size symbol -> its name in dumps
     # buffer -> (get_attr target of its source weight, fn(weight) -> buffer) or None (weight-independent)
     derived_constants: dict[str, Any] = field(default_factory=dict)
@@ -79,21 +49,6 @@ class GraphMeta:
         """A copy whose containers a pass may edit without touching this one's."""
         return dataclasses.replace(self, inputs=list(self.inputs), symbols=dict(self.symbols),
                                    derived_constants=dict(self.derived_constants))
-
-
-# The definition's inputs, in order (mla_graph.capture makes them the captured graph's placeholders).
-# Index tensors reach the kernels in the one dtype each GE op takes (a no-op when the caller's
-# metadata already has it; MLAMetadata accepts int32 or int64): slots are int64 (the cache
-# writers' index / cache_index), block tables int32 (FIA's block_table).
-HIDDEN_STATES = GraphInput("hidden_states", lambda c: c.hidden_states, per="layer")
-POSITIONS = GraphInput("positions", lambda c: c.positions)
-LATENT_CACHE = GraphInput("latent_cache", lambda c: c.kv_cache.latent, per="layer")
-ROPE_CACHE = GraphInput("rope_cache", lambda c: c.kv_cache.rope, per="layer")
-SLOT_MAPPING = GraphInput("slot_mapping", lambda c: c.metadata.slot_mapping.to(torch.int64))
-BLOCK_TABLE = GraphInput("block_table", lambda c: c.metadata.block_table.to(torch.int32))
-SEQ_LENS = GraphInput("seq_lens", lambda c: c.metadata.seq_lens)
-QUERY_START_LOC = GraphInput("query_start_loc", lambda c: c.metadata.query_start_loc)
-INPUTS = (HIDDEN_STATES, POSITIONS, LATENT_CACHE, ROPE_CACHE, SLOT_MAPPING, BLOCK_TABLE, SEQ_LENS, QUERY_START_LOC)
 
 
 def graph_meta(gm: GraphModule) -> GraphMeta:

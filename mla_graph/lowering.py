@@ -16,7 +16,9 @@ from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode
 from .cache import PADDING_BLOCK, PagedLatentCache
-from .capture import PHASES, Call, capture, graph_inputs
+from .capture import PHASES, capture
+from .inputs import Call
+from .runtime.binding import CallingConvention, StepMemo
 from .metadata import MLAMetadata
 from .targets import TARGETS, Target
 
@@ -41,10 +43,14 @@ class LoweredMLA(nn.Module):
         self.target = target
         self.block_size = block_size
         self.graphs = nn.ModuleDict(graphs)
+        # how each phase's graph is called (its signature, frozen now; its derived constants' recipes)
+        self.conventions = {phase: CallingConvention.of(gm) for phase, gm in graphs.items()}
         self.reports = reports
         self._dtype = layer.dtype
         self.cos_sin = layer.cos_sin  # shared rope table (never copied), for per-call rope rows
         self.options = target.parse(options)   # the target's typed options (Target.parse), None without
+        # the per-step inputs computed this step; the modules of one model share one (share_step_memo)
+        self.step_memo = StepMemo()
         self.checked = checked   # value checks before each call; None: $MLA_GRAPH_CHECKED decides
         # fingerprints only where checked mode will compare them (they cost a float64 pass over the weight)
         self._derived = _derived_constants(layer, graphs, fingerprint=checked_mode(checked))
@@ -62,15 +68,21 @@ class LoweredMLA(nn.Module):
         return list(self.graphs)
 
     def graph_for(self, phase: str) -> GraphModule:
+        return self.graphs[self._lowered_phase(phase)]
+
+    def _lowered_phase(self, phase: str) -> str:
+        """The lowered phase that serves a batch of `phase`."""
         if phase in self.graphs:
-            return self.graphs[phase]
+            return phase
         if "mixed" in self.graphs:
-            return self.graphs["mixed"]
+            return "mixed"
         raise LoweringError(f"this batch is a {phase} batch but only {self.phases} were lowered; "
                             f"lower with phases including {phase!r} or 'mixed'")
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
-                kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
+                kv_cache: PagedLatentCache, metadata: MLAMetadata, *, step_memo: StepMemo | None = None) -> torch.Tensor:
+        """`step_memo`: the per-step inputs of the step this call is part of (default: this module's,
+        which share_step_memo shares with the other layers of its model)."""
         check_call(self.config, self._dtype, hidden_states, positions, kv_cache, metadata)
         if kv_cache.block_size != self.block_size:
             raise ValueError(f"kv_cache has block_size {kv_cache.block_size} but this module was lowered "
@@ -84,11 +96,14 @@ class LoweredMLA(nn.Module):
         if hidden_states.shape[0] == 0:
             return hidden_states.new_zeros(0, self.config.hidden_size)
         self.refresh_derived(by_value=checked)
-        gm = self.graph_for(metadata.phase)
+        lowered = self._lowered_phase(metadata.phase)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
         runner = self.runners.get(metadata.phase)
         with torch.no_grad():
-            return runner(call) if runner is not None else gm(*graph_inputs(gm, call))
+            memo = step_memo or self.step_memo
+            if runner is not None:
+                return runner(call, memo)
+            return self.conventions[lowered](call, memo)
 
     def refresh_derived(self, force: bool = False, by_value: bool = False) -> int:
         """Recut the weights passes derived at lowering time (W_UK/W_UV, the prolog's transposed
@@ -115,6 +130,15 @@ class LoweredMLA(nn.Module):
                                        if by_value or derived.fingerprint is not None else None)
                 refreshed += 1
         return refreshed
+
+
+def share_step_memo(modules: Iterable[LoweredMLA]) -> None:
+    """The layers of one model compute each per-step input (rope rows, host lengths) once per step:
+    give them one StepMemo."""
+    modules = list(modules)
+    if modules:
+        for module in modules[1:]:
+            module.step_memo = modules[0].step_memo
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from mla_graph.passes.verifier import PassVerificationError, verify_attrs
 
 from .attention import MLAAttention
 from .capture import PHASES
-from .lowering import LoweredMLA, lower
+from .lowering import LoweredMLA, lower, share_step_memo
 from .targets import TARGETS
 
 
@@ -92,6 +92,7 @@ def lower_layers(layers: Iterable[MLAAttention], target: str = "reference", phas
                 future.cancel()
     if summary is not None:
         summary.extend(groups.values())
+    share_step_memo(out)   # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 

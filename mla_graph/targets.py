@@ -25,7 +25,7 @@ from mla_graph.passes.torchair_lower import (WRITEBACK_ORDER, decompose_linear, 
                                    fuse_mla_prolog, lengths_as_tensors)
 
 from .npu import ensure_npu_ops
-from .torchair_runtime import BucketedDecode, TorchairOptions
+from .runtime.graph_mode import BucketedDecode, TorchairOptions
 
 
 # Stages: named, ordered groups of passes. A target's pipeline for a phase is a sequence of stages

@@ -43,7 +43,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 def add_input(gm, inp: GraphInput, val: Any, part: str | None = None) -> Node:
     """The placeholder reading `inp` (of `part` of a mixed call), added after the others if the graph
-    has none yet; the runtime provides its value by inp.derive (mla_graph.contract)."""
+    has none yet; the runtime provides its value by its key (mla_graph.inputs)."""
     existing = find_input(gm, inp, part)
     if existing is not None:
         return existing

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from mla_graph.contract import GraphInput, find_input, graph_meta, input_of
+from mla_graph.contract import find_input, graph_meta, input_of
+from mla_graph.inputs import graph_input
 from mla_graph.npu import limits
 from mla_graph.npu.limits import Violation
 
@@ -29,42 +30,11 @@ def _npu():
     return torch.ops.npu
 
 
-def _rope_rows(call, which: int) -> torch.Tensor:
-    if call.cos_sin is None:
-        raise ValueError("this graph reads rope cos/sin rows: the call must carry the layer's cos_sin table")
-    half = call.cos_sin.shape[-1] // 2
-    rows = call.cos_sin[call.positions.long(), which * half:(which + 1) * half]
-    return torch.cat([rows, rows], dim=-1).to(call.hidden_states.dtype)[:, None, None, :]
-
-
-def context_slots(metadata, block_size: int) -> torch.Tensor:
-    """Flat cache slots of each request's context tokens 0..seq_len-1, concatenated."""
-    offsets = torch.arange(block_size, device=metadata.block_table.device)
-    rows = []
-    for b, seq_len in enumerate(metadata.seq_lens.tolist()):
-        blocks = metadata.block_table[b, : -(-seq_len // block_size)].long()
-        rows.append((blocks[:, None] * block_size + offsets).flatten()[:seq_len])
-    return torch.cat(rows) if rows else metadata.slot_mapping.new_empty(0)
-
-
-def _rope_memo(c) -> tuple:
-    return c.positions, c.cos_sin, c.hidden_states.dtype
-
-
-# The inputs these kernels read beside the definition's (mla_graph.contract), each computed once per
-# step outside the graph, as vllm-ascend builds them: rope cos / sin rows of each token in the layout
-# the NPU rope kernels take ([T, 1, 1, R], each half-table repeated), lengths as host lists for
-# torch_npu's SymInt[] arguments, and the cache slot of every context token request by request.
-ROPE_COS = GraphInput("rope_cos", lambda c: _rope_rows(c, 0), memo=_rope_memo)
-ROPE_SIN = GraphInput("rope_sin", lambda c: _rope_rows(c, 1), memo=_rope_memo)
-SEQ_LENS_LIST = GraphInput("seq_lens_list", lambda c: c.metadata.seq_lens.tolist(), on="host",
-                           memo=lambda c: (c.metadata.seq_lens,))
-QUERY_ENDS_LIST = GraphInput("query_ends_list", lambda c: c.metadata.query_start_loc[1:].tolist(), on="host",
-                             memo=lambda c: (c.metadata.query_start_loc,))
-CONTEXT_ENDS_LIST = GraphInput("context_ends_list", lambda c: c.metadata.seq_lens.cumsum(0).tolist(), on="host",
-                               memo=lambda c: (c.metadata.seq_lens,))
-CONTEXT_SLOTS = GraphInput("context_slots", lambda c: context_slots(c.metadata, c.kv_cache.block_size),
-                           memo=lambda c: (c.metadata.block_table, c.metadata.seq_lens, c.kv_cache.block_size))
+# The inputs these kernels read beside the definition's, declared in mla_graph.inputs (how a call
+# provides each, once per step): rope cos / sin rows, lengths as host lists, context slots.
+ROPE_COS, ROPE_SIN = graph_input("rope_cos"), graph_input("rope_sin")
+SEQ_LENS_LIST, QUERY_ENDS_LIST = graph_input("seq_lens_list"), graph_input("query_ends_list")
+CONTEXT_ENDS_LIST, CONTEXT_SLOTS = graph_input("context_ends_list"), graph_input("context_slots")
 
 
 def _rope_cos_sin(gm: GraphModule, positions: Node, table: Node) -> tuple[Node, Node]:

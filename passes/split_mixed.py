@@ -20,7 +20,7 @@ from .rewrite import Match, Rule, rewrite
 
 aten = torch.ops.aten
 # A part's graph inputs (GraphInput.of_part) are read from that part of the call's metadata
-# (mla_graph.capture.graph_inputs); "decode" is the first num_decodes requests.
+# (mla_graph.runtime.binding.bind); "decode" is the first num_decodes requests.
 
 
 @graph_pass()

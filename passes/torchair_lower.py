@@ -12,7 +12,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from mla_graph.contract import SEQ_LENS, GraphInput, find_input, graph_meta, input_of
+from mla_graph.contract import SEQ_LENS, find_input, graph_meta, input_of
+from mla_graph.inputs import graph_input
 from mla_graph.npu import limits, npu_backend
 from mla_graph.npu.limits import Violation
 
@@ -202,8 +203,7 @@ LINEAR_TO_MM = Rule("linear -> mm", aten.linear.default,
 
 # FIA's lengths as the int64 device tensor GE's FusedInferAttentionScore takes (torchair's air FIA
 # converter does not cast), converted on the host once per step, so the graph carries no cast kernel
-SEQ_LENS_INT64 = GraphInput("seq_lens_int64", lambda c: c.metadata.seq_lens.to(torch.int64),
-                            memo=lambda c: (c.metadata.seq_lens,))
+SEQ_LENS_INT64 = graph_input("seq_lens_int64")   # declared in mla_graph.inputs
 _LENGTH_TENSORS = {SEQ_LENS_LIST: SEQ_LENS_INT64}   # host-list input -> its device tensor form
 _LENGTH_KEYS = ("actual_seq_lengths", "actual_seq_lengths_kv")
 

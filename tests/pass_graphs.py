@@ -33,15 +33,12 @@ KNOWN = {i.name: i for i in (*contract.INPUTS, ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
                               CONTEXT_ENDS_LIST, CONTEXT_SLOTS, SEQ_LENS_INT64)}
 
 
-def _no_value(call):
-    raise ValueError("an input of a hand-built graph: give its value by name (inputs_for)")
-
-
 def graph_input(name: str, host: bool) -> contract.GraphInput:
     part, _, base = name.partition("_")
     if part in contract.PARTS and base in KNOWN:
         return KNOWN[base].of_part(part)
-    return KNOWN.get(name) or contract.GraphInput(name, _no_value, on="host" if host else "device", per="layer")
+    # an input of a hand-built graph only: no call provides it (binding says so); give its value by name
+    return KNOWN.get(name) or contract.GraphInput(name, on="host" if host else "device", per="layer")
 
 
 class GraphBuilder:

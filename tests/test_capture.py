@@ -4,7 +4,8 @@ import torch
 from conftest import V3_TINY, randomize
 
 from mla_graph import MLAAttention, capture
-from mla_graph.capture import Call, graph_inputs
+from mla_graph.inputs import Call
+from mla_graph.runtime.binding import graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.passes import verify_graph
 

@@ -72,9 +72,9 @@ def lowered_calls(monkeypatch):
     calls = []
     forward = LoweredMLA.forward
 
-    def counting(self, *args):
+    def counting(self, *args, **kwargs):
         calls.append(self.target.name)
-        return forward(self, *args)
+        return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(LoweredMLA, "forward", counting)
     return calls

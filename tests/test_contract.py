@@ -11,7 +11,8 @@ from test_pass_units import paged_values
 from torch.fx import GraphModule
 
 from mla_graph import MLAAttention, capture, lower
-from mla_graph.capture import Call, graph_inputs
+from mla_graph.inputs import Call
+from mla_graph.runtime.binding import graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.npu.air_ops import ensure_air_ops
@@ -53,7 +54,7 @@ def test_passes_declare_what_they_add():
     parts = {(i.part, i.kind) for i in mixed if i.part}
     assert {("decode", contract.SEQ_LENS), ("prefill", contract.SEQ_LENS), ("decode", SEQ_LENS_LIST),
             ("prefill", CONTEXT_SLOTS)} <= parts, parts
-    assert all(i.name == f"{i.part}_{i.kind.name}" and i.memo is None for i in mixed if i.part)
+    assert all(i.name == f"{i.part}_{i.kind.name}" and i.key == i.kind.name for i in mixed if i.part)
     # the dumps say where each input comes from
     header = format_graph(low.graphs["mixed"]).split("\n")[1]
     assert header.startswith("# inputs: hidden_states (device, per layer), positions (device, per step)")

@@ -6,7 +6,9 @@ from torch.testing import FileCheck
 
 from conftest import CONFIGS, randomize
 from mla_graph import MLAAttention
-from mla_graph.capture import Call, capture, graph_inputs
+from mla_graph.capture import capture
+from mla_graph.inputs import Call
+from mla_graph.runtime.binding import graph_inputs
 from mla_graph.checking import PHASE_BATCHES, random_batch
 from mla_graph.cpu_kernels import KEY_CHUNK
 from mla_graph.passes import PassManager, eliminate_dead_code, remove_noop_views

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_hf import first_difference, padded_batch, tiny_hf
 
-from mla_graph.compile_backend.whole_step import compiled_steps
+from mla_graph.runtime.whole_step import compiled_steps
 from mla_graph.hf import convert
 
 NEW_TOKENS = 50

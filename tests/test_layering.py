@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # (the graph contract is types only: capture makes it, passes extend it, the runtime reads it;
     # op_kinds names calls and tells views, markers and kernels apart, for the passes and the dumps)
     ("primitives", ("mla_graph.stacks", "mla_graph.config", "mla_graph.envflags", "mla_graph.rope", "mla_graph.cache",
-                    "mla_graph.metadata", "mla_graph.contract", "mla_graph.op_kinds", "mla_graph.primitives",
+                    "mla_graph.metadata", "mla_graph.inputs", "mla_graph.contract", "mla_graph.op_kinds", "mla_graph.primitives",
                     "mla_graph.cpu_kernels", "mla_graph.npu", "mla_graph.layer_op", "mla_graph.torch_compat")),
     ("definition", ("mla_graph.attention", "mla_graph.checking")),
     # what passes work on and write: capture, the dumps (written for the manager, read back, rendered
@@ -50,8 +50,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pass harness", ("mla_graph.testing",)),
     ("toolchain", ("mla_graph.ascend_toolchain",)),
     ("toolchain rules", ("mla_graph.torchair_compat",)),
-    ("lowering", ("mla_graph.targets", "mla_graph.torchair_runtime", "mla_graph.lowering",
-                  "mla_graph.model_lowering")),
+    # the runtime (binding a call, graph mode, whole decode steps) beside the lowering that owns it
+    ("lowering", ("mla_graph.runtime", "mla_graph.targets", "mla_graph.lowering", "mla_graph.model_lowering")),
     ("users", ("mla_graph.compile_backend", "mla_graph.hf", "mla_graph.vllm_plugin", "mla_graph.bench",
                "mla_graph.commands", "mla_graph.cli", "mla_graph")),
 ]
@@ -158,17 +158,16 @@ def test_a_back_edge_fails_the_dag_test():
 
 def test_an_import_cycle_fails_whatever_the_layers_say():
     """Two modules of one layer importing each other (as the compile backend and its whole-step
-    runner did, lazily), and a package and its submodule through a name of the package; an import
-    under `if TYPE_CHECKING:` is no cycle (it never runs)."""
+    runner did, lazily; here the lowering and the runtime's binding), and a package and its submodule
+    through a name of the package; an import under `if TYPE_CHECKING:` is no cycle (it never runs)."""
     sources = _sources()
-    sources["mla_graph.compile_backend.backend"] += "\n\ndef _lazy():\n    from .whole_step import WholeStep\n"
-    sources["mla_graph.compile_backend.whole_step"] += "\n\ndef _lazy():\n    from .backend import lowered_for\n"
+    sources["mla_graph.runtime.binding"] += "\n\ndef _lazy():\n    from ..lowering import LoweredMLA\n"
     sources["mla_graph.npu.fia_limits"] += "\nfrom mla_graph.npu import ensure_npu_ops\n"
     sources["mla_graph.npu.fia_layout"] += "\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n" \
                                           "    from mla_graph.npu.fia import FiaCall\n"
     assert back_edges(sources) == []
     cycles = import_cycles(sources)
-    assert ["mla_graph.compile_backend.backend", "mla_graph.compile_backend.whole_step"] in cycles
+    assert any({"mla_graph.lowering", "mla_graph.runtime.binding"} <= set(c) for c in cycles)
     assert any({"mla_graph.npu", "mla_graph.npu.fia_limits"} <= set(c) for c in cycles)
     assert not any("mla_graph.npu.fia_layout" in c for c in cycles)
 
@@ -201,8 +200,8 @@ def test_every_module_imports_on_its_own():
     modules += [f"mla_graph.{p.name}" for p in sorted((root / "mla_graph").iterdir())
                 if (p / "__init__.py").is_file() and p.name != "vllm_plugin"]   # that one needs vLLM
     # the manager writes dumps with mla_graph.dumptool, which renders graphs with passes' helpers
-    modules += [f"mla_graph.dumptool.{p.stem}" for p in sorted((root / "mla_graph" / "dumptool").glob("*.py"))
-                if p.stem != "__init__"]
+    modules += [f"mla_graph.{package}.{p.stem}" for package in ("dumptool", "runtime")
+                for p in sorted((root / "mla_graph" / package).glob("*.py")) if p.stem != "__init__"]
     result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *modules], cwd=root, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]

@@ -195,7 +195,7 @@ def test_rebound_layers_have_their_own_graph_meta():
     assert len({id(m) for m in metas}) == 3
     before = [list(m.inputs) for m in metas]
     gm = lowered[1].graphs["decode"]
-    add_input(gm, GraphInput("extra", lambda c: None), None)
+    add_input(gm, GraphInput("extra"), None)
     assert [len(graph_meta(low.graphs["decode"]).inputs) for low in lowered] == \
         [len(before[0]), len(before[1]) + 1, len(before[2])]
 

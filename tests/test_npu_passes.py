@@ -21,7 +21,8 @@ from torch.testing import FileCheck
 
 from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, MLAConfig, capture
-from mla_graph.capture import Call, graph_inputs
+from mla_graph.inputs import Call
+from mla_graph.runtime.binding import graph_inputs
 from mla_graph.checking import random_batch
 from mla_graph.npu import ensure_npu_ops
 from mla_graph.targets import pipeline as target_pipeline

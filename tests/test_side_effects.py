@@ -109,7 +109,7 @@ def test_rewriting_how_a_value_is_written_is_allowed():
 def test_the_whole_step_inliner_fails_if_a_write_is_lost(monkeypatch):
     """inline_layers checks every write of Dynamo's graph and of each layer's graph after its
     cleanup; with FX's elimination in its place, the HF adapter's index_copy_ is caught."""
-    from mla_graph.compile_backend import whole_step
+    from mla_graph.runtime import whole_step
 
     def fx_elimination(graph):
         return graph.eliminate_dead_code()

@@ -10,22 +10,22 @@ from wheels import torch_npu_wheel
 import mla_graph.npu
 from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, lower, positions_for
-from mla_graph.torchair_runtime import TorchairOptions, _torchair_backend
+from mla_graph.runtime.graph_mode import TorchairOptions, _torchair_backend
 
 BS = 16
 
 
 def _block_tables_seen(runner) -> list[tuple[int, ...]]:
-    """Wraps the runner's compiled step: the shape of the block table of every call."""
+    """Wraps the runner's compiled step (its BucketRunner's): the shape of the block table of every call."""
     shapes = []
-    compiled = runner._compiled
+    compiled = runner.runner._compiled
     index = graph_meta(runner.gm).input_names.index("block_table")
 
     def step(*tensors):
         shapes.append(tuple(tensors[index].shape))
         return compiled(*tensors)
 
-    runner._compiled = step
+    runner.runner._compiled = step
     return shapes
 
 

@@ -19,7 +19,7 @@ from mla_graph.contract import graph_meta
 from mla_graph import MLAAttention, PagedLatentCache, build_metadata, positions_for
 from mla_graph.cache import PADDING_BLOCK
 from mla_graph.compile_backend import mla_graph_backend
-from mla_graph.compile_backend.whole_step import compiled_steps
+from mla_graph.runtime.whole_step import compiled_steps
 from mla_graph.metadata import MetadataError
 
 BS = 16
@@ -223,14 +223,15 @@ def test_converted_hf_model_generates_through_torch_compile():
 @pytest.fixture
 def counted_derivations():
     """Names of the npu inputs (rope rows, host lengths) each time one is derived from a call."""
+    from mla_graph.inputs import derivation
     from mla_graph.passes.npu_lower import ROPE_COS, ROPE_SIN, SEQ_LENS_LIST
-    calls, inputs = [], (ROPE_COS, ROPE_SIN, SEQ_LENS_LIST)
-    originals = [inp.derive for inp in inputs]
-    for inp, fn in zip(inputs, originals):   # GraphInputs are frozen: set around it, restored below
-        object.__setattr__(inp, "derive", lambda c, fn=fn, name=inp.name: calls.append(name) or fn(c))
+    calls, derivations = [], [derivation(inp) for inp in (ROPE_COS, ROPE_SIN, SEQ_LENS_LIST)]
+    originals = [d.fn for d in derivations]
+    for d, fn in zip(derivations, originals):   # Derivations are frozen: set around it, restored below
+        object.__setattr__(d, "fn", lambda fn=fn, name=d.input.name, **kw: calls.append(name) or fn(**kw))
     yield calls
-    for inp, fn in zip(inputs, originals):
-        object.__setattr__(inp, "derive", fn)
+    for d, fn in zip(derivations, originals):
+        object.__setattr__(d, "fn", fn)
 
 
 def test_step_inputs_are_computed_once_per_step(counted_derivations):

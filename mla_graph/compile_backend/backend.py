@@ -43,6 +43,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.passes.split_module import split_module
 
 from ..lowering import LoweredMLA, lower
+from ..runtime.binding import StepMemo
 from ..targets import TARGETS
 from ..layer_op import ensure_layer_op, is_layer_op, registered_layer, unflatten
 
@@ -147,8 +148,9 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
     mla_pieces = {name for name, piece in split.named_children()
                   if any(map(is_layer_op, piece.graph.nodes))}
     _compile_pieces(split, gm, example_inputs, mla_pieces, inner)
+    memo = StepMemo()   # the layers of this graph's step compute each per-step input once
     for name in mla_pieces:
-        _run_lowered_in(getattr(split, name), opts)
+        _run_lowered_in(getattr(split, name), opts, memo)
     if "decode" in TARGETS[opts.target].runtimes:
         return _whole_step(gm, example_inputs, mla_nodes, split, opts)
     return split
@@ -157,7 +159,7 @@ def mla_graph_backend(gm: GraphModule, example_inputs: Sequence[Any], *,
 def _whole_step(gm: GraphModule, example_inputs: Sequence[Any], mla_nodes: list[Node], split: Callable,
                 opts: BackendOptions) -> Callable:
     """Graph-mode targets: decode steps as one inlined graph per bucket (whole_step), the rest split."""
-    from .whole_step import WholeStep
+    from ..runtime.whole_step import WholeStep
 
     placeholders = {n: real for n, real in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
     latent = placeholders.get(mla_nodes[0].args[2])
@@ -252,10 +254,10 @@ def _layer_dump_dir(node: Node, options: BackendOptions) -> str | None:
     return os.path.join(os.fspath(base), _layer_path(node)) if base else None
 
 
-def _run_lowered_in(piece: GraphModule, options: BackendOptions) -> None:
+def _run_lowered_in(piece: GraphModule, options: BackendOptions, memo: StepMemo) -> None:
     """Rewire a piece's mla::layer node to call the layer's lowered module (same arguments)."""
     (node,) = [n for n in piece.graph.nodes if is_layer_op(n)]
-    piece.add_submodule("run_lowered", _RunLowered(options, _layer_dump_dir(node, options)))
+    piece.add_submodule("run_lowered", _RunLowered(options, _layer_dump_dir(node, options), memo))
     node.op, node.target = "call_module", "run_lowered"
     piece.recompile()
 
@@ -284,9 +286,9 @@ def lowered_for(layer: nn.Module, target: str, block_size: int, phase: str, dump
 class _RunLowered(nn.Module):
     """Same arguments as mla::layer; runs the layer's LoweredMLA for this batch's phase."""
 
-    def __init__(self, options: BackendOptions, dump_dir: str | None) -> None:
+    def __init__(self, options: BackendOptions, dump_dir: str | None, memo: StepMemo) -> None:
         super().__init__()
-        self.options, self.dump_dir = options, dump_dir
+        self.options, self.dump_dir, self.memo = options, dump_dir, memo
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor,
                 rope_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
@@ -296,4 +298,4 @@ class _RunLowered(nn.Module):
                                        query_start_loc, int(num_decodes), int(num_prefills))
         lowered = lowered_for(registered_layer(layer_key), self.options.target, kv_cache.block_size,
                               metadata.phase, self.dump_dir, self.options)
-        return lowered(hidden_states, positions, kv_cache, metadata)
+        return lowered(hidden_states, positions, kv_cache, metadata, step_memo=self.memo)

@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 
 from mla_graph.op_kinds import is_device_kernel, op_name
 from mla_graph.contract import maybe_meta
+from mla_graph.inputs import GraphInput, derivation
 
 __all__ = ["ALL_FORMATS", "CREATED_FILL", "ERASED_FILL", "FORMATS_ENV", "INPUT_FILL", "PASS_FORMATS", "WEIGHT_FILL",
            "GraphvizNotFound", "describe", "format_graph", "format_table", "node_rows", "node_table", "parse_formats",
@@ -97,13 +98,21 @@ def node_table(gm: GraphModule) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _memoised(inp: GraphInput) -> bool:
+    """Computed once per step (its declaration says so; parts never are)."""
+    try:
+        return inp.part is None and derivation(inp).memo
+    except ValueError:   # an input no call provides (a hand-built graph's)
+        return False
+
+
 def format_graph(gm: GraphModule) -> str:
     meta = maybe_meta(gm)
     legend = ", ".join(f"{name}={sym}" for sym, name in getattr(meta, "symbols", {}).items())
     header = f"# phase: {getattr(meta, 'phase', '?')}" + (f"; symbols: {legend}" if legend else "")
     if meta is not None:   # where each input comes from (mla_graph.contract.GraphInput)
         header += "\n# inputs: " + ", ".join(
-            f"{i.name} ({i.on}, per {i.per}{', memo' if i.memo else ''}{f', {i.part} part' if i.part else ''})"
+            f"{i.name} ({i.on}, per {i.per}{', memo' if _memoised(i) else ''}{f', {i.part} part' if i.part else ''})"
             for i in meta.inputs)
     return f"{header}\n{gm.code.strip()}\n\n{node_table(gm)}\n"
 

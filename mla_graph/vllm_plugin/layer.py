@@ -34,6 +34,7 @@ from ..attention import MLAAttention
 from ..lowering import LoweredMLA, lower
 from ..metadata import MLAMetadata
 from ..rope import cos_sin_table
+from ..runtime.binding import StepMemo
 from .ascend import KEEP_ND, refuse_conflicting_options
 from .backend import MLAGraphBackend
 from .op import split_at_op
@@ -86,6 +87,11 @@ class LatentCacheLayer(nn.Module, AttentionLayerBase):
 
 class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
     """forward(positions, hidden_states) -> [T, hidden_size], like the layer it replaces."""
+
+    # the per-step inputs (rope rows, lengths) of the step running: a vLLM worker runs one model, whose
+    # layers compute each once per step (a value is reused only while what it was derived from is the
+    # same tensors, unwritten)
+    _step_memo = StepMemo()
 
     def __init__(self, hidden_size: int, num_heads: int, scale: float, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None, kv_lora_rank: int,
@@ -221,7 +227,8 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
             self.follow_weights()
         cache = latent_cache_view(self.mla_attn.kv_cache, self.kv_lora_rank, self.qk_rope_head_dim)
         n = metadata.num_tokens
-        output[:n] = self._lowered[metadata.phase](hidden_states[:n], positions[:n], cache, metadata)
+        output[:n] = self._lowered[metadata.phase](hidden_states[:n], positions[:n], cache, metadata,
+                                                   step_memo=self._step_memo)
         output[n:] = 0  # padded batch: padding rows give zeros
 
     def _metadata(self) -> MLAMetadata | None:

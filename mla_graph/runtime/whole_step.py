@@ -40,12 +40,11 @@ from mla_graph.passes.verifier import PassVerificationError
 
 from ..attention import check_values, checked_mode
 from ..cache import PADDING_BLOCK, PagedLatentCache
-from ..capture import Call
+from ..inputs import derivation
 from ..layer_op import is_layer_op
 from ..lowering import LoweredMLA
 from ..metadata import MLAMetadata
-from ..torchair_runtime import (StandInBackend, TorchairOptions, _pad_metadata, _pad_rows, _torchair_backend,
-                                check_width, own_code, recompile_limits)
+from .graph_mode import BucketRunner, TorchairOptions, _pad_metadata, _pad_rows, check_width
 
 log = logging.getLogger("mla_graph.compile")
 
@@ -102,11 +101,9 @@ class WholeStep:
         self._lower_layers = lower_layers
         self.lowered: list[LoweredMLA] = []
         self.plan, self.reason = plan(gm, example_inputs)
-        self.buckets_run: list[int] = []
         self.whole_steps = 0
         self.split_steps = 0
-        self.graphs: list[GraphModule] = []     # what the stand-in compiled (Ascend: torchair does not expose them)
-        self._compiled = None
+        self.runner: BucketRunner | None = None   # made at the first decode step
         self.sizes: set[int] = set()          # the sizes an unpadded plan has compiled
         self._said_full = False               # logged once that no further size gets a graph
         if self.plan is None:
@@ -130,13 +127,19 @@ class WholeStep:
             log.info("decode steps: layer by layer (%s)", varying)
             return
         on_npu = all(m.runners["decode"].on_npu for m in self.lowered)
-        self.backend = _torchair_backend(self.options) if on_npu else StandInBackend(self.graphs)
-        self._compiled = torch.compile(own_code(self._run, f"mla_whole_step_{self.serial}"), backend=self.backend,
-                                       fullgraph=True, dynamic=False)
-        self._limits = recompile_limits(self.options.graph_batch_sizes)
+        self.runner = BucketRunner(self._run, f"mla_whole_step_{self.serial}", self.options, on_npu)
         log.info("decode steps: %d MLA layer(s) inlined, one %s graph per batch bucket %s%s", len(self.lowered),
                  self.target, list(self.options.graph_batch_sizes),
                  "" if self.plan.padded else " (not padded here: one graph per batch size)")
+
+    @property
+    def buckets_run(self) -> list[int]:
+        return self.runner.buckets_run if self.runner is not None else []
+
+    @property
+    def graphs(self) -> list[GraphModule]:
+        """What the stand-in compiled (on Ascend torchair does not expose them)."""
+        return self.runner.graphs if self.runner is not None else []
 
     def _run(self, *inputs: Any) -> Any:
         return self.inlined(*inputs)
@@ -154,7 +157,7 @@ class WholeStep:
         if not decode or (p.padded and self.options.bucket(tokens) is None) or not self._fits(tokens):
             self.split_steps += 1
             return self.split(*args)
-        if self._compiled is None:
+        if self.runner is None:
             self._prepare()
             if self.plan is None:
                 self.split_steps += 1
@@ -203,10 +206,8 @@ class WholeStep:
         for lowered in self.lowered:
             lowered.refresh_derived(by_value=checked_mode(lowered.checked))
         # the per-step inputs the layers' graphs read, computed once for the whole step
-        extra = [fn(values[p.step["positions"]], padded, dtype) for fn, dtype in self.step_inputs]
-        self.buckets_run.append(size)
-        with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
-            out = self._compiled(*(values[i] for i in self.live), *extra)
+        extra = [fn(values[p.step["positions"]], padded, dtype, self.block_size) for fn, dtype in self.step_inputs]
+        out = self.runner(size, *(values[i] for i in self.live), *extra)
         if size == tokens:
             return out
         return type(out)(o[:tokens] if i in p.token_outputs else o for i, o in enumerate(out))
@@ -454,22 +455,21 @@ def _inline(graph: Graph, node: Node, lowered: LoweredMLA, layer: int, env: dict
     return result, inner
 
 
+# what a per-step input of a whole decode step may read: the step's, never a layer's own
+_STEP_ARGUMENTS = ("positions", "metadata", "cos_sin", "dtype", "block_size")
+
+
 def _step_input(inp: contract.GraphInput, cos_sin: torch.Tensor) -> Callable:
-    """fn(positions, padded metadata, dtype) -> the value of per-step input `inp` (inp.derive)."""
-    fn = inp.derive
+    """fn(positions, padded metadata, dtype, block_size) -> the value of per-step input `inp`, derived
+    as mla_graph.inputs declares it."""
+    derive = derivation(inp)
+    layer_own = [name for name in derive.reads if name not in _STEP_ARGUMENTS]
+    if layer_own:
+        raise ValueError(f"graph input {inp.name!r} reads {layer_own} of a layer's call; a whole decode step "
+                         f"computes its per-step inputs once for every layer, from {', '.join(_STEP_ARGUMENTS)}")
 
-    def compute(positions: torch.Tensor, metadata: MLAMetadata, dtype: torch.dtype):
-        hidden = torch.empty(positions.shape[0], 0, dtype=dtype)   # only its dtype and row count are read
-        return fn(Call(hidden, positions, _NO_CACHE, metadata, cos_sin))
+    def compute(positions: torch.Tensor, metadata: MLAMetadata, dtype: torch.dtype, block_size: int):
+        return derive({"positions": positions, "metadata": metadata, "cos_sin": cos_sin, "dtype": dtype,
+                       "block_size": block_size})
     return compute
-
-
-class _NoCache:
-    """Per-step inputs never read the caches (context_slots does, and no decode graph takes it)."""
-
-    def __getattr__(self, name: str):
-        raise ValueError("a per-step input of a whole decode step cannot read a layer's cache")
-
-
-_NO_CACHE = _NoCache()
 

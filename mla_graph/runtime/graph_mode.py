@@ -1,4 +1,4 @@
-"""Graph-mode decode: static batch buckets, one compiled graph per bucket.
+"""Graph-mode decode: static batch buckets, one compiled graph per bucket (BucketRunner).
 
 On an Ascend host the lowered decode graph is compiled by torchair
 (`torchair.get_npu_backend(compiler_config=...)`). Elsewhere the same graph goes through
@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
-from .cache import PADDING_BLOCK
-from mla_graph.contract import HIDDEN_STATES, find_input, graph_meta
-
-from .capture import Call, graph_inputs
-from .metadata import MLAMetadata
+from ..cache import PADDING_BLOCK
+from ..contract import HIDDEN_STATES, find_input, graph_meta
+from ..inputs import Call
+from ..metadata import MLAMetadata
+from .binding import CallingConvention, StepMemo
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,28 @@ def _torchair_backend(options: TorchairOptions) -> Callable:
     return torchair.get_npu_backend(compiler_config=config)
 
 
+class BucketRunner:
+    """The one bucket runner: a function compiled into one static-shape graph per batch bucket, by
+    torchair on an Ascend host, by the stand-in elsewhere, with its own Dynamo cache and recompile
+    budget. Per-layer decode graphs (BucketedDecode) and whole decode steps (whole_step.WholeStep)
+    both run through it; the bucket itself is chosen by TorchairOptions.bucket."""
+
+    def __init__(self, method: Callable, name: str, options: TorchairOptions, on_npu: bool) -> None:
+        self.options = options
+        self.on_npu = on_npu
+        self.graphs: list[GraphModule] = []     # what the stand-in compiled (on Ascend torchair does not expose them)
+        self.backend = _torchair_backend(options) if on_npu else StandInBackend(self.graphs)
+        self.buckets_run: list[int] = []
+        self._compiled = torch.compile(own_code(method, name), backend=self.backend, fullgraph=True, dynamic=False)
+        self._limits = recompile_limits(options.graph_batch_sizes)
+
+    def __call__(self, size: int, *inputs: Any) -> Any:
+        """Run the graph of bucket `size` (compiled on its first use) on inputs padded to it."""
+        self.buckets_run.append(size)
+        with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
+            return self._compiled(*inputs)
+
+
 class BucketedDecode:
     """Runs a decode graph at the smallest configured batch size that fits, padding the batch:
     padded tokens write into the padding block (cache.PADDING_BLOCK, which no request owns and
@@ -103,21 +125,30 @@ class BucketedDecode:
     dropped. A request's own slot -1 (write nothing) is sent to the padding block too."""
 
     def __init__(self, gm: GraphModule, options: TorchairOptions, config, block_size: int) -> None:
-        from .npu import npu_backend
+        from ..npu import npu_backend
 
         self.gm = gm
+        self.convention = CallingConvention.of(gm)
         self.options = options
         self.block_size = block_size
         self.width = options.max_blocks_per_req or -(-config.max_position_embeddings // block_size)
         lists = [i.name for i in graph_meta(gm).inputs if i.on == "host"]
         if lists:
             raise ValueError(f"graph mode needs every input as a tensor; this graph takes host lists {lists}")
-        self.on_npu = npu_backend() == "torch_npu"
-        self.backend = _torchair_backend(options) if self.on_npu else StandInBackend()
-        self.buckets_run: list[int] = []
-        self._compiled = torch.compile(own_code(self._step, f"mla_decode_step_{id(self):x}"), backend=self.backend, fullgraph=True,
-                                       dynamic=False)
-        self._limits = recompile_limits(options.graph_batch_sizes)
+        self.runner = BucketRunner(self._step, f"mla_decode_step_{id(self):x}", options,
+                                   on_npu=npu_backend() == "torch_npu")
+
+    @property
+    def on_npu(self) -> bool:
+        return self.runner.on_npu
+
+    @property
+    def backend(self) -> Any:
+        return self.runner.backend
+
+    @property
+    def buckets_run(self) -> list[int]:
+        return self.runner.buckets_run
 
     def _step(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self.gm(*tensors)
@@ -128,6 +159,10 @@ class BucketedDecode:
             raise ValueError(f"decode batch of {num_reqs} requests exceeds the largest graph batch size "
                              f"{self.options.graph_batch_sizes[-1]}; add a larger size to graph_batch_sizes")
         return size
+
+    def _padded(self, call: Call, size: int) -> Call:
+        return Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
+                    _pad_metadata(call.metadata, size, self.width, self.block_size), call.cos_sin)
 
     def warmup(self, kv_cache, cos_sin: torch.Tensor, sizes: tuple[int, ...] | None = None) -> list[GraphModule]:
         """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
@@ -141,24 +176,19 @@ class BucketedDecode:
                             num_decodes=0, num_decode_tokens=0, num_prefills=0)
         graphs = []
         for size in sizes or self.options.graph_batch_sizes:
-            padded = Call(torch.zeros(size, hidden.shape[1], dtype=hidden.dtype), torch.zeros(size, dtype=torch.int64),
-                          kv_cache, _pad_metadata(empty, size, self.width, self.block_size), cos_sin)
-            before = len(getattr(self.backend, "graphs", []))
-            with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
-                self._compiled(*graph_inputs(self.gm, padded))
-            graphs += list(getattr(self.backend, "graphs", []))[before:]
+            padded = self._padded(Call(torch.zeros(0, hidden.shape[1], dtype=hidden.dtype),
+                                       torch.zeros(0, dtype=torch.int64), kv_cache, empty, cos_sin), size)
+            before = len(self.runner.graphs)
+            self.runner(size, *self.convention.bind(padded))
+            self.runner.buckets_run.pop()   # compiled, not run for a batch
+            graphs += self.runner.graphs[before:]
         return graphs
 
-    def __call__(self, call: Call) -> torch.Tensor:
-        md = call.metadata
-        B = md.num_reqs
-        size = self.bucket_for(B)
-        check_width(md.block_table, self.width)
-        padded = Call(_pad_rows(call.hidden_states, size, 0), _pad_rows(call.positions, size, 0), call.kv_cache,
-                      _pad_metadata(md, size, self.width, self.block_size), call.cos_sin)
-        self.buckets_run.append(size)
-        with torch._dynamo.config.patch(**self._limits):
-            return self._compiled(*graph_inputs(self.gm, padded))[:B]
+    def __call__(self, call: Call, memo: StepMemo | None = None) -> torch.Tensor:
+        count = call.metadata.num_reqs
+        size = self.bucket_for(count)
+        check_width(call.metadata.block_table, self.width)
+        return self.runner(size, *self.convention.bind(self._padded(call, size), memo))[:count]
 
 
 def own_code(method: Callable, name: str) -> Callable:
