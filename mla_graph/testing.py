@@ -15,7 +15,8 @@ A captured MLA graph (fresh inputs per graph through `make_inputs`, the paged ca
 
 It traces `build` (or takes the GraphModule, rewritten in place), runs the pass through a
 PassManager (so the verifier and the pass's requires/ensures apply), then checks structure with
-FileCheck on `gm.code`, the match count, and numerics against the graph before the pass.
+FileCheck on `gm.code`, the match count, the graph expected after the pass (by structure, as
+TVM's assert_structural_equal: `expect_graph`), and numerics against the graph before the pass.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def check_pass(pass_fn: GraphPass, build: Callable | GraphModule, inputs: Sequen
                expect_matches: int | None = None, expect_changed: bool | None = None,
                compare_numerics: bool = True, tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
                make_inputs: Callable[[GraphModule], Sequence[object]] | None = None,
-               compare_mutated: bool = False) -> PassCheck:
+               compare_mutated: bool = False,
+               expect_graph: Callable | GraphModule | torch.fx.Graph | None = None) -> PassCheck:
     """Run `pass_fn` on the traced `build` and check it. Returns the record and both graphs.
 
     expect_ops: {"aten.linear.default": 2} exact counts after the pass (0: absent).
@@ -81,6 +83,8 @@ def check_pass(pass_fn: GraphPass, build: Callable | GraphModule, inputs: Sequen
     clones of `inputs`.
     compare_mutated: also compare, by placeholder name, the input tensors either run changed
     (in-place writes such as cache updates), with the same tolerances as the outputs.
+    expect_graph: the graph the pass must leave (Before/Expected), compared by structure
+    (assert_structural_equal); a function is traced over `inputs` as `build` is.
     """
     if isinstance(build, GraphModule):
         gm = build
@@ -109,6 +113,12 @@ def check_pass(pass_fn: GraphPass, build: Callable | GraphModule, inputs: Sequen
         raise AssertionError(f"{record.name}: expected changed={expect_changed}, got {record.changed}")
     if not record.changed and code != before.code:
         raise AssertionError(f"{record.name} reported changed=False but rewrote the graph")
+    if expect_graph is not None:
+        if callable(expect_graph) and not isinstance(expect_graph, GraphModule):
+            if inputs is None:
+                raise ValueError("check_pass: tracing expect_graph needs example `inputs`")
+            expect_graph = trace(expect_graph, inputs)
+        assert_structural_equal(gm, expect_graph)
     check = PassCheck(record, before, gm)
     if compare_numerics:
         tol = {**TOLERANCES, **(tolerances or {})}
@@ -154,4 +164,47 @@ def _flat(value) -> list[torch.Tensor]:
     return [x for x in flat if isinstance(x, torch.Tensor)]
 
 
-__all__ = ["PassCheck", "PassResult", "TOLERANCES", "check_pass", "snapshot", "trace"]
+def structural_diff(actual: GraphModule | torch.fx.Graph, expected: GraphModule | torch.fx.Graph) -> str | None:
+    """None when two graphs are the same computation written the same way, else where they first
+    differ (as TVM's assert_structural_equal): the same calls in the same order, each on the
+    corresponding arguments (inputs by position, weights and constants by attribute name, literals
+    equal), the same outputs. Node names, fake values and metadata are not compared."""
+    graphs = [g.graph if isinstance(g, GraphModule) else g for g in (actual, expected)]
+    a_nodes, e_nodes = ([n for n in g.nodes] for g in graphs)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.fx.Node) or isinstance(y, torch.fx.Node):
+            return isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node) and env.get(x) is y
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return type(x) is type(y) and x == y
+
+    for i, (a, e) in enumerate(zip(a_nodes, e_nodes)):
+        where = f"node {i} ({a.format_node()} vs expected {e.format_node()})"
+        if a.op != e.op:
+            return f"{where}: {a.op} where {e.op} was expected"
+        if a.op in ("call_function", "call_method", "get_attr", "call_module") and a.target != e.target:
+            return f"{where}: target {a.target} where {e.target} was expected"
+        if not same(a.args, e.args) or not same(a.kwargs, e.kwargs):
+            return f"{where}: different arguments"
+        env[a] = e
+    if len(a_nodes) != len(e_nodes):
+        extra = a_nodes[len(e_nodes):] or e_nodes[len(a_nodes):]
+        which = "the graph has" if len(a_nodes) > len(e_nodes) else "the expected graph has"
+        return f"{which} {len(extra)} more node(s), from {extra[0].format_node()}"
+    return None
+
+
+def assert_structural_equal(actual: GraphModule | torch.fx.Graph, expected: GraphModule | torch.fx.Graph) -> None:
+    """Raise AssertionError (with both graphs) where structural_diff finds a difference."""
+    diff = structural_diff(actual, expected)
+    if diff is not None:
+        graphs = [g.graph if isinstance(g, GraphModule) else g for g in (actual, expected)]
+        raise AssertionError(f"graphs differ: {diff}\n--- graph:\n{graphs[0]}\n--- expected:\n{graphs[1]}")
+
+
+__all__ = ["PassCheck", "PassResult", "TOLERANCES", "assert_structural_equal", "check_pass", "snapshot",
+           "structural_diff", "trace"]

@@ -9,9 +9,9 @@ from torch.fx import Graph, GraphModule, Node
 from mla_graph.contract import graph_meta, maybe_meta
 
 from .base import Invariant, PassResult, Violation, graph_pass
-from .graph_utils import add_constant, call, first_user_position
+from .graph_utils import add_constant, first_user_position
 from .mla_patterns import DECOMPRESSED, val
-from .rewrite import Match, Rule, Skip, rewrite
+from .rewrite import Match, Rule, Skip, emit_traced, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -82,15 +82,21 @@ def _absorbed(g: Graph, m: Match) -> Node:
     derived = graph_meta(gm).derived_constants
     derived[w_uk_node.target] = (m.w_kv_b.target, cut_uk)
     derived[w_uv_node.target] = (m.w_kv_b.target, cut_uv)
-    lat = call(g, mla.gather_paged.default, m.latent_cache, m.block_table)      # [B, S, L]
-    rope = call(g, mla.gather_paged.default, m.rope_cache, m.block_table)       # [B, S, R]
-    k = call(g, aten.unsqueeze.default, call(g, aten.cat.default, [lat, rope], -1), 2)
-    v = call(g, aten.unsqueeze.default, lat, 2)
-    ql = call(g, aten.bmm.default, call(g, aten.permute.default, m.q_nope, [1, 0, 2]), w_uk_node)
-    q = call(g, aten.cat.default, [call(g, aten.permute.default, ql, [1, 0, 2]), m.q_pe], -1)
-    o = call(g, mla.attention.default, q, k, v, m.query_start_loc, m.seq_lens, m.scale)
-    out = call(g, aten.bmm.default, call(g, aten.permute.default, o, [1, 0, 2]), w_uv_node)
-    return call(g, aten.permute.default, out, [1, 0, 2])
+    return emit_traced(g, absorbed_attention, [m.q_nope, m.q_pe, m.latent_cache, m.rope_cache, m.block_table,
+                                               w_uk_node, w_uv_node, m.query_start_loc, m.seq_lens, m.scale])
+
+
+def absorbed_attention(q_nope, q_pe, latent_cache, rope_cache, block_table, w_uk, w_uv, query_start_loc, seq_lens,
+                       scale):
+    """Attention over the latent itself: W_UK folded into the query, W_UV applied after."""
+    lat = mla.gather_paged.default(latent_cache, block_table)                   # [B, S, L]
+    rope = mla.gather_paged.default(rope_cache, block_table)                    # [B, S, R]
+    k = torch.cat([lat, rope], -1).unsqueeze(2)
+    v = lat.unsqueeze(2)
+    ql = torch.bmm(q_nope.permute(1, 0, 2), w_uk)                               # [N, T, L]
+    q = torch.cat([ql.permute(1, 0, 2), q_pe], -1)
+    o = mla.attention.default(q, k, v, query_start_loc, seq_lens, scale)
+    return torch.bmm(o.permute(1, 0, 2), w_uv).permute(1, 0, 2)
 
 
 ABSORB = Rule("absorb decompressed attention", DECOMPRESSED, emit=_absorbed, check=_chosen)

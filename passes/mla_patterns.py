@@ -1,12 +1,14 @@
 """Traced patterns (passes.rewrite.Pattern) of the plain MLA definition's subgraphs that several passes rewrite."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import Node
 
 import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla, which the patterns and rules name)
 
-from .rewrite import Match, Pattern, Skip
+from .rewrite import Match, Pattern
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -36,21 +38,17 @@ def match_decompressed_attention(node: Node) -> Match | None:
     return DECOMPRESSED.match(node) if _is(node, mla.attention.default) else None
 
 
-@Pattern
-def KV_CACHE_WRITE(kv, sizes, gamma, eps, positions, table, latent_cache, rope_cache, slots):
+def _kv_cache_write(kv, sizes, gamma, eps, positions, table, latent_cache, rope_cache, slots):
     """mla.cache_write(mla.rms_norm(c, gamma, eps), mla.rope(k, positions, table), latent, rope, slots)
-    with c, k = split(kv, [L, R]) (a fusion also needs norm_and_rope_feed_only_the_write)."""
+    with c, k = split(kv, [L, R])."""
     c, k = aten.split_with_sizes.default(kv, sizes, -1)
     return mla.cache_write.default(mla.rms_norm.default(c, gamma, eps), mla.rope.default(k, positions, table),
                                    latent_cache, rope_cache, slots)
 
 
-def norm_and_rope_feed_only_the_write(m: Match) -> bool | Skip:
-    """A KV_CACHE_WRITE match a fusion may take: the normed latent and the roped key feed nothing
-    but the write (the split before them may have other readers: they keep reading it)."""
-    if all(set(n.users) <= {m.node} for n in m.nodes if n.target in (mla.rms_norm.default, mla.rope.default)):
-        return True
-    return Skip(f"{m.node.name}: the normed latent or roped key has other users; not fused")
+# a fusion takes it only where the normed latent and the roped key feed nothing but the write (the
+# matcher's single-use guard); the split before them may have other readers: they keep reading it
+KV_CACHE_WRITE = Pattern(_kv_cache_write, shared=(aten.split_with_sizes.default, operator.getitem))
 
 
 def _is(node: object, target: object) -> bool:

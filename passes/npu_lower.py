@@ -19,8 +19,8 @@ from mla_graph.npu.limits import Violation
 from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, new_symbol, same_size
-from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, norm_and_rope_feed_only_the_write, val
-from .rewrite import Match, Rule, Skip, rewrite
+from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, val
+from .rewrite import Match, Rule, Skip, emit_traced, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
 MASK_SIZE = 2048  # FIA sparse modes 2-4 take a compressed 2048 x 2048 triu(1) mask
@@ -74,8 +74,7 @@ def _write_v2(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
          m.latent_cache, epsilon=m.eps, cache_mode="PA")
 
 
-KV_WRITE_V2 = Rule("rmsnorm+rope+cache write", KV_CACHE_WRITE, emit=kv_cache_write_emit(_write_v2),
-                   check=norm_and_rope_feed_only_the_write)
+KV_WRITE_V2 = Rule("rmsnorm+rope+cache write", KV_CACHE_WRITE, emit=kv_cache_write_emit(_write_v2))
 
 
 @graph_pass()
@@ -102,7 +101,7 @@ def _interleave_rope(g, n: Node) -> Node:
 def _rope_aten(g, n: Node) -> Node:
     x, positions, table = n.args
     cos, sin = _rope_cos_sin(g.owning_module, positions, table)
-    return _rope_in_aten(g, x, cos, sin, val(x).shape[-1])
+    return emit_traced(g, rope_in_aten, [x, cos, sin, val(x).shape[-1]])
 
 
 Q_ROPE = Rule("q rope", mla.rope.default, emit=_interleave_rope,
@@ -111,17 +110,17 @@ Q_ROPE_ATEN = Rule("q rope (aten: no InterleaveRope for this dtype)", mla.rope.d
                    check=lambda n: val(n).dim() == 3 and val(n).dtype not in limits.INTERLEAVE_ROPE_DTYPES)
 
 
-def _rope_in_aten(g, x: Node, cos: Node, sin: Node, R: int) -> Node:
+def rope_in_aten(x, cos, sin, R: int):
+    """Interleaved rope of x [T, N, R] with the NPU layout's cos / sin [T, 1, 1, R] (each half repeated)."""
     half = R // 2
-    x0 = call(g, aten.slice.Tensor, x, -1, 0, R, 2)
-    x1 = call(g, aten.slice.Tensor, x, -1, 1, R, 2)
-    c = call(g, aten.slice.Tensor, call(g, aten.view.default, cos, [-1, 1, R]), -1, 0, half)
-    s = call(g, aten.slice.Tensor, call(g, aten.view.default, sin, [-1, 1, R]), -1, 0, half)
-    first = call(g, aten.sub.Tensor, call(g, aten.mul.Tensor, x0, c), call(g, aten.mul.Tensor, x1, s))
-    second = call(g, aten.add.Tensor, call(g, aten.mul.Tensor, x1, c), call(g, aten.mul.Tensor, x0, s))
-    return call(g, aten.cat.default, [first, second], -1)
+    x0, x1 = aten.slice.Tensor(x, -1, 0, R, 2), aten.slice.Tensor(x, -1, 1, R, 2)
+    c = aten.slice.Tensor(cos.view(-1, 1, R), -1, 0, half)
+    s = aten.slice.Tensor(sin.view(-1, 1, R), -1, 0, half)
+    return torch.cat([x0 * c - x1 * s, x1 * c + x0 * s], -1)
 
 
+# by hand: a traced call would drop eps where it equals the schema's default (the dispatcher strips
+# trailing default arguments), and the graph would no longer say which eps it uses
 RMS_NORM = Rule("rms_norm", mla.rms_norm.default,
                 emit=lambda g, n: call(g, operator.getitem, call(g, _npu().npu_rms_norm.default, *n.args), 0))
 

@@ -29,7 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .base import PassResult
-from .side_effects import eliminate_dead_code, has_side_effect
+from .side_effects import base_of, eliminate_dead_code, has_side_effect, written
 
 
 def _defined_at() -> str:
@@ -54,13 +54,16 @@ class Pattern:
     a pattern returning a tuple has further anchors (side-effect nodes such as a cache write),
     searched among the nodes that call the same op."""
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, *, shared: Iterable[object] = ()) -> None:
         self.graph = torch.fx.symbolic_trace(fn).graph
         self.name = fn.__name__
+        # intermediates calling these ops may be read outside the match (they stay for those readers);
+        # any other intermediate must be read by the match alone (Rule.match refuses it otherwise)
+        self.shared = frozenset(shared)
         self._matcher = SubgraphMatcher(self.graph)
         self.anchors = self._matcher.pattern_anchors
         self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
-        clash = {"node", "nodes"} & {n.target for n in self.inputs}
+        clash = {"node", "nodes", "outputs", "pattern"} & {n.target for n in self.inputs}
         if clash:
             raise ValueError(f"pattern {self.name}: an argument may not be named {sorted(clash)} (a Match's own names)")
 
@@ -76,7 +79,9 @@ class Pattern:
         if m is None:
             return None
         nodes = [gn for pn, gn in m.nodes_map.items() if pn.op != "placeholder"]
-        return Match(node=node, nodes=nodes, **{pn.target: m.nodes_map.get(pn) for pn in self.inputs})
+        outputs = [m.nodes_map[a] for a in self.anchors]
+        return Match(node=node, nodes=nodes, outputs=outputs, pattern=self,
+                     **{pn.target: m.nodes_map.get(pn) for pn in self.inputs})
 
     def _walk(self, anchor: Node, node: Node, so_far: InternalMatch) -> InternalMatch | None:
         trial = copy.copy(so_far)     # the matcher leaves a failed walk's partial bindings behind
@@ -89,6 +94,73 @@ class Pattern:
         either = copy.copy(self)
         either.match = lambda node: self.match(node) or other.match(node)
         return either
+
+
+def traced(fn: Callable) -> Callable[[Graph, Any], Node]:
+    """A rule's emit written as ordinary torch code: `fn(**the match's values)` for a Pattern rule
+    (its parameters named as the pattern's arguments), `fn(*node.args)` for a plain rule. At each
+    match it is traced (make_fx at the dispatch level, over the graph's own fake values, so sizes
+    stay the graph's symbols) and the traced nodes are copied in before the anchor, each with its
+    fake value. Tensors it reads must come in as arguments (a tensor it makes is refused); literals
+    (sizes, eps, dtypes) are taken as they are."""
+    names = list(inspect.signature(fn).parameters)
+
+    def emit(g: Graph, m: Any) -> Node:
+        values = [getattr(m, name) for name in names] if isinstance(m, Match) else list(m.args)[: len(names)]
+        return emit_traced(g, fn, values, name=getattr(fn, "__name__", "replacement"))
+    emit.traced = fn   # type: ignore[attr-defined]
+    return emit
+
+
+def emit_traced(g: Graph, fn: Callable, values: list, *, name: str = "replacement") -> Node:
+    """Trace fn(*values) (Node values by their fake values) and copy its nodes into g at the insert
+    point; returns the node of its result."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mla_graph.torch_compat import fake_mode_context
+
+    tensors = [i for i, v in enumerate(values) if isinstance(v, Node)]
+
+    def over_tensors(*fakes):
+        full = list(values)
+        for i, fake in zip(tensors, fakes):
+            full[i] = fake
+        return fn(*full)
+    fakes = [values[i].meta["val"] for i in tensors]
+    mode = detect_fake_mode(fakes)
+    with fake_mode_context(mode):
+        # make_fx knows an input by its tensor object: two nodes holding one fake value (rope cos and
+        # sin are made alike) would both trace as the last; each gets an object of its own
+        seen: set[int] = set()
+        for i, fake in enumerate(fakes):
+            if id(fake) in seen:
+                fakes[i] = fake.detach()
+            seen.add(id(fakes[i]))
+        try:
+            trace = make_fx(over_tensors, tracing_mode="real", pre_dispatch=False)(*fakes)
+        except Exception as error:   # e.g. a real tensor met the fake ones
+            raise ValueError(f"replacement {name}: tracing it over the match's fake values failed ({error}); "
+                             f"pass every tensor it reads in as an argument") from error
+    env: dict[Node, Any] = {}
+    placeholders = iter(tensors)
+    result = None
+    for node in trace.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = values[next(placeholders)]
+        elif node.op == "call_function":
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = copied = g.create_node("call_function", node.target, args, kwargs)   # named by its op
+            copied.meta["val"] = node.meta["val"]
+        elif node.op == "output":
+            (result,) = torch.fx.node.map_arg(node.args, lambda n: env[n])
+        else:
+            raise ValueError(f"replacement {name}: makes a tensor ({node.op} {node.target}); pass every tensor it "
+                             f"reads in as an argument")
+    if isinstance(result, (tuple, list)):
+        (result,) = result
+    return result
 
 
 @dataclass(frozen=True)
@@ -113,12 +185,54 @@ class Rule:
         return self.anchor if isinstance(self.anchor, tuple) else (self.anchor,)
 
     def match(self, node: Node) -> Any:
-        """The node (a plain rule) or the Match (a Pattern rule); None or a Skip when it does not apply."""
+        """The node (a plain rule) or the Match (a Pattern rule); None or a Skip when it does not apply.
+        A Pattern match is refused before the rule's own check where replacing it would be wrong or
+        wasteful (exclusive_and_unwritten)."""
         m = self.anchor.match(node) if isinstance(self.anchor, Pattern) else node
         if m is None:
             return Skip(f"{node.name}: {self.missed}") if self.missed else None
+        if isinstance(m, Match):
+            refused = exclusive_and_unwritten(m)
+            if refused is not None:
+                return refused
         verdict = self.check(m)
         return m if verdict is True else (verdict if isinstance(verdict, Skip) else None)
+
+
+# reads of a value's size alone (a later pass reads the size elsewhere; they need no second copy)
+_SIZE_READS = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default})
+
+
+def exclusive_and_unwritten(m: Match) -> Skip | None:
+    """The matcher's own guards, for every Pattern rule: a Skip saying why `m` may not be replaced, or None.
+
+    - Single use: an intermediate of the match (a matched node that is not one of its outputs) read
+      by a node outside it would stay alive beside the replacement and be computed twice (and a
+      cache write fused away from a value still read elsewhere would no longer be the one write);
+      only intermediates calling the pattern's `shared` ops may be. Reading a size is no use.
+    - No write in between: the replacement is built at the anchor and reads the match's inputs
+      there; a node between the match's first node and its anchor that writes one of them (through
+      any view) would make the replacement read the value after the write, where the match read it
+      before."""
+    inside, outputs = set(m.nodes), set(m.outputs)
+    for n in m.nodes:
+        if n in outputs or n.target in m.pattern.shared:
+            continue
+        outside = [u for u in n.users if u not in inside and u.target not in _SIZE_READS]
+        if outside:
+            return Skip(f"{m.node.name}: {n.name} of the match is also read by {outside[0].name}; not rewritten")
+    read = {base_of(v) for v in vars(m).values() if isinstance(v, Node)} | {base_of(n) for n in inside - outputs}
+    order = {n: i for i, n in enumerate(m.node.graph.nodes)}
+    first = min(order[n] for n in inside)
+    cursor = m.node.prev
+    while cursor.op != "root" and order[cursor] > first:
+        if cursor not in inside:
+            hit = [v for v in written(cursor) if base_of(v) in read]
+            if hit:
+                return Skip(f"{m.node.name}: {cursor.name} writes {hit[0].name} between the match's nodes; "
+                            f"not rewritten")
+        cursor = cursor.prev
+    return None
 
 
 def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) -> PassResult:
@@ -142,8 +256,10 @@ def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) 
                 result.notes.append(m.reason)
             if m is None or isinstance(m, Skip):
                 continue
+            before = node.prev
             with g.inserting_before(node):
                 new = rule.emit(g, m)
+            _record_source(before, node, rule.name)
             if new is not node:       # else the emit edited the node in place
                 if new is not None:
                     node.replace_all_uses_with(new)
@@ -156,6 +272,21 @@ def rewrite(gm: GraphModule, rules: Iterable[Rule], *, dead_code: bool = False) 
     if dead_code and result.changed:
         eliminate_dead_code(g)
     return result
+
+
+def _record_source(before: Node, anchor: Node, rule: str) -> None:
+    """The nodes an emit put before `anchor` (after `before`) came from it: torch.fx's standard
+    provenance, node.meta["from_node"] (NodeSource: the node replaced, the rule as the pass name),
+    beside ours (node.meta["mla_pass"], set by the manager)."""
+    from torch.fx.traceback import NodeSource, NodeSourceAction
+
+    source = None
+    cursor = before.next
+    while cursor is not anchor:
+        if "from_node" not in cursor.meta:
+            source = source or NodeSource(anchor, pass_name=rule, action=NodeSourceAction.REPLACE)
+            cursor.meta["from_node"] = [source]
+        cursor = cursor.next
 
 
 def _erase_unread(g: Graph, nodes: list[Node]) -> None:

@@ -19,9 +19,9 @@ from mla_graph.npu.limits import Violation
 
 from .base import Invariant, PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, remove_input
-from .mla_patterns import KV_CACHE_WRITE, _is, norm_and_rope_feed_only_the_write, val
+from .mla_patterns import KV_CACHE_WRITE, _is, val
 from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_emit
-from .rewrite import Match, Pattern, Rule, Skip, rewrite
+from .rewrite import Match, Pattern, Rule, Skip, rewrite, traced
 
 aten, mla = torch.ops.aten, torch.ops.mla
 
@@ -183,7 +183,7 @@ def _write_functional(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
 
 
 KV_WRITE_FUNCTIONAL = Rule("rmsnorm+rope+cache write (functional)", KV_CACHE_WRITE,
-                           emit=kv_cache_write_emit(_write_functional), check=norm_and_rope_feed_only_the_write)
+                           emit=kv_cache_write_emit(_write_functional))
 
 
 @graph_pass(ensures=[WRITEBACK_ORDER])
@@ -198,7 +198,7 @@ def decompose_linear(gm: GraphModule) -> PassResult:
 
 LINEAR_TO_MM = Rule("linear -> mm", aten.linear.default,
                     check=lambda n: len(n.args) == 2 and val(n.args[0]).dim() == 2,
-                    emit=lambda g, n: call(g, aten.mm.default, n.args[0], call(g, aten.t.default, n.args[1])))
+                    emit=traced(lambda x, w: torch.mm(x, w.t())))
 
 
 # FIA's lengths as the int64 device tensor GE's FusedInferAttentionScore takes (torchair's air FIA

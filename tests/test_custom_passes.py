@@ -29,6 +29,13 @@ def doc_scope():
 
 def test_the_page_runs_as_written(doc_scope, monkeypatch):
     assert doc_scope["check"].record.matches_by_rule == {"o_proj in float32": 1}
+    assert doc_scope["mm_check"].record.matches_by_rule == {"linear -> mm": 1}
+    # the page's Before/Expected check fails on a wrong expectation
+    from mla_graph.testing import check_pass
+    x, w = torch.randn(5, 16), torch.randn(12, 16)
+    with pytest.raises(AssertionError, match="graphs differ"):
+        check_pass(doc_scope["linear_to_mm"], lambda x, w: torch.nn.functional.linear(x, w), [x, w],
+                   expect_graph=lambda x, w: torch.mm(x, w.t().contiguous()))
     # the pattern rule matched the q norm (its input now float32), not the kv norm before the cache write
     after = doc_scope["norm_check"].after
     assert doc_scope["norm_check"].record.matches_by_rule == {"rms_norm in float32 before a linear": 1}

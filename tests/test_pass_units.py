@@ -35,7 +35,7 @@ from mla_graph.passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsno
                               lower_paged_attention, lower_rms_norm, lower_rope)
 from mla_graph.passes.page import page_latent_attention
 from mla_graph.passes.split_mixed import split_mixed_batch
-from mla_graph.testing import check_pass
+from mla_graph.testing import assert_structural_equal, check_pass, structural_diff
 from mla_graph.passes.torchair_lower import (decompose_linear, fuse_kv_rmsnorm_rope_cache_functional, fuse_mla_prolog,
                                    lengths_as_tensors)
 
@@ -235,6 +235,12 @@ def test_remove_noop_views_on_symbolic_shapes():
     assert ops(gm) == ["aten.sym_size.int", "aten.reshape.default", "aten._unsafe_view.default", "aten.mul.Tensor"]
     reshape = nodes(gm, aten.reshape.default)[0]
     assert reshape.args[0].op == "placeholder"                         # reads x itself now
+    e = GraphBuilder()                # Before/Expected: the real views alone, on x itself
+    T = e.sym("num_tokens", 7)
+    x = e.input("x", (T, 8))
+    rows = e.op(aten.sym_size.int, x, 0)
+    flat = e.op(aten._unsafe_view.default, e.op(aten.reshape.default, x, [rows, 2, 4]), [rows, 8])
+    assert_structural_equal(gm, e.finish(e.op(aten.mul.Tensor, flat, 2.0)))
 
 
 def test_remove_noop_views_does_not_fire_on_real_views():
@@ -475,6 +481,49 @@ def test_lower_paged_attention_to_aten(phase, requests, dtype):
     # decode: the block table rows as they are; prefill: rows, query ends, seq_lens picked per token
     assert counts == {"mla.paged_attention.default": 0, "aten.bmm.default": 2, "aten._softmax.default": 1,
                       "aten.index_select.default": 2 if phase == "decode" else 5, "aten.masked_fill.Scalar": 3}
+    if phase == "decode":   # Before/Expected: the graph the docstring's formula makes, written as torch code
+        assert_structural_equal(gm, _expected_paged_decode_in_aten(dtype))
+
+
+def _expected_paged_decode_in_aten(dtype):
+    """One token per request: the block table's rows as they are; keys past seq_len - 1 masked."""
+    from mla_graph.passes.rewrite import emit_traced
+
+    def attention(ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale):
+        S = bt.shape[1] * BS
+        last = seq_lens - 1
+        rows = bt.view(-1)
+        hidden = aten.arange.start(0, S, dtype=torch.int64).view(1, -1, 1) > last.view(-1, 1, 1)
+        c = aten._to_copy.default(latent_cache.index_select(0, rows).view(-1, S, L), dtype=f32).masked_fill(hidden, 0.0)
+        k_pe = aten._to_copy.default(rope_cache.index_select(0, rows).view(-1, S, R), dtype=f32).masked_fill(hidden, 0.0)
+        q = aten._to_copy.default(torch.cat([ql, q_pe], -1), dtype=f32)
+        scores = torch.bmm(q, torch.cat([c, k_pe], -1).transpose(1, 2)) * scale
+        p = torch.softmax(scores.masked_fill(hidden.transpose(1, 2), torch.finfo(f32).min), -1)
+        return aten._to_copy.default(torch.bmm(p, c), dtype=dtype)
+
+    b = GraphBuilder(phase="decode", dtype=dtype, block_size=BS, num_heads=N)
+    T, B, NB, MB = _sizes(b, "decode")
+    ql, q_pe = b.input("ql", (T, N, L), dtype), b.input("q_pe", (T, N, R), dtype)
+    inputs = _cache_inputs(b, NB, B, MB, latent=L, rope=R, block=BS, dtype=dtype)
+    latent_cache, rope_cache, bt, seq_lens, qsl = inputs
+    out = emit_traced(b.graph, attention, [ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, SCALE])
+    return b.finish(out)
+
+
+def test_structural_comparison_sees_an_op_an_argument_and_a_literal():
+    """The Before/Expected comparison itself: names do not matter; an op, an argument or a literal does."""
+    def graph(op=aten.mul.Tensor, swap=False, literal=2.0, name="y"):
+        b = GraphBuilder()
+        x, y = b.input("x", (4, 6)), b.input(name, (4, 6))
+        first, second = (y, x) if swap else (x, y)
+        return b.finish(b.op(aten.add.Tensor, b.op(op, first, literal), second))
+    assert structural_diff(graph(), graph(name="other")) is None
+    assert "target aten.sub.Tensor where aten.mul.Tensor was expected" in structural_diff(graph(aten.sub.Tensor), graph())
+    assert "different arguments" in structural_diff(graph(swap=True), graph())
+    assert "different arguments" in structural_diff(graph(literal=3.0), graph())
+    assert "different arguments" in structural_diff(graph(literal=2), graph())      # 2 is not 2.0
+    with pytest.raises(AssertionError, match="(?s)graphs differ: .*--- expected:"):
+        assert_structural_equal(graph(aten.sub.Tensor), graph())
 
 
 @pytest.mark.parametrize("phase, requests", [("decode", [(1, 5), (1, 9), (1, 2)]),
@@ -522,7 +571,8 @@ def test_fuse_kv_rmsnorm_rope_cache(dtype):
 @pytest.mark.parametrize("pass_fn", [fuse_kv_rmsnorm_rope_cache, fuse_kv_rmsnorm_rope_cache_functional])
 def test_kv_cache_fusions_do_not_fire_when_the_normed_latent_has_another_user(pass_fn):
     gm = kv_write_graph(extra_user=True)
-    assert "other users" in _unchanged(pass_fn, gm).notes[0]
+    note = _unchanged(pass_fn, gm).notes[0]   # the matcher's single-use guard (rewrite.exclusive_and_unwritten)
+    assert "rms_norm_default of the match is also read by" in note and note.endswith("not rewritten"), note
     assert "rope_cos" not in graph_meta(gm).input_names
 
 
@@ -866,6 +916,10 @@ def test_decompose_linear(dtype):
     assert ops(gm) == ["aten.relu.default", "aten.t.default", "aten.mm.default"]
     [mm] = nodes(gm, aten.mm.default)
     assert mm.args[0].target is aten.relu.default and mm.args[1].args[0].target == "o_proj_weight"
+    e = GraphBuilder(dtype=dtype)     # Before/Expected: y = mm(relu(x), t(w))
+    x = e.input("x", (e.sym("num_tokens", 7), 16), dtype)
+    w = e.weight("o_proj_weight", _randn(12, 16, dtype=dtype, seed=3, std=0.3))
+    assert_structural_equal(gm, e.finish(e.op(aten.mm.default, e.op(aten.relu.default, x), e.op(aten.t.default, w))))
 
 
 @pytest.mark.parametrize("case", ["3d-input", "bias"])

@@ -121,3 +121,95 @@ def test_match_values_are_named_as_the_pattern_function_names_its_arguments():
     assert NEG_OF.match(nodes(gm, aten.neg.default)[0]).input is a
     with pytest.raises(ValueError, match="may not be named"):
         Pattern(lambda node: aten.neg.default(node))
+
+
+# ---- replacements written as torch code, the matcher's guards, provenance -----------------------
+
+def test_a_traced_replacement_is_the_graph_its_torch_code_makes():
+    """traced(fn): fn is ordinary torch code, traced at the match over the graph's fake values (the
+    sizes stay the graph's symbols); its nodes carry fake values and say where they came from."""
+    from mla_graph.passes.rewrite import traced
+    from mla_graph.testing import assert_structural_equal
+
+    def build(b):
+        T = b.sym("T", 5)
+        x, w = b.input("x", (T, 6)), b.input("w", (3, 6))
+        return b.finish(b.op(aten.linear.default, x, w))
+    gm = build(GraphBuilder())
+    (linear,) = nodes(gm, aten.linear.default)
+    result = rewrite(gm, [Rule("linear -> mm", aten.linear.default, emit=traced(lambda x, w: torch.mm(x, w.t())))])
+    assert result.matches_by_rule == {"linear -> mm": 1}
+    # the expected graph, built by hand
+    b = GraphBuilder()
+    T = b.sym("T", 5)
+    x, w = b.input("x", (T, 6)), b.input("w", (3, 6))
+    expected = b.finish(b.op(aten.mm.default, x, b.op(aten.t.default, w)))
+    assert_structural_equal(gm, expected)
+    (mm,) = nodes(gm, aten.mm.default)
+    assert mm.meta["val"].shape[1] == 3
+    assert mm.meta["val"].shape[0].node.expr == linear.meta["val"].shape[0].node.expr   # the graph's own symbol
+    for node in (mm, *nodes(gm, aten.t.default)):
+        [source] = node.meta["from_node"]     # torch.fx's provenance: the node replaced, the rule
+        assert (source.name, source.pass_name) == ("linear_default", "linear -> mm")
+
+
+def test_a_traced_replacement_keeps_two_inputs_with_one_fake_value_apart():
+    """Two inputs may hold one fake value object (rope cos and sin are made alike): each still traces
+    as itself (make_fx knows an input by its object; the second once stood for both)."""
+    from mla_graph.passes.rewrite import emit_traced
+
+    b = GraphBuilder()
+    x, y = b.input("x", (4, 6)), b.input("y", (4, 6))
+    y.meta["val"] = x.meta["val"]
+    gm = b.finish(b.op(aten.neg.default, x))
+    (neg,) = nodes(gm, aten.neg.default)
+    with gm.graph.inserting_before(neg):
+        out = emit_traced(gm.graph, lambda a, c: a - c, [x, y])
+    assert out.target is aten.sub.Tensor and out.args == (x, y)
+
+
+def test_a_traced_replacement_may_not_make_a_tensor():
+    from mla_graph.passes.rewrite import traced
+
+    gm, a, c = _graph(lambda b, a, c: b.op(aten.neg.default, a))
+    constant = torch.ones(4, 6)      # a real tensor the code closes over: it would be copied into the graph
+    rule = Rule("plus a constant", aten.neg.default, emit=traced(lambda x: x + constant))
+    with pytest.raises(ValueError, match="replacement <lambda>: .*pass every tensor it reads in as an argument"):
+        rewrite(gm, [rule])
+
+
+@Pattern
+def DOUBLE_THEN_NEG(x):
+    return aten.neg.default(aten.mul.Tensor(x, 2.0))
+
+
+def test_the_matcher_refuses_an_intermediate_read_outside_the_match():
+    """Replacing the anchor would leave the intermediate alive for its other reader, computed twice."""
+    def build(b, a, c):
+        doubled = b.op(aten.mul.Tensor, a, 2.0)
+        return b.op(aten.add.Tensor, b.op(aten.neg.default, doubled), doubled)
+    gm, a, _ = _graph(build)
+    rule = Rule("neg of double", DOUBLE_THEN_NEG, emit=lambda g, m: call(g, aten.mul.Tensor, m.x, -2.0))
+    result = rewrite(gm, [rule])
+    assert result.matches == 0 and result.notes == ["neg_default: mul_tensor of the match is also read by "
+                                                    "add_tensor; not rewritten"]
+    # the same op may be declared shared by the pattern: then it is taken, and the reader keeps its value
+    shared = Pattern(DOUBLE_THEN_NEG_FN, shared=(aten.mul.Tensor,))
+    gm, _, _ = _graph(build)
+    assert rewrite(gm, [Rule("neg of double", shared, emit=lambda g, m: call(g, aten.mul.Tensor, m.x, -2.0))]).matches == 1
+
+
+def DOUBLE_THEN_NEG_FN(x):
+    return aten.neg.default(aten.mul.Tensor(x, 2.0))
+
+
+def test_the_matcher_refuses_a_match_whose_input_is_written_between_its_nodes():
+    """The replacement reads the input at the anchor; a write in between would change what it reads."""
+    def build(b, a, c):
+        doubled = b.op(aten.mul.Tensor, a, 2.0)
+        written = b.op(aten.add_.Tensor, a, 1.0)      # a write into the match's input, after its first node
+        return b.op(aten.add.Tensor, b.op(aten.neg.default, doubled), written)
+    gm, a, _ = _graph(build)
+    result = rewrite(gm, [Rule("neg of double", DOUBLE_THEN_NEG, emit=lambda g, m: call(g, aten.mul.Tensor, m.x, -2.0))])
+    assert result.matches == 0
+    assert result.notes == ["neg_default: add__tensor writes a between the match's nodes; not rewritten"]
