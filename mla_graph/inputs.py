@@ -169,13 +169,13 @@ def rope_rows(positions: torch.Tensor, cos_sin: torch.Tensor | None, dtype: torc
 
 
 def context_slots(metadata: MLAMetadata, block_size: int) -> torch.Tensor:
-    """Flat cache slots of each request's context tokens 0..seq_len-1, concatenated."""
-    offsets = torch.arange(block_size, device=metadata.block_table.device)
-    rows = []
-    for b, seq_len in enumerate(metadata.seq_lens.tolist()):
-        blocks = metadata.block_table[b, : -(-seq_len // block_size)].long()
-        rows.append((blocks[:, None] * block_size + offsets).flatten()[:seq_len])
-    return torch.cat(rows) if rows else metadata.slot_mapping.new_empty(0)
+    """Flat cache slots of each request's context tokens 0..seq_len-1, concatenated (int64): every
+    slot of each request's block-table row, the first seq_len kept (no loop over requests)."""
+    table = metadata.block_table.long()
+    offsets = torch.arange(block_size, device=table.device)
+    slots = (table[:, :, None] * block_size + offsets).flatten(1)                   # [B, MB * block_size]
+    positions = torch.arange(slots.shape[1], device=table.device)
+    return slots[positions < metadata.seq_lens.to(table.device)[:, None].long()]
 
 
 declare("rope_cos", lambda positions, cos_sin, dtype: rope_rows(positions, cos_sin, dtype, 0), memo=True)

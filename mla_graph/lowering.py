@@ -35,13 +35,12 @@ class LoweredMLA(nn.Module):
     """
 
     def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
-                 reports: dict[str, PipelineReport], block_size: int,
+                 reports: dict[str, PipelineReport],
                  options: object | None = None, checked: bool | None = None) -> None:
         super().__init__()
         self.config = layer.config
         self.num_heads = layer.num_heads
         self.target = target
-        self.block_size = block_size
         self.graphs = nn.ModuleDict(graphs)
         # how each phase's graph is called (its signature, frozen now; its derived constants' recipes)
         self.conventions = {phase: CallingConvention.of(gm) for phase, gm in graphs.items()}
@@ -55,8 +54,13 @@ class LoweredMLA(nn.Module):
         # fingerprints only where checked mode will compare them (they cost a float64 pass over the weight)
         self._derived = _derived_constants(layer, graphs, fingerprint=checked_mode(checked))
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
-        self.runners = {phase: target.runtimes[phase](gm, self.options, layer.config, block_size)
+        self.runners = {phase: target.runtimes[phase](gm, self.options)
                         for phase, gm in graphs.items() if phase in target.runtimes}
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per cache block the graphs were lowered for (kept once, in each graph's GraphMeta)."""
+        return next(iter(self.conventions.values())).block_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,4 +251,4 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report
         write_report(dump_dir)
-    return LoweredMLA(layer, spec, graphs, reports, block_size, options, checked)
+    return LoweredMLA(layer, spec, graphs, reports, options, checked)

@@ -174,8 +174,7 @@ def rebind(template: LoweredMLA, layer: MLAAttention, *, verify: bool = True,
         if problems:
             node, message = problems[0]
             raise PassVerificationError("rebind", node, f"{phase} graph re-bound to another layer: {message}")
-    return LoweredMLA(layer, template.target, graphs, template.reports, template.block_size,
-                      template.options, template.checked)
+    return LoweredMLA(layer, template.target, graphs, template.reports, template.options, template.checked)
 
 
 def _why_not_rebindable(lowered: LoweredMLA, layer_tensors: set[str]) -> str:

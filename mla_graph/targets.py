@@ -111,7 +111,7 @@ class Target:
     description: str
     stages: Callable[[str], Sequence[str]]          # phase -> names of STAGES, in order
     prepare: Callable[[], object] = field(default=lambda: None)
-    # phase -> factory(gm, parsed options, config, block_size) of a callable that runs that phase
+    # phase -> factory(gm, parsed options) of a callable that runs that phase
     # (e.g. graph mode for decode); phases without one run the lowered graph eagerly
     runtimes: dict[str, Callable] = field(default_factory=dict)
     options: tuple[str, ...] = ()   # keys `lower(..., target_options=)` accepts

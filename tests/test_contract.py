@@ -116,3 +116,22 @@ def test_a_graph_without_graph_meta_is_named():
 def test_a_part_input_only_for_a_known_part():
     with pytest.raises(ValueError, match="part must be one of"):
         contract.SEQ_LENS.of_part("middle")
+
+
+def test_context_slots_are_each_requests_first_seq_len_slots_through_its_block_table():
+    """The npu target's context_slots input (mla_graph.inputs), computed without a loop over requests,
+    against the definition written request by request (blocks of the row, then the slot in the block)."""
+    from mla_graph.inputs import context_slots
+    from mla_graph.metadata import MLAMetadata
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        B, block, width = (int(torch.randint(low, high, (1,), generator=gen)) for low, high in ((0, 5), (1, 9), (1, 6)))
+        seq_lens = torch.randint(0, width * block + 1, (B,), generator=gen).to(torch.int32)
+        table = torch.randint(0, 50, (B, width), generator=gen).to(torch.int32)
+        md = MLAMetadata(slot_mapping=torch.zeros(0, dtype=torch.int64), block_table=table, seq_lens=seq_lens,
+                         query_start_loc=torch.zeros(B + 1, dtype=torch.int32), num_decodes=0, num_decode_tokens=0,
+                         num_prefills=B)
+        expected = [int(table[b, t // block]) * block + t % block for b in range(B) for t in range(int(seq_lens[b]))]
+        got = context_slots(md, block)
+        assert got.dtype == torch.int64 and got.tolist() == expected

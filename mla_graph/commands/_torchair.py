@@ -37,7 +37,7 @@ def check_phase(gm: GraphModule, target: str, phase: str, layer, block_size: int
     static graph; any other on the lowered graph itself, whose symbolic sizes are reported unless
     `static_dims` is False. `graph_mode` False (a pipeline stopped early) checks the lowered graph."""
     runtime = TARGETS[target].runtimes.get(phase) if graph_mode else None
-    runner = runtime(gm, TARGETS[target].parse(None), layer.config, block_size) if runtime is not None else None
+    runner = runtime(gm, TARGETS[target].parse(None)) if runtime is not None else None
     if runner is not None and not runner.on_npu:
         return check_graph(smallest_bucket_graph(runner, layer, block_size),
                            f"the graph the compiler is handed for batch bucket {runner.options.graph_batch_sizes[0]} "

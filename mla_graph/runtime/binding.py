@@ -94,6 +94,15 @@ class CallingConvention:
         meta = graph_meta(gm)
         return cls(gm, tuple(meta.inputs), tuple(meta.derived_constants.items()))
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per cache block the graph was captured for (its GraphMeta: the one place it is kept)."""
+        return graph_meta(self.graph).block_size
+
+    @property
+    def config(self) -> Any:
+        return graph_meta(self.graph).config
+
     def bind(self, call: Call, memo: StepMemo | None = None) -> list[object]:
         """The graph's arguments for `call`, in its signature's order."""
         return bind(self.signature, call, memo)

@@ -124,14 +124,14 @@ class BucketedDecode:
     nothing reads; the fused prolog admits no -1 slot), see no context (seq_len 0), and are
     dropped. A request's own slot -1 (write nothing) is sent to the padding block too."""
 
-    def __init__(self, gm: GraphModule, options: TorchairOptions, config, block_size: int) -> None:
+    def __init__(self, gm: GraphModule, options: TorchairOptions) -> None:
         from ..npu import npu_backend
 
         self.gm = gm
         self.convention = CallingConvention.of(gm)
         self.options = options
-        self.block_size = block_size
-        self.width = options.max_blocks_per_req or -(-config.max_position_embeddings // block_size)
+        self.block_size = block_size = self.convention.block_size
+        self.width = options.max_blocks_per_req or -(-self.convention.config.max_position_embeddings // block_size)
         lists = [i.name for i in graph_meta(gm).inputs if i.on == "host"]
         if lists:
             raise ValueError(f"graph mode needs every input as a tensor; this graph takes host lists {lists}")
