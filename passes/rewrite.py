@@ -29,6 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .base import PassResult
+from .graph_utils import call
 from .side_effects import base_of, eliminate_dead_code, has_side_effect, written
 
 
@@ -113,8 +114,66 @@ def traced(fn: Callable) -> Callable[[Graph, Any], Node]:
 
 
 def emit_traced(g: Graph, fn: Callable, values: list, *, name: str = "replacement") -> Node:
-    """Trace fn(*values) (Node values by their fake values) and copy its nodes into g at the insert
-    point; returns the node of its result."""
+    """fn(*values) (Node values by their fake values) as nodes of g at the insert point; returns the
+    node of its result. fn is traced once per abstract signature of its arguments (each tensor's
+    dtype, device, and sizes and strides with every symbolic size replaced by its place among the
+    distinct symbolic sizes, so equal sizes stay equal; every other argument by value): what the
+    trace can depend on. The trace is kept on fn and replayed node by node, each node's fake value
+    computed anew in g's own fake mode, as a replacement built by hand would be."""
+    key = _signature(values)
+    traces = fn.__dict__.setdefault("_mla_traces", {}) if hasattr(fn, "__dict__") else {}
+    template = traces.get(key) if key is not None else None
+    if template is None:
+        template = _trace(fn, values, name)
+        if key is not None:
+            traces[key] = template
+    env: dict[Node, Any] = {}
+    placeholders = iter(i for i, v in enumerate(values) if isinstance(v, Node))
+    result = None
+    for node in template.nodes:
+        if node.op == "placeholder":
+            env[node] = values[next(placeholders)]
+        elif node.op == "call_function":
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = call(g, node.target, *args, **kwargs)    # named by its op, as by hand
+        elif node.op == "output":
+            (result,) = torch.fx.node.map_arg(node.args, lambda n: env[n])
+    if isinstance(result, (tuple, list)):
+        (result,) = result
+    return result
+
+
+def _signature(values: list) -> tuple | None:
+    """The abstract signature emit_traced keys traces by, or None when an argument cannot be keyed."""
+    symbols: dict[Any, int] = {}
+
+    def size(s: Any) -> Any:
+        if isinstance(s, torch.SymInt):
+            return ("sym", symbols.setdefault(s.node.expr, len(symbols)))
+        return s
+
+    key = []
+    for v in values:
+        if isinstance(v, Node):
+            fake = v.meta.get("val")
+            if not isinstance(fake, torch.Tensor):
+                return None
+            key.append(("tensor", fake.dtype, fake.device.type, tuple(map(size, fake.shape)),
+                        tuple(map(size, fake.stride()))))
+        else:
+            item = tuple(v) if isinstance(v, list) else v
+            try:
+                hash(item)
+            except TypeError:
+                return None
+            key.append(("value", type(v).__name__, item))
+    return tuple(key)
+
+
+def _trace(fn: Callable, values: list, name: str) -> Graph:
+    """make_fx at the dispatch level over the Node values' fake values: a graph whose placeholders are
+    those values in order."""
     from torch._guards import detect_fake_mode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -142,25 +201,11 @@ def emit_traced(g: Graph, fn: Callable, values: list, *, name: str = "replacemen
         except Exception as error:   # e.g. a real tensor met the fake ones
             raise ValueError(f"replacement {name}: tracing it over the match's fake values failed ({error}); "
                              f"pass every tensor it reads in as an argument") from error
-    env: dict[Node, Any] = {}
-    placeholders = iter(tensors)
-    result = None
     for node in trace.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = values[next(placeholders)]
-        elif node.op == "call_function":
-            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = copied = g.create_node("call_function", node.target, args, kwargs)   # named by its op
-            copied.meta["val"] = node.meta["val"]
-        elif node.op == "output":
-            (result,) = torch.fx.node.map_arg(node.args, lambda n: env[n])
-        else:
+        if node.op not in ("placeholder", "call_function", "output"):
             raise ValueError(f"replacement {name}: makes a tensor ({node.op} {node.target}); pass every tensor it "
                              f"reads in as an argument")
-    if isinstance(result, (tuple, list)):
-        (result,) = result
-    return result
+    return trace.graph
 
 
 @dataclass(frozen=True)
