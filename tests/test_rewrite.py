@@ -213,3 +213,37 @@ def test_the_matcher_refuses_a_match_whose_input_is_written_between_its_nodes():
     result = rewrite(gm, [Rule("neg of double", DOUBLE_THEN_NEG, emit=lambda g, m: call(g, aten.mul.Tensor, m.x, -2.0))])
     assert result.matches == 0
     assert result.notes == ["neg_default: add__tensor writes a between the match's nodes; not rewritten"]
+
+
+def test_a_replacement_is_traced_once_per_abstract_signature(monkeypatch):
+    """The trace is kept per signature (dtype, static sizes, which symbolic sizes are equal, literals)
+    and replayed: a second match of the same signature traces nothing; another literal, dtype or an
+    equality between sizes the code may branch on is traced anew, and each replay is the graph that
+    signature's trace makes."""
+    import mla_graph.passes.rewrite as rw
+    from mla_graph.passes.graph_utils import same_size
+
+    traced_now = []
+    trace = rw._trace
+    monkeypatch.setattr(rw, "_trace", lambda fn, values, name: traced_now.append(name) or trace(fn, values, name))
+
+    def scaled(x, y, s):      # branches on whether the two row counts are one size
+        return x * s if same_size(x.shape[0], y.shape[0]) else x.sum(0) * s
+
+    def emitted(rows_y, s, dtype=torch.float32):
+        b = GraphBuilder()
+        T = b.sym("T", 4)
+        x, y = b.input("x", (T, 6), dtype), b.input("y", (T if rows_y == "T" else b.sym("U", 5), 6), dtype)
+        gm = b.finish(b.op(aten.neg.default, x))
+        (neg,) = nodes(gm, aten.neg.default)
+        with gm.graph.inserting_before(neg):
+            out = rw.emit_traced(gm.graph, scaled, [x, y, s], name="scaled")
+        return [n.target for n in gm.graph.nodes if n.op == "call_function" and n is not neg], out
+
+    first, _ = emitted("T", 2.0)
+    assert emitted("T", 2.0)[0] == first == [aten.mul.Tensor] and len(traced_now) == 1     # replayed
+    assert emitted("U", 2.0)[0] == [aten.sum.dim_IntList, aten.mul.Tensor] and len(traced_now) == 2
+    ops_3, out = emitted("T", 3.0)
+    assert ops_3 == [aten.mul.Tensor] and out.args[1] == 3.0 and len(traced_now) == 3     # another literal
+    emitted("T", 2.0, torch.bfloat16)
+    assert len(traced_now) == 4                                                            # another dtype
