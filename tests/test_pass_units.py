@@ -536,6 +536,12 @@ def test_lower_paged_attention_to_cpu(phase, requests):
     [fast] = nodes(gm, torch.ops.mla_cpu.paged_attention.default)
     assert [a.name for a in fast.args[:7]] == ["ql", "q_pe", "latent_cache", "rope_cache", "block_table",
                                                "query_start_loc", "seq_lens"] and fast.args[7] == SCALE
+    e = GraphBuilder(phase=phase, dtype=f32, block_size=BS, num_heads=N)     # Before/Expected: the one kernel
+    T, B, NB, MB = _sizes(e, phase)
+    ql, q_pe = e.input("ql", (T, N, L), f32), e.input("q_pe", (T, N, R), f32)
+    latent_cache, rope_cache, bt, seq_lens, qsl = _cache_inputs(e, NB, B, MB, latent=L, rope=R, block=BS, dtype=f32)
+    assert_structural_equal(gm, e.finish(e.op(torch.ops.mla_cpu.paged_attention.default, ql, q_pe, latent_cache,
+                                              rope_cache, bt, qsl, seq_lens, SCALE)))
 
 
 @pytest.mark.parametrize("pass_fn", [lower_paged_attention_to_aten, lower_paged_attention_to_cpu])
@@ -642,6 +648,18 @@ def test_lower_rope(dtype, rule, emitted):
     assert _result(check.record) == (True, 1, {rule: 1})
     assert _count(gm, "mla.rope.default", *emitted) == {"mla.rope.default": 0, **emitted}
     assert graph_meta(gm).input_names[-2:] == ["rope_cos", "rope_sin"]
+    if dtype == f32:    # Before/Expected, by hand: interleaved rope over the NPU layout's cos / sin rows
+        e = GraphBuilder(dtype=dtype)
+        T = e.sym("num_tokens", 7)
+        x, _ = e.input("x", (T, N, R), dtype), e.input("positions", (T,), i64)
+        cos, sin = e.input("rope_cos", (T, 1, 1, R), dtype), e.input("rope_sin", (T, 1, 1, R), dtype)
+        e.weight("cos_sin", rope_table(MAX_POS, R).to(dtype), parameter=False)
+        x0, x1 = e.op(aten.slice.Tensor, x, -1, 0, R, 2), e.op(aten.slice.Tensor, x, -1, 1, R, 2)
+        c = e.op(aten.slice.Tensor, e.op(aten.view.default, cos, [-1, 1, R]), -1, 0, R // 2)
+        s = e.op(aten.slice.Tensor, e.op(aten.view.default, sin, [-1, 1, R]), -1, 0, R // 2)
+        first = e.op(aten.sub.Tensor, e.op(aten.mul.Tensor, x0, c), e.op(aten.mul.Tensor, x1, s))
+        second = e.op(aten.add.Tensor, e.op(aten.mul.Tensor, x1, c), e.op(aten.mul.Tensor, x0, s))
+        assert_structural_equal(gm, e.finish(e.op(aten.mul.Tensor, e.op(aten.cat.default, [first, second], -1), 1.0)))
 
 
 def test_lower_rope_does_not_fire_on_a_rope_of_one_head():
@@ -663,6 +681,11 @@ def test_lower_rms_norm(dtype):
     [norm] = nodes(gm, torch.ops.npu.npu_rms_norm.default)
     assert [a.name for a in norm.args[:2]] == ["x", "q_a_layernorm_weight"] and norm.args[2] == 1e-5
     assert nodes(gm, operator.getitem)[0].args == (norm, 0)
+    e = GraphBuilder(dtype=dtype)     # Before/Expected: npu_rms_norm(x, gamma, eps)[0]
+    x = e.input("x", (e.sym("num_tokens", 7), 16), dtype)
+    gamma = e.weight("q_a_layernorm_weight", _randn(16, dtype=dtype, seed=2, std=0.2, mean=1.0))
+    assert_structural_equal(gm, e.finish(e.op(operator.getitem, e.op(torch.ops.npu.npu_rms_norm.default, x, gamma,
+                                                                      1e-5), 0)))
 
 
 def test_lower_rms_norm_does_not_fire_without_rms_norm():
