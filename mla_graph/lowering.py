@@ -84,7 +84,8 @@ class LoweredMLA(nn.Module):
                             f"lower with phases including {phase!r} or 'mixed'")
 
     def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
-                kv_cache: PagedLatentCache, metadata: MLAMetadata, *, step_memo: StepMemo | None = None) -> torch.Tensor:
+                kv_cache: PagedLatentCache, metadata: MLAMetadata, *,
+                step_memo: StepMemo | None = None) -> torch.Tensor:
         """`step_memo`: the per-step inputs of the step this call is part of (default: this module's,
         which share_step_memo shares with the other layers of its model)."""
         check_call(self.config, self._dtype, hidden_states, positions, kv_cache, metadata)

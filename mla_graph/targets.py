@@ -172,7 +172,8 @@ def pipeline(target: str, phase: str) -> list[GraphPass]:
     return TARGETS[target].pipeline(phase)
 
 
-_TORCHAIR_OPTIONS = dict(runtimes={"decode": BucketedDecode}, options=tuple(f.name for f in dataclasses.fields(TorchairOptions)),
+_TORCHAIR_OPTIONS = dict(runtimes={"decode": BucketedDecode},
+                         options=tuple(f.name for f in dataclasses.fields(TorchairOptions)),
                          parse_options=TorchairOptions.from_dict, options_type=TorchairOptions)
 
 

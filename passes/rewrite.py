@@ -99,11 +99,10 @@ class Pattern:
 
 def traced(fn: Callable) -> Callable[[Graph, Any], Node]:
     """A rule's emit written as ordinary torch code: `fn(**the match's values)` for a Pattern rule
-    (its parameters named as the pattern's arguments), `fn(*node.args)` for a plain rule. At each
-    match it is traced (make_fx at the dispatch level, over the graph's own fake values, so sizes
-    stay the graph's symbols) and the traced nodes are copied in before the anchor, each with its
-    fake value. Tensors it reads must come in as arguments (a tensor it makes is refused); literals
-    (sizes, eps, dtypes) are taken as they are."""
+    (its parameters named as the pattern's arguments), `fn(*node.args)` for a plain rule, built
+    before the anchor by emit_traced (traced with make_fx over the graph's own fake values, once per
+    abstract signature, then replayed). Tensors it reads must come in as arguments (one it closes
+    over is refused); literals (sizes, eps, dtypes) are taken as they are."""
     names = list(inspect.signature(fn).parameters)
 
     def emit(g: Graph, m: Any) -> Node:

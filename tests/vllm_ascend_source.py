@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import urllib.request
 
-import pytest
+from wheels import fetched
 
 from mla_graph.ascend_toolchain.wheel import cache_dir
 
@@ -78,10 +78,4 @@ def _unpack() -> tuple[pathlib.Path | None, str]:
 
 def vllm_ascend_source() -> pathlib.Path:
     """The unpacked folder; fails the calling test without it (skips only under MLA_GRAPH_OFFLINE=1)."""
-    root, reason = _unpack()
-    if root is None:
-        if os.environ.get("MLA_GRAPH_OFFLINE") == "1":
-            pytest.skip(f"MLA_GRAPH_OFFLINE=1 and {reason}")
-        pytest.fail(f"{reason}\nSet MLA_GRAPH_OFFLINE=1 to skip the checks against vllm-ascend's code on a "
-                    f"host without network.")
-    return root
+    return fetched(*_unpack(), "vllm-ascend's code")

@@ -28,10 +28,15 @@ def _download() -> tuple[pathlib.Path | None, str]:
 
 def torch_npu_wheel() -> pathlib.Path:
     """The wheel's path; fails the calling test without it (skips only under MLA_GRAPH_OFFLINE=1)."""
-    wheel, reason = _download()
-    if wheel is None:
+    return fetched(*_download(), f"the real torch-npu {torch_npu_release()} wheel")
+
+
+def fetched(path: pathlib.Path | None, reason: str, what: str) -> pathlib.Path:
+    """`path`, fetched from the network for a test; without it (`reason` says why) the calling test
+    fails, or skips under MLA_GRAPH_OFFLINE=1, naming `what` it checks against."""
+    if path is None:
         if os.environ.get("MLA_GRAPH_OFFLINE") == "1":
             pytest.skip(f"MLA_GRAPH_OFFLINE=1 and {reason}")
-        pytest.fail(f"{reason}\nSet MLA_GRAPH_OFFLINE=1 to skip the checks against the real torch-npu "
-                    f"{torch_npu_release()} wheel on a host without network.")
-    return wheel
+        pytest.fail(f"{reason}\nSet MLA_GRAPH_OFFLINE=1 to skip the checks against {what} on a host without "
+                    f"network.")
+    return path

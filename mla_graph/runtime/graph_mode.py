@@ -111,9 +111,11 @@ class BucketRunner:
         self._compiled = torch.compile(own_code(method, name), backend=self.backend, fullgraph=True, dynamic=False)
         self._limits = recompile_limits(options.graph_batch_sizes)
 
-    def __call__(self, size: int, *inputs: Any) -> Any:
-        """Run the graph of bucket `size` (compiled on its first use) on inputs padded to it."""
-        self.buckets_run.append(size)
+    def __call__(self, size: int, *inputs: Any, warmup: bool = False) -> Any:
+        """Run the graph of bucket `size` (compiled on its first use) on inputs padded to it; a warmup
+        run compiles it and is not counted in buckets_run."""
+        if not warmup:
+            self.buckets_run.append(size)
         with torch.no_grad(), torch._dynamo.config.patch(**self._limits):
             return self._compiled(*inputs)
 
@@ -179,8 +181,7 @@ class BucketedDecode:
             padded = self._padded(Call(torch.zeros(0, hidden.shape[1], dtype=hidden.dtype),
                                        torch.zeros(0, dtype=torch.int64), kv_cache, empty, cos_sin), size)
             before = len(self.runner.graphs)
-            self.runner(size, *self.convention.bind(padded))
-            self.runner.buckets_run.pop()   # compiled, not run for a batch
+            self.runner(size, *self.convention.bind(padded), warmup=True)
             graphs += self.runner.graphs[before:]
         return graphs
 
