@@ -7,16 +7,14 @@ meaning as gather + bmm + softmax + bmm, which every backend runs (GE converts e
 """
 from __future__ import annotations
 
-import operator
-
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 import mla_graph.primitives  # noqa: F401  (registers torch.ops.mla, which the patterns and rules name)
 
 from .base import PassResult, graph_pass
-from .graph_utils import call, same_size
-from .mla_patterns import val
+from .graph_utils import same_size
+from .recording import emit_recorded
 from .rewrite import Rule, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -36,61 +34,53 @@ def lower_paged_attention_to_aten(gm: GraphModule) -> PassResult:
 
     Scores and softmax run in float32 (as the reference does), the output in the model dtype.
     """
-    return rewrite(gm, [Rule(FALLBACK_RULE, mla.paged_attention.default, emit=lambda g, n: _emit(g, *n.args))])
+    return rewrite(gm, [Rule(FALLBACK_RULE, mla.paged_attention.default,
+                             emit=lambda g, n: emit_recorded(g, paged_attention_in_aten, *n.args))])
 
 
-def _emit(g, ql: Node, q_pe: Node, latent: Node, rope: Node, bt: Node, qsl: Node, seq_lens: Node,
-          scale: float) -> Node:
-    T, N, L = val(ql).shape
-    R = val(q_pe).shape[-1]
-    BS = val(latent).shape[1]
-    one_token_per_request = same_size(T, val(bt).shape[0])
-    # sizes that are symbols are read from the graph (aten.sym_size), never baked in as numbers
-    S = call(g, operator.mul, call(g, aten.sym_size.int, bt, 1), BS)                  # keys per token
-    if one_token_per_request:
+def paged_attention_in_aten(ql, q_pe, latent, rope, bt, qsl, seq_lens, scale: float):
+    """The replacement, recorded as written (emit_recorded): sizes that are symbols are read from the
+    graph (aten.sym_size), never baked in as numbers."""
+    T, N, L = ql.shape
+    R = q_pe.shape[-1]
+    BS = latent.shape[1]
+    S = aten.sym_size.int(bt, 1) * BS                                                  # keys per token
+    if same_size(T, bt.shape[0]):          # one token per request
         rows = bt
-        last = call(g, aten.sub.Tensor, seq_lens, 1)                                   # [T]
+        last = seq_lens - 1                                                            # [T]
     else:
-        request = _request_of_token(g, qsl, ql)
-        rows = call(g, aten.index_select.default, bt, 0, request)
-        ends = call(g, aten.index_select.default, call(g, aten.slice.Tensor, qsl, 0, 1), 0, request)
-        positions = _arange(g, call(g, aten.sym_size.int, ql, 0))
-        start = call(g, aten.sub.Tensor, call(g, aten.index_select.default, seq_lens, 0, request), ends)
-        last = call(g, aten.add.Tensor, start, positions)                               # seq_len - end + t
-    flat_rows = call(g, aten.view.default, rows, [-1])
+        request = _request_of_token(qsl, ql)
+        rows = aten.index_select.default(bt, 0, request)
+        ends = aten.index_select.default(aten.slice.Tensor(qsl, 0, 1), 0, request)
+        positions = _arange(aten.sym_size.int(ql, 0))
+        start = aten.index_select.default(seq_lens, 0, request) - ends
+        last = start + positions                                                       # seq_len - end + t
+    flat_rows = rows.view(-1)
 
-    def gather(cache: Node, width: int) -> Node:
+    def gather(cache, width: int):
         # whole blocks straight from the 4-D cache: its rows may be strided (the latent and rope
         # parts of vLLM's one 576-wide cache), so no [NB, BS*D] view of it exists
-        picked = call(g, aten.index_select.default, cache, 0, flat_rows)            # [T*MB, BS, 1, D]
-        return call(g, aten.view.default, picked, [-1, S, width])
+        return aten.index_select.default(cache, 0, flat_rows).view(-1, S, width)       # [T, S, D]
 
-    keys = _arange(g, S)
-    hidden = call(g, aten.gt.Tensor, call(g, aten.view.default, keys, [1, -1, 1]),
-                  call(g, aten.view.default, last, [-1, 1, 1]))                          # [T, S, 1]
+    hidden = aten.gt.Tensor(_arange(S).view(1, -1, 1), last.view(-1, 1, 1))           # [T, S, 1]
     # Rows past a token's context (other requests' blocks, unwritten slots) may hold anything,
     # NaN included: zeroed before they meet a zero probability.
-    c = call(g, aten.masked_fill.Scalar,
-             call(g, aten._to_copy.default, gather(latent, L), dtype=torch.float32), hidden, 0.0)  # [T, S, L]
-    k_pe = call(g, aten.masked_fill.Scalar,
-                call(g, aten._to_copy.default, gather(rope, R), dtype=torch.float32), hidden, 0.0)  # [T, S, R]
-    q = call(g, aten._to_copy.default, call(g, aten.cat.default, [ql, q_pe], -1), dtype=torch.float32)
-    k = call(g, aten.cat.default, [c, k_pe], -1)
-    scores = call(g, aten.mul.Tensor, call(g, aten.bmm.default, q, call(g, aten.transpose.int, k, 1, 2)), scale)
-    masked = call(g, aten.masked_fill.Scalar, scores, call(g, aten.transpose.int, hidden, 1, 2),
-                  torch.finfo(torch.float32).min)                                         # [T, N, S]
-    p = call(g, aten._softmax.default, masked, -1, False)
-    out = call(g, aten.bmm.default, p, c)
-    return call(g, aten._to_copy.default, out, dtype=val(ql).dtype)
+    c = aten.masked_fill.Scalar(aten._to_copy.default(gather(latent, L), dtype=torch.float32), hidden, 0.0)
+    k_pe = aten.masked_fill.Scalar(aten._to_copy.default(gather(rope, R), dtype=torch.float32), hidden, 0.0)
+    q = aten._to_copy.default(aten.cat.default([ql, q_pe], -1), dtype=torch.float32)
+    k = aten.cat.default([c, k_pe], -1)
+    scores = aten.bmm.default(q, aten.transpose.int(k, 1, 2)) * scale
+    masked = aten.masked_fill.Scalar(scores, aten.transpose.int(hidden, 1, 2), torch.finfo(torch.float32).min)
+    p = aten._softmax.default(masked, -1, False)                                       # [T, N, S]
+    return aten._to_copy.default(aten.bmm.default(p, c), dtype=ql.dtype)
 
 
-def _arange(g, end: Node) -> Node:
-    return call(g, aten.arange.start, 0, end, dtype=torch.int64)
+def _arange(end):
+    return aten.arange.start(0, end, dtype=torch.int64)
 
 
-def _request_of_token(g, qsl: Node, q: Node) -> Node:
+def _request_of_token(qsl, q):
     """request[t] = number of requests that end at or before token t (query_start_loc[1:] <= t)."""
-    tokens = _arange(g, call(g, aten.sym_size.int, q, 0))
-    ends = call(g, aten.slice.Tensor, qsl, 0, 1)
-    ended = call(g, aten.le.Tensor, call(g, aten.view.default, ends, [1, -1]), call(g, aten.view.default, tokens, [-1, 1]))
-    return call(g, aten.sum.dim_IntList, ended, [1])
+    tokens = _arange(aten.sym_size.int(q, 0))
+    ends = aten.slice.Tensor(qsl, 0, 1)
+    return aten.sum.dim_IntList(aten.le.Tensor(ends.view(1, -1), tokens.view(-1, 1)), [1])

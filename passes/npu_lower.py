@@ -5,7 +5,6 @@ lowered one by one, so it runs first.
 """
 from __future__ import annotations
 
-import operator
 from typing import Callable
 
 import torch
@@ -18,8 +17,9 @@ from mla_graph.npu.limits import Violation
 
 from .base import PassResult, graph_pass
 from .cost_model import EVERY_ATTENTION_COSTED, choose_attention_form
-from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, new_symbol, same_size
+from .graph_utils import add_constant, add_input, fake_empty, first_user_position, new_symbol, same_size
 from .mla_patterns import DECOMPRESSED, KV_CACHE_WRITE, val
+from .recording import emit_recorded
 from .rewrite import Match, Rule, Skip, emit_traced, rewrite
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -60,21 +60,24 @@ def fuse_kv_rmsnorm_rope_cache(gm: GraphModule) -> PassResult:
     return rewrite(gm, [KV_WRITE_V2], dead_code=True)
 
 
-def kv_cache_write_emit(emit: Callable[..., Node | None]) -> Callable[..., Node | None]:
-    """The emit of a latent cache-write fusion (over KV_CACHE_WRITE): `emit(graph, match,
-    kv[T,1,1,L+R], cos, sin)` builds what replaces the write."""
-    def emit_write(g, m: Match) -> Node | None:
+def kv_cache_write_emit(kernel: Callable, then: Callable[..., None] | None = None) -> Callable[..., None]:
+    """The emit of a latent cache-write fusion (over KV_CACHE_WRITE): `kernel(kv, gamma, cos, sin,
+    slots, rope_cache, latent_cache, eps)`, recorded as written, replaces the write; `then(graph,
+    match, its result)` does what else the fusion needs."""
+    def emit_write(g, m: Match) -> None:
         cos, sin = _rope_cos_sin(g.owning_module, m.positions, m.table)
-        return emit(g, m, call(g, aten.view.default, m.kv, [-1, 1, 1, val(m.kv).shape[-1]]), cos, sin)
+        out = emit_recorded(g, kernel, m.kv, m.gamma, cos, sin, m.slots, m.rope_cache, m.latent_cache, m.eps)
+        if then is not None:
+            then(g, m, out)
     return emit_write
 
 
-def _write_v2(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
-    call(g, _npu().npu_kv_rmsnorm_rope_cache_v2.default, kv4, m.gamma, cos, sin, m.slots, m.rope_cache,
-         m.latent_cache, epsilon=m.eps, cache_mode="PA")
+def kv_write_v2(kv, gamma, cos, sin, slots, rope_cache, latent_cache, eps: float) -> None:
+    _npu().npu_kv_rmsnorm_rope_cache_v2.default(kv.view(-1, 1, 1, kv.shape[-1]), gamma, cos, sin, slots, rope_cache,
+                                                latent_cache, epsilon=eps, cache_mode="PA")
 
 
-KV_WRITE_V2 = Rule("rmsnorm+rope+cache write", KV_CACHE_WRITE, emit=kv_cache_write_emit(_write_v2))
+KV_WRITE_V2 = Rule("rmsnorm+rope+cache write", KV_CACHE_WRITE, emit=kv_cache_write_emit(kv_write_v2))
 
 
 @graph_pass()
@@ -92,10 +95,13 @@ def lower_rope(gm: GraphModule) -> PassResult:
 
 def _interleave_rope(g, n: Node) -> Node:
     x, positions, table = n.args
-    _, N, R = val(x).shape
     cos, sin = _rope_cos_sin(g.owning_module, positions, table)
-    x4 = call(g, aten.view.default, call(g, aten.clone.default, x), [-1, N, 1, R])
-    return call(g, aten.view.default, call(g, _npu().npu_interleave_rope.default, x4, cos, sin), [-1, N, R])
+    return emit_recorded(g, interleave_rope, x, cos, sin)
+
+
+def interleave_rope(x, cos, sin):
+    _, N, R = x.shape
+    return _npu().npu_interleave_rope.default(x.clone().view(-1, N, 1, R), cos, sin).view(-1, N, R)
 
 
 def _rope_aten(g, n: Node) -> Node:
@@ -119,10 +125,13 @@ def rope_in_aten(x, cos, sin, R: int):
     return torch.cat([x0 * c - x1 * s, x1 * c + x0 * s], -1)
 
 
-# by hand: a traced call would drop eps where it equals the schema's default (the dispatcher strips
-# trailing default arguments), and the graph would no longer say which eps it uses
-RMS_NORM = Rule("rms_norm", mla.rms_norm.default,
-                emit=lambda g, n: call(g, operator.getitem, call(g, _npu().npu_rms_norm.default, *n.args), 0))
+def npu_rms_norm(x, gamma, eps: float):
+    return _npu().npu_rms_norm.default(x, gamma, eps)[0]
+
+
+# recorded, not traced: a trace would drop eps where it equals the schema's default (the dispatcher
+# strips trailing default arguments), and the graph would no longer say which eps it uses
+RMS_NORM = Rule("rms_norm", mla.rms_norm.default, emit=lambda g, n: emit_recorded(g, npu_rms_norm, *n.args))
 
 
 @graph_pass()
@@ -183,18 +192,21 @@ def _fia_admits(n: Node) -> bool | Skip:
 
 def _paged_fia(g, n: Node) -> Node:
     ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = n.args
-    _, N, L = val(ql).shape
-    R = val(q_pe).shape[-1]
-    BS = val(latent_cache).shape[1]
     kv_lens = add_input(g.owning_module, SEQ_LENS_LIST, [], input_part(seq_lens))
-    k = call(g, aten.view.default, latent_cache, [-1, 1, BS, L])
-    kr = call(g, aten.view.default, rope_cache, [-1, 1, BS, R])
-    q = call(g, aten.view.default, ql, [-1, N, 1, L])
-    qr = call(g, aten.view.default, q_pe, [-1, N, 1, R])
-    fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, k, query_rope=qr, key_rope=kr,
-               actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=scale,
-               input_layout="BNSD", num_key_value_heads=1, sparse_mode=0, block_size=BS)
-    return call(g, aten.view.default, call(g, operator.getitem, fia, 0), [-1, N, L])
+    return emit_recorded(g, paged_fia, ql, q_pe, latent_cache, rope_cache, bt, kv_lens, scale)
+
+
+def paged_fia(ql, q_pe, latent_cache, rope_cache, bt, kv_lens, scale: float):
+    _, N, L = ql.shape
+    R = q_pe.shape[-1]
+    BS = latent_cache.shape[1]
+    k = latent_cache.view(-1, 1, BS, L)
+    kr = rope_cache.view(-1, 1, BS, R)
+    out = _npu().npu_fused_infer_attention_score.default(
+        ql.view(-1, N, 1, L), k, k, query_rope=q_pe.view(-1, N, 1, R), key_rope=kr, actual_seq_lengths_kv=kv_lens,
+        block_table=bt, num_heads=N, scale=scale, input_layout="BNSD", num_key_value_heads=1, sparse_mode=0,
+        block_size=BS)
+    return out[0].view(-1, N, L)
 
 
 PAGED_FIA = Rule("paged latent attention (BNSD)", mla.paged_attention.default, emit=_paged_fia, check=_fia_admits)
@@ -240,26 +252,28 @@ def _tnd_admits(m: Match) -> bool:
 
 def _context_fia(g, m: Match) -> Node:
     gm = g.owning_module
-    _, N, P = val(m.q_nope).shape
-    V = m.sizes[1]
-    L, R = val(m.latent_cache).shape[-1], val(m.rope_cache).shape[-1]
     part = input_part(m.seq_lens)
     slots = find_input(gm, CONTEXT_SLOTS, part) or add_input(gm, CONTEXT_SLOTS, _fake_slots(gm), part)
     mask = _mask(gm)
     q_ends = add_input(gm, QUERY_ENDS_LIST, [], part)
     kv_ends = add_input(gm, CONTEXT_ENDS_LIST, [], part)
-    lat = call(g, aten.index_select.default, call(g, aten.view.default, m.latent_cache, [-1, L]), 0, slots)
-    rope = call(g, aten.index_select.default, call(g, aten.view.default, m.rope_cache, [-1, R]), 0, slots)
-    kv = call(g, aten.view.default, call(g, aten.linear.default, lat, m.w_kv_b), [-1, N, P + V])
-    parts = call(g, aten.split_with_sizes.default, kv, [P, V], -1)
-    k_nope, v = call(g, operator.getitem, parts, 0), call(g, operator.getitem, parts, 1)
-    k_pe = call(g, aten.expand.default, call(g, aten.view.default, rope, [-1, 1, R]), [-1, N, R])
-    k = call(g, aten.cat.default, [k_nope, k_pe], -1)
-    q = call(g, aten.cat.default, [m.q_nope, m.q_pe], -1)
-    fia = call(g, _npu().npu_fused_infer_attention_score.default, q, k, v, atten_mask=mask,
-               actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_ends, num_heads=N, scale=m.scale,
-               input_layout="TND", num_key_value_heads=N, sparse_mode=3)
-    return call(g, operator.getitem, fia, 0)
+    return emit_recorded(g, context_fia, m.q_nope, m.q_pe, m.latent_cache, m.rope_cache, m.w_kv_b, slots, mask,
+                         q_ends, kv_ends, m.sizes[1], m.scale)
+
+
+def context_fia(q_nope, q_pe, latent_cache, rope_cache, w_kv_b, slots, mask, q_ends, kv_ends, V: int, scale: float):
+    _, N, P = q_nope.shape
+    L, R = latent_cache.shape[-1], rope_cache.shape[-1]
+    latent = aten.index_select.default(latent_cache.view(-1, L), 0, slots)               # [C, L] ragged
+    rope = aten.index_select.default(rope_cache.view(-1, R), 0, slots)
+    parts = aten.split_with_sizes.default(aten.linear.default(latent, w_kv_b).view(-1, N, P + V), [P, V], -1)
+    k_nope, v = parts[0], parts[1]
+    k = aten.cat.default([k_nope, aten.expand.default(rope.view(-1, 1, R), [-1, N, R])], -1)
+    q = aten.cat.default([q_nope, q_pe], -1)
+    out = _npu().npu_fused_infer_attention_score.default(
+        q, k, v, atten_mask=mask, actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_ends, num_heads=N, scale=scale,
+        input_layout="TND", num_key_value_heads=N, sparse_mode=3)
+    return out[0]
 
 
 CONTEXT_FIA = Rule("decompressed context attention (TND)", DECOMPRESSED, emit=_context_fia, check=_tnd_admits)

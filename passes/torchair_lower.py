@@ -21,6 +21,7 @@ from .base import Invariant, PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, remove_input
 from .mla_patterns import KV_CACHE_WRITE, _is, val
 from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_emit
+from .recording import emit_recorded
 from .rewrite import Match, Pattern, Rule, Skip, rewrite, traced
 
 aten, mla = torch.ops.aten, torch.ops.mla
@@ -144,18 +145,26 @@ def _prolog(g, m: Match) -> Node:
         consts[key].meta["npu_format"] = "FRACTAL_NZ"
         derived[consts[key].target] = (source, prolog_weight)   # replayed per layer by lower_layers
     cos, sin = _rope_cos_sin(gm, m.positions, m.table)
-    R = val(m.table).shape[-1]
-    cos2, sin2 = (call(g, aten.view.default, t, [-1, R]) for t in (cos, sin))
-    prolog = call(g, _npu().npu_mla_prolog_v3_functional.default, m.hidden, consts["w_qa"], consts["w_qb"], m.w_uk,
-                  consts["w_kva"], m.q_gamma, m.kv_gamma, sin2, cos2, m.latent_cache, m.rope_cache,
-                  cache_index=m.slots, rmsnorm_epsilon_cq=m.q_eps, rmsnorm_epsilon_ckv=m.kv_eps,
-                  cache_mode="PA_BSND")
-    query, query_rope, kv_out, kr_out = (call(g, operator.getitem, prolog, i) for i in (0, 1, 5, 6))
+    query, query_rope, kv_out, kr_out = emit_recorded(
+        g, mla_prolog, m.hidden, consts["w_qa"], consts["w_qb"], m.w_uk, consts["w_kva"], m.q_gamma, m.kv_gamma,
+        cos, sin, m.latent_cache, m.rope_cache, m.slots, m.q_eps, m.kv_eps)
     attn.args = (query, query_rope, *attn.args[2:])
     g.erase_node(next(n for n in m.nodes if n.target is mla.cache_write.default))
+    prolog = kv_out.args[0]          # the kernel node (kv_out reads its output 5)
     _writeback(gm, m.latent_cache, kv_out, prolog)
     _writeback(gm, m.rope_cache, kr_out, prolog)
     return attn     # edited in place
+
+
+def mla_prolog(hidden, w_dq, w_uq_qr, w_uk, w_dkv_kr, q_gamma, kv_gamma, cos, sin, latent_cache, rope_cache, slots,
+               q_eps: float, kv_eps: float):
+    """The prolog kernel, recorded as written: query, query rope, updated latent and rope caches."""
+    R = cos.shape[-1]
+    cos2, sin2 = cos.view(-1, R), sin.view(-1, R)
+    out = _npu().npu_mla_prolog_v3_functional.default(
+        hidden, w_dq, w_uq_qr, w_uk, w_dkv_kr, q_gamma, kv_gamma, sin2, cos2, latent_cache, rope_cache,
+        cache_index=slots, rmsnorm_epsilon_cq=q_eps, rmsnorm_epsilon_ckv=kv_eps, cache_mode="PA_BSND")
+    return out[0], out[1], out[5], out[6]
 
 
 PROLOG = Rule("mla prolog", MLA_PROLOG, emit=_prolog, check=_prolog_admits,
@@ -174,16 +183,21 @@ def fuse_kv_rmsnorm_rope_cache_functional(gm: GraphModule) -> PassResult:
     return rewrite(gm, [KV_WRITE_FUNCTIONAL], dead_code=True)
 
 
-def _write_functional(g, m: Match, kv4: Node, cos: Node, sin: Node) -> None:
-    fused = call(g, _npu().npu_kv_rmsnorm_rope_cache.default, kv4, m.gamma, cos, sin, m.slots,
-                 m.rope_cache, m.latent_cache, epsilon=m.eps, cache_mode="PA")
-    k_new, c_new = call(g, operator.getitem, fused, 0), call(g, operator.getitem, fused, 1)
+def kv_write_functional(kv, gamma, cos, sin, slots, rope_cache, latent_cache, eps: float):
+    """The v1 kernel, recorded as written: the updated rope and latent caches."""
+    out = _npu().npu_kv_rmsnorm_rope_cache.default(kv.view(-1, 1, 1, kv.shape[-1]), gamma, cos, sin, slots,
+                                                   rope_cache, latent_cache, epsilon=eps, cache_mode="PA")
+    return out[0], out[1]
+
+
+def _write_back_caches(g, m: Match, updated: tuple[Node, Node]) -> None:
+    k_new, c_new = updated
     _writeback(g.owning_module, m.latent_cache, c_new, c_new)
     _writeback(g.owning_module, m.rope_cache, k_new, k_new)
 
 
 KV_WRITE_FUNCTIONAL = Rule("rmsnorm+rope+cache write (functional)", KV_CACHE_WRITE,
-                           emit=kv_cache_write_emit(_write_functional))
+                           emit=kv_cache_write_emit(kv_write_functional, then=_write_back_caches))
 
 
 @graph_pass(ensures=[WRITEBACK_ORDER])

@@ -42,6 +42,16 @@ def test_the_page_runs_as_written(doc_scope, monkeypatch):
     norms = [n for n in after.graph.nodes if n.target is torch.ops.mla.rms_norm.default]
     assert sorted(str(n.args[0].meta["val"].dtype) for n in norms) == ["torch.bfloat16", "torch.float32"]
     assert "writing-a-pass.md block" in doc_scope["NORM_FP32"].defined_at   # where the rule was written
+    # the page's recorded rule keeps eps as written, even where it equals the kernel's default
+    from pass_graphs import GraphBuilder
+    import mla_graph.npu  # noqa: F401  (registers torch.ops.npu)
+    from mla_graph.passes.rewrite import rewrite
+    b = GraphBuilder()
+    x, gamma = b.input("x", (5, 16), torch.bfloat16), b.input("gamma", (16,), torch.bfloat16)
+    gm = b.finish(b.op(torch.ops.mla.rms_norm.default, x, gamma, 1e-6))
+    assert rewrite(gm, [doc_scope["RMS_NORM"]]).matches_by_rule == {"rms_norm": 1}
+    (norm,) = [n for n in gm.graph.nodes if n.target is torch.ops.npu.npu_rms_norm.default]
+    assert norm.args == (x, gamma, 1e-6)
     names = [r.name for r in doc_scope["lowered"].reports["decode"].records]
     assert names[:3] == ["remove_noop_views", "o_proj_in_float32", "split_mixed_batch"]
     # the page's own target: registered under its name, the npu pipeline plus the pass after "tidy"

@@ -2,8 +2,9 @@
 
 Before: only the nodes the pass's pattern anchors on and what it needs, with symbolic token,
 request and block counts as capture() makes them. Expected: written here, independently of the
-pass (op counts over the whole graph, the arguments the new nodes take, FileCheck order on
-gm.code). Numerics: the graph after the pass against the graph before it on the same random
+pass: the whole graph after it, built by hand or traced from torch code and compared as structure
+(assert_structural_equal: the same calls on the same arguments in the same order), besides op
+counts and the arguments the new nodes take. Numerics: the graph after the pass against the graph before it on the same random
 inputs (caches pre-filled with NaN or random data, compared too), through mla_graph.testing.check_pass
 (so the verifier and the pass's requires/ensures run as well). Each pass also gets a case where it
 must not fire.
@@ -107,6 +108,13 @@ def decompressed_graph(phase="decode", *, dtype=f32, heads=N, nope=P, rope=R, la
         w = b.input("kv_b_proj_weight", (heads * (nope + v_dim), latent), dtype)
     else:
         w = b.weight("kv_b_proj_weight", kv_b)
+    return b.finish(_decompressed(b, q_nope, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, w, heads=heads,
+                                  nope=nope, rope=rope, v_dim=v_dim))
+
+
+def _decompressed(b: GraphBuilder, q_nope, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, w, *, heads=N, nope=P,
+                  rope=R, v_dim=V):
+    """decompressed_graph's attention over the given inputs (each part of a split batch is one)."""
     lat = b.op(mla.gather_paged.default, latent_cache, bt)
     lin = b.op(aten.linear.default, lat, w)
     rows, S = b.op(aten.sym_size.int, lin, 0), b.op(aten.sym_size.int, lin, 1)
@@ -117,8 +125,7 @@ def decompressed_graph(phase="decode", *, dtype=f32, heads=N, nope=P, rope=R, la
                                           [rows, S, 1, rope]), [rows, S, heads, rope])
     k = b.op(aten.cat.default, [k_nope, k_pe], -1)
     q = b.op(aten.cat.default, [q_nope, q_pe], -1)
-    out = b.op(mla.attention.default, q, k, v, qsl, seq_lens, SCALE)
-    return b.finish(out)
+    return b.op(mla.attention.default, q, k, v, qsl, seq_lens, SCALE)
 
 
 def decompressed_values(requests, *, dtype=f32, heads=N, nope=P, rope=R, latent=L, block=BS, num_blocks=12,
@@ -379,6 +386,22 @@ def test_split_mixed_batch():
     [out] = [n for n in gm.graph.nodes if n.op == "output"]
     assert out.args[0].target is aten.cat.default and out.args[0].args[0] == [by_part["decode"], by_part["prefill"]]
     assert "num_decodes" in graph_meta(gm).symbols.values()      # a new size symbol, named for dumps
+    # Before/Expected: the part's rows of q sliced at the decode count, each part the whole attention
+    # over its own inputs, the outputs concatenated
+    e = GraphBuilder(phase="mixed", dtype=f32, block_size=BS, num_heads=N)
+    T, B, NB, MB = _sizes(e, "mixed")
+    q_nope, q_pe = e.input("q_nope", (T, N, P), f32), e.input("q_pe", (T, N, R), f32)
+    latent_cache, rope_cache, *_ = _cache_inputs(e, NB, B, MB, latent=L, rope=R, block=BS, dtype=f32)
+    parts = {part: (e.input(f"{part}_block_table", (n, MB), i32), e.input(f"{part}_seq_lens", (n,), i32),
+                    e.input(f"{part}_query_start_loc", (n + 1,), i32))
+             for part, n in (("decode", e.sym("num_decodes", 2)), ("prefill", e.sym("num_prefills", 2)))}
+    w = e.weight("kv_b_proj_weight", _kv_b())
+    decodes, tokens = e.op(aten.sym_size.int, parts["decode"][1], 0), e.op(aten.sym_size.int, q_nope, 0)
+    outs = []
+    for (bt, seq_lens, qsl), (start, end) in zip(parts.values(), ((0, decodes), (decodes, tokens))):
+        rows = [e.op(aten.slice.Tensor, x, 0, start, end) for x in (q_nope, q_pe)]
+        outs.append(_decompressed(e, *rows, latent_cache, rope_cache, bt, qsl, seq_lens, w))
+    assert_structural_equal(gm, e.finish(e.op(aten.cat.default, outs)))
 
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
@@ -424,6 +447,22 @@ def test_absorb_kv_weights(dtype, phase, requests):
     derived = graph_meta(gm).derived_constants
     assert {k: v[0] for k, v in derived.items()} == {name: "kv_b_proj_weight",
                                                      name[: -len("_w_uk")] + "_w_uv": "kv_b_proj_weight"}
+    # Before/Expected: q_nope through W_UK, MQA in latent space over the gathered caches, out through W_UV
+    e = GraphBuilder(phase=phase, dtype=dtype, block_size=BS, num_heads=N)
+    T, B, NB, MB = _sizes(e, phase)
+    q_nope, q_pe = e.input("q_nope", (T, N, P), dtype), e.input("q_pe", (T, N, R), dtype)
+    latent_cache, rope_cache, bt, seq_lens, qsl = _cache_inputs(e, NB, B, MB, latent=L, rope=R, block=BS, dtype=dtype)
+    w_uk = e.weight("attention_default_w_uk", per_head[:, :P, :], parameter=False)
+    w_uv = e.weight("attention_default_w_uv", per_head[:, P:, :].transpose(1, 2), parameter=False)
+    lat, rope = e.op(mla.gather_paged.default, latent_cache, bt), e.op(mla.gather_paged.default, rope_cache, bt)
+    k = e.op(aten.unsqueeze.default, e.op(aten.cat.default, [lat, rope], -1), 2)
+    v = e.op(aten.unsqueeze.default, lat, 2)
+
+    def per_head_matmul(x, w):       # [T, N, a] x [N, a, b] -> [T, N, b]
+        return e.op(aten.permute.default, e.op(aten.bmm.default, e.op(aten.permute.default, x, [1, 0, 2]), w), [1, 0, 2])
+    o = e.op(mla.attention.default, e.op(aten.cat.default, [per_head_matmul(q_nope, w_uk), q_pe], -1), k, v, qsl,
+             seq_lens, SCALE)
+    assert_structural_equal(gm, e.finish(per_head_matmul(o, w_uv)))
 
 
 def test_absorb_kv_weights_does_not_fire_where_decompressed_won():
@@ -454,6 +493,7 @@ def test_page_latent_attention(phase, requests):
     assert [a.name for a in paged.args[:7]] == ["ql", "q_pe", "latent_cache", "rope_cache", "block_table",
                                                 "query_start_loc", "seq_lens"]
     assert paged.args[7] == SCALE
+    assert_structural_equal(gm, paged_graph(phase))     # Before/Expected: the one paged attention over the caches
 
 
 def test_page_latent_attention_does_not_fire_when_values_come_from_another_gather():
@@ -572,6 +612,33 @@ def test_fuse_kv_rmsnorm_rope_cache(dtype):
     assert [gamma.target, cos.name, sin.name, slots.name, k_cache.name, ckv_cache.name] == \
         ["kv_a_layernorm_weight", "rope_cos", "rope_sin", "slot_mapping", "rope_cache", "latent_cache"]
     assert fused.kwargs == {"epsilon": EPS, "cache_mode": "PA"}
+    assert_structural_equal(gm, _expected_kv_write(dtype, functional=False))
+
+
+def _expected_kv_write(dtype, *, functional: bool):
+    """Before/Expected of both cache-write fusions: kv_write_graph with the split, norm, rope and write
+    replaced by one kernel over kv [T, 1, 1, L+R] and the NPU layout's cos / sin rows; the functional
+    kernel's updated caches [rope, latent] are what the attention reads, and are copied back last."""
+    e = GraphBuilder(phase="decode", dtype=dtype, block_size=BS)
+    T, B, NB, MB = _sizes(e, "decode")
+    kv, _ = e.input("kv", (T, L + R), dtype), e.input("positions", (T,), i64)
+    slots = e.input("slot_mapping", (T,), i64)
+    ql, q_pe = e.input("ql", (T, N, L), dtype), e.input("q_pe", (T, N, R), dtype)
+    latent_cache, rope_cache, bt, seq_lens, qsl = _cache_inputs(e, NB, B, MB, latent=L, rope=R, block=BS, dtype=dtype)
+    cos, sin = e.input("rope_cos", (T, 1, 1, R), dtype), e.input("rope_sin", (T, 1, 1, R), dtype)
+    gamma = e.weight("kv_a_layernorm_weight", _randn(L, dtype=dtype, seed=7, std=0.2, mean=1.0))
+    kernel = torch.ops.npu.npu_kv_rmsnorm_rope_cache if functional else torch.ops.npu.npu_kv_rmsnorm_rope_cache_v2
+    fused = e.op(kernel.default, e.op(aten.view.default, kv, [-1, 1, 1, L + R]), gamma, cos, sin, slots, rope_cache,
+                 latent_cache, epsilon=EPS, cache_mode="PA")
+    caches = (latent_cache, rope_cache)
+    if functional:
+        new_rope, new_latent = e.op(operator.getitem, fused, 0), e.op(operator.getitem, fused, 1)
+        caches = (new_latent, new_rope)
+    out = e.op(mla.paged_attention.default, ql, q_pe, *caches, bt, qsl, seq_lens, SCALE)
+    if functional:
+        e.op(aten.copy_.default, latent_cache, new_latent)
+        e.op(aten.copy_.default, rope_cache, new_rope)
+    return e.finish((out,))
 
 
 @pytest.mark.parametrize("pass_fn", [fuse_kv_rmsnorm_rope_cache, fuse_kv_rmsnorm_rope_cache_functional])
@@ -622,6 +689,7 @@ def test_fuse_kv_rmsnorm_rope_cache_functional():
                                                                  (operator.getitem, (fused, 0))]
     copies = {c.args[0].name: c.args[1].args for c in nodes(gm, aten.copy_.default)}
     assert copies == {"latent_cache": (fused, 1), "rope_cache": (fused, 0)}
+    assert_structural_equal(gm, _expected_kv_write(f32, functional=True))
 
 
 # ---- lower_rope / lower_rms_norm --------------------------------------------------------------------
@@ -717,6 +785,18 @@ def test_lower_paged_attention():
         "input_layout": "BNSD", "num_key_value_heads": 1, "sparse_mode": 0, "block_size": 16}
     assert fia.kwargs["key_rope"].args == (gm.graph.find_nodes(op="placeholder", target="rope_cache")[0],
                                            [-1, 1, 16, 64])
+    # Before/Expected: the caches as [blocks, 1, 16, D] (BNSD with one KV head), q as [B, N, 1, D]
+    e = GraphBuilder(phase="decode", dtype=bf16, block_size=16, num_heads=N)
+    T, B, NB, MB = _sizes(e, "decode")
+    ql, q_pe = e.input("ql", (T, N, 512), bf16), e.input("q_pe", (T, N, 64), bf16)
+    latent_cache, rope_cache, bt, _, _ = _cache_inputs(e, NB, B, MB, latent=512, rope=64, block=16, dtype=bf16)
+    kv_lens = e.input("seq_lens_list", value=[])
+    k, kr = e.op(aten.view.default, latent_cache, [-1, 1, 16, 512]), e.op(aten.view.default, rope_cache, [-1, 1, 16, 64])
+    q, qr = e.op(aten.view.default, ql, [-1, N, 1, 512]), e.op(aten.view.default, q_pe, [-1, N, 1, 64])
+    fia = e.op(torch.ops.npu.npu_fused_infer_attention_score.default, q, k, k, query_rope=qr, key_rope=kr,
+               actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=SCALE, input_layout="BNSD",
+               num_key_value_heads=1, sparse_mode=0, block_size=16)
+    assert_structural_equal(gm, e.finish(e.op(aten.view.default, e.op(operator.getitem, fia, 0), [-1, N, 512])))
 
 
 @pytest.mark.parametrize("phase, dtype, dims, why", [
@@ -765,6 +845,27 @@ def test_lower_context_attention():
     assert {k: getattr(v, "name", v) for k, v in fia.kwargs.items() if k != "atten_mask"} == {
         "actual_seq_lengths": "query_ends_list", "actual_seq_lengths_kv": "context_ends_list", "num_heads": 8,
         "scale": SCALE, "input_layout": "TND", "num_key_value_heads": 8, "sparse_mode": 3}
+    # Before/Expected: each request's context rows picked from the flat caches (ragged, [C, D]), K/V
+    # decompressed from them, FIA TND with the causal mask and host lists of ends
+    e = GraphBuilder(phase="prefill", dtype=bf16, block_size=16, num_heads=8)
+    T, B, NB, MB = _sizes(e, "prefill")
+    q_nope, q_pe = e.input("q_nope", (T, 8, 128), bf16), e.input("q_pe", (T, 8, 64), bf16)
+    latent_cache, rope_cache, *_ = _cache_inputs(e, NB, B, MB, latent=16, rope=64, block=16, dtype=bf16)
+    slots = e.input("context_slots", (e.sym("C", 29),), i64)
+    q_ends, kv_ends = e.input("query_ends_list", value=[]), e.input("context_ends_list", value=[])
+    w = e.weight("kv_b_proj_weight", _kv_b(bf16, heads=8, nope=128, v_dim=128, latent=16, std=0.1))
+    mask = e.weight("fia_causal_mask", mask, parameter=False)
+    latent = e.op(aten.index_select.default, e.op(aten.view.default, latent_cache, [-1, 16]), 0, slots)
+    rope = e.op(aten.index_select.default, e.op(aten.view.default, rope_cache, [-1, 64]), 0, slots)
+    kv = e.op(aten.split_with_sizes.default, e.op(aten.view.default, e.op(aten.linear.default, latent, w), [-1, 8, 256]),
+              [128, 128], -1)
+    k_nope, v = e.op(operator.getitem, kv, 0), e.op(operator.getitem, kv, 1)
+    k = e.op(aten.cat.default, [k_nope, e.op(aten.expand.default, e.op(aten.view.default, rope, [-1, 1, 64]),
+                                             [-1, 8, 64])], -1)
+    out = e.op(torch.ops.npu.npu_fused_infer_attention_score.default, e.op(aten.cat.default, [q_nope, q_pe], -1), k, v,
+               atten_mask=mask, actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_ends, num_heads=8, scale=SCALE,
+               input_layout="TND", num_key_value_heads=8, sparse_mode=3)
+    assert_structural_equal(gm, e.finish(e.op(operator.getitem, out, 0)))
 
 
 def test_lower_context_attention_does_not_fire_on_latent_attention():
@@ -853,6 +954,27 @@ def test_fuse_mla_prolog():
         (operator.getitem, (prolog, 6))]
     FileCheck().check("torch.ops.mla.paged_attention.default(").check("copy_.default(latent_cache") \
         .check("copy_.default(rope_cache").run(gm.code)
+    # Before/Expected: the one prolog kernel (sin before cos, as its schema orders them), the attention
+    # reading its query, query rope and updated caches, the caches copied back last
+    e = GraphBuilder(phase="decode", dtype=bf16, block_size=16, num_heads=1)
+    T, B, NB, MB = _sizes(e, "decode")
+    h, _, slots = e.input("hidden_states", (T, 6144), bf16), e.input("positions", (T,), i64), \
+        e.input("slot_mapping", (T,), i64)
+    latent_cache, rope_cache, bt, seq_lens, qsl = _cache_inputs(e, NB, B, MB, latent=512, rope=64, block=16, dtype=bf16)
+    cos, sin = e.input("rope_cos", (T, 1, 1, 64), bf16), e.input("rope_sin", (T, 1, 1, 64), bf16)
+    g_cq, g_ckv, w_uk = (e.weight(n, getattr(gm, n), parameter=False) for n in
+                         ("q_a_layernorm_weight", "kv_a_layernorm_weight", "attention_w_uk"))
+    w_dq, w_uq_qr, w_dkv_kr = (e.weight(f"paged_attention_default_prolog_{n}", getattr(gm, prolog.args[i].target),
+                                        parameter=False) for i, n in ((1, "w_dq"), (2, "w_uq_qr"), (4, "w_dkv_kr")))
+    cos2, sin2 = e.op(aten.view.default, cos, [-1, 64]), e.op(aten.view.default, sin, [-1, 64])
+    fused = e.op(torch.ops.npu.npu_mla_prolog_v3_functional.default, h, w_dq, w_uq_qr, w_uk, w_dkv_kr, g_cq, g_ckv,
+                 sin2, cos2, latent_cache, rope_cache, cache_index=slots, rmsnorm_epsilon_cq=EPS,
+                 rmsnorm_epsilon_ckv=EPS, cache_mode="PA_BSND")
+    query, query_rope, new_latent, new_rope = (e.op(operator.getitem, fused, i) for i in (0, 1, 5, 6))
+    out = e.op(mla.paged_attention.default, query, query_rope, new_latent, new_rope, bt, qsl, seq_lens, SCALE)
+    e.op(aten.copy_.default, latent_cache, new_latent)
+    e.op(aten.copy_.default, rope_cache, new_rope)
+    assert_structural_equal(gm, e.finish(out))
 
 
 @pytest.mark.parametrize("dtype, dims, why", [
@@ -915,6 +1037,18 @@ def test_lengths_as_tensors():
                                                    .meta["val"].shape[0])
     assert {k: v for k, v in air.kwargs.items() if k != "actual_seq_lengths_kv"} == \
         {k: v for k, v in kwargs.items() if k != "actual_seq_lengths_kv"}
+    # Before/Expected: the same call, by torchair's air FIA, lengths from the int64 tensor
+    e = GraphBuilder(phase="decode", dtype=bf16, block_size=16)
+    B = e.sym("num_reqs", 3)
+    NB, MB = e.sym("num_blocks", 13), e.sym("max_blocks", 5)
+    q, q_pe = e.input("q", (B, N, 1, 512), bf16), e.input("q_pe", (B, N, 1, 64), bf16)
+    k, k_pe = e.input("latent_cache", (NB, 1, 16, 512), bf16), e.input("rope_cache", (NB, 1, 16, 64), bf16)
+    bt, _ = e.input("block_table", (B, MB), i32), e.input("seq_lens", (B,), i32)
+    lengths = e.input("seq_lens_int64", (B,), i64)
+    fia = e.op(torch.ops.air.npu_fused_infer_attention_score.default, q, k, k, query_rope=q_pe, key_rope=k_pe,
+               actual_seq_lengths_kv=lengths, block_table=bt, num_heads=N, scale=SCALE, input_layout="BNSD",
+               num_key_value_heads=1, sparse_mode=0, block_size=16)
+    assert_structural_equal(gm, e.finish(e.op(operator.getitem, fia, 0)))
 
 
 def test_lengths_as_tensors_does_not_fire_on_a_list_with_no_tensor_form():
@@ -1004,6 +1138,19 @@ def _check_multistream(gm):
     assert fia.args[0] is wait and wait.args[0].target is aten.neg.default
     assert wait.args[1] is fia.args[1]                 # the key: the branch's result the attention reads
     assert wait.args[1].args[0].args[1].args[0].target == "wk"
+    # Before/Expected: the key branch inside the secondary-stream scope, first; the query after it,
+    # waiting on the key before the attention reads both
+    e = GraphBuilder(dtype=f16)
+    h = e.input("h", (e.sym("num_reqs", 3), 16), f16)
+    wk = e.weight("wk", _randn(48, 16, dtype=f16, seed=1, std=0.3))
+    wq = e.weight("wq", _randn(16, 16, dtype=f16, seed=2, std=0.3))
+    e.op(torch.ops.air.scope_enter.default, ["_user_stream_label", "_user_stream_priority"], ["mla_secondary", "0"])
+    k = e.op(aten.view.default, e.op(aten.mm.default, h, e.op(aten.t.default, wk)), [-1, 2, 3, 8])
+    e.op(torch.ops.air.scope_exit.default)
+    q = e.op(aten.neg.default, e.op(aten.view.default, e.op(aten.mm.default, h, e.op(aten.t.default, wq)), [-1, 2, 1, 8]))
+    fia = e.op(torch.ops.npu.npu_fused_infer_attention_score.default, e.op(torch.ops.air.wait_tensor.default, q, k), k,
+               k, num_heads=2, scale=SCALE, input_layout="BNSD")
+    assert_structural_equal(gm, e.finish(e.op(operator.getitem, fia, 0)))
 
 
 def test_insert_multistream_scopes():

@@ -247,3 +247,72 @@ def test_a_replacement_is_traced_once_per_abstract_signature(monkeypatch):
     assert ops_3 == [aten.mul.Tensor] and out.args[1] == 3.0 and len(traced_now) == 3     # another literal
     emitted("T", 2.0, torch.bfloat16)
     assert len(traced_now) == 4                                                            # another dtype
+
+
+# ---- replacements recorded as written (passes.recording) ---------------------------------------
+
+def _recorded_graph(fn, shapes, **literals):
+    """fn recorded in front of a neg of the first input, over inputs of `shapes` (a str is a symbol)."""
+    from mla_graph.passes.recording import emit_recorded
+
+    b = GraphBuilder()
+    symbols = {}
+    values = [b.input(f"x{i}", tuple(symbols.setdefault(s, b.sym(s, 5)) if isinstance(s, str) else s for s in shape))
+              for i, shape in enumerate(shapes)]
+    gm = b.finish(b.op(aten.neg.default, values[0]))
+    (neg,) = nodes(gm, aten.neg.default)
+    with gm.graph.inserting_before(neg):
+        out = emit_recorded(gm.graph, fn, *values, **literals)
+    return gm, values, out
+
+
+def test_a_recorded_replacement_keeps_the_arguments_as_written():
+    """Recorded, an argument equal to the schema's default stays (a trace would drop it: the graph would
+    no longer say it); a size read twice is two reads where the code reads it; x.view / x[i] / + * on
+    sizes record the one op each means."""
+    def fn(x, y, eps):
+        n = aten.sym_size.int(x, 0) * 2
+        parts = aten.split_with_sizes.default(aten.sum.dim_IntList(x, [1], False).view(-1, 1), [2, 3], 0)
+        return aten.mul.Tensor(parts[0], eps), aten.arange.start(0, n + aten.sym_size.int(x, 0), dtype=torch.int64)
+    gm, (x, y), (scaled, positions) = _recorded_graph(fn, [(5, 4), (5, 4)], eps=1e-6)
+    made = [(n.target, n.args, n.kwargs) for n in gm.graph.nodes if n.op == "call_function"][:-1]
+    sizes = [n for n in gm.graph.nodes if n.target is aten.sym_size.int]
+    assert len(sizes) == 2
+    total, summed, viewed, parts, first = (nodes(gm, t)[0] for t in (
+        operator.add, aten.sum.dim_IntList, aten.view.default, aten.split_with_sizes.default, operator.getitem))
+    assert made == [
+        (aten.sym_size.int, (x, 0), {}), (operator.mul, (sizes[0], 2), {}),
+        (aten.sum.dim_IntList, (x, [1], False), {}), (aten.view.default, (summed, [-1, 1]), {}),
+        (aten.split_with_sizes.default, (viewed, [2, 3], 0), {}), (operator.getitem, (parts, 0), {}),
+        (aten.mul.Tensor, (first, 1e-6), {}), (aten.sym_size.int, (x, 0), {}),
+        (operator.add, (nodes(gm, operator.mul)[0], sizes[1]), {}),
+        (aten.arange.start, (0, total), {"dtype": torch.int64})]
+    assert scaled.meta["val"].shape == (2, 1) and positions.meta["val"].shape == (15,)
+
+
+def test_a_recorded_replacement_computes_what_its_code_computes_eagerly():
+    """The same function, run on real tensors, is the independent check of the graph it recorded."""
+    def fn(x, y, scale):
+        _, N = x.shape
+        return aten._softmax.default(aten.mm.default(x, y.t()) * scale, -1, False).view(-1, 1, N) + x.view(-1, 1, N)
+    gm, _, out = _recorded_graph(fn, [("T", 4), (4, 4)], scale=0.5)
+    gm.graph.output_node().args = ((out,),)     # the recorded value is the graph's result
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    x, y = torch.randn(7, 4), torch.randn(4, 4)
+    (got,) = gm(x, y)
+    torch.testing.assert_close(got, fn(x, y, 0.5), rtol=0, atol=0)
+    # the row count is the graph's symbol, not the 5 the fake value was made with
+    assert got.shape == (7, 1, 4)
+
+
+@pytest.mark.parametrize("fn, error, message", [
+    (lambda x: torch.cat([x, x]), TypeError, "calls cat, not an op overload"),
+    (lambda x: aten.add.Tensor(x, torch.ones(5, 4)), ValueError, "a tensor made outside the graph meets it in add"),
+    (lambda x: x if x else x, TypeError, "the truth of x0 is known only when the graph runs"),
+    (lambda x: x[0], TypeError, "indexing x0, which is not a kernel's tuple of outputs"),
+    (lambda x: 2 * x, TypeError, "mul with the tensor x0 on the right"),
+], ids=["torch-level function", "a tensor made outside", "truth of a tensor", "indexing a tensor", "number * tensor"])
+def test_a_recorded_replacement_refuses_what_it_cannot_record(fn, error, message):
+    with pytest.raises(error, match=f"replacement <lambda>: {message}"):
+        _recorded_graph(fn, [(5, 4)])
