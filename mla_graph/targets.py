@@ -44,7 +44,8 @@ STAGES: dict[str, tuple[GraphPass, ...]] = {
         remove_noop_views,                       # capture leaves reshapes to the shape a tensor already has
     ),
     "split-mixed": (
-        split_mixed_batch,                       # mixed: decodes and prefill chunks attend apart (FIA MLA: <= 16 query tokens)
+        split_mixed_batch,                       # mixed: decodes and prefill chunks attend apart (FIA MLA: <= 16 query
+                                                 # tokens; cpu: each part gets its own form)
     ),
     "choose-form": (
         choose_attention_form,                   # cost model per attention: absorbed for decode, decompressed for long prefill
@@ -194,7 +195,8 @@ TARGETS: dict[str, Target] = {
     "torchair-multistream": Target("torchair-multistream", "torchair, with independent decode branches in a "
                                    "secondary-stream scope (npu_stream_switch / npu_wait_tensor)",
                                    _torchair_multistream_stages, prepare=_prepare_torchair, **_TORCHAIR_OPTIONS),
-    "cpu": Target("cpu", "absorbed / paged forms chosen per phase by the cost model; latent attention as "
-                  "per-request GEMMs (mla_cpu::paged_attention), other mla:: primitives as PyTorch CPU code",
-                  _stages_fixed("tidy", "choose-form", "absorb-page", "cpu-kernels", "finish")),
+    "cpu": Target("cpu", "mixed batches split into decodes and prefill chunks; absorbed / paged forms chosen "
+                  "per phase or part by the cost model; latent attention as per-request GEMMs "
+                  "(mla_cpu::paged_attention), other mla:: primitives as PyTorch CPU code",
+                  _stages_fixed("tidy", "split-mixed", "choose-form", "absorb-page", "cpu-kernels", "finish")),
 }

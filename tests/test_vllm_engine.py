@@ -181,11 +181,12 @@ def test_prompts_cross_cache_blocks(hf_greedy):
 @pytest.mark.parametrize("target", [None, "npu"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_plugin_eager_matches_hf(variant, target, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
-    """target None: what the plugin picks on a CPU (reference); "npu": the npu target's graphs with
+    """target None: what the plugin picks on vLLM's CPU platform (cpu); "npu": the npu target's graphs with
     the emulated kernels (fp32 and these dims take its aten attention), absorbed W_UK/W_UV included."""
     tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=True, target=target)
     assert_same_tokens(tokens, hf_greedy(variant), f"plugin, eager, target {target or 'default'}, {variant}")
-    assert f"lowered (prefill: {target or 'reference'}" in tokens["log"], "the target that ran is not logged"
+    assert f"lowered (prefill: {target or 'cpu'}" in tokens["log"], "the target that ran is not logged"
+    assert ("targets from MLA_GRAPH_VLLM_TARGET=npu" if target else "the CPU platform's default") in tokens["log"]
     assert LOGGED_REPLACEMENT in tokens["log"], "the plugin's start-up line is missing from vLLM's output"
 
 

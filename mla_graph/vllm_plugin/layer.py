@@ -38,7 +38,7 @@ from ..runtime.binding import StepMemo
 from .ascend import KEEP_ND, refuse_conflicting_options
 from .backend import MLAGraphBackend
 from .op import split_at_op
-from .targets import choose_targets
+from .targets import choose_targets, why_targets
 from .translate import config_from_hf, latent_cache_view, share_weights
 from .versions import vllm_support
 
@@ -138,6 +138,7 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
                 setattr(module, KEEP_ND, True)
         self.reduce_results = getattr(self.o_proj, "reduce_results", True)
         self.targets = choose_targets(vllm_config.additional_config, current_platform.device_type)
+        self.targets_chosen_by = why_targets(vllm_config.additional_config, current_platform.device_type)
         self.block_size = vllm_config.cache_config.block_size
         split_at_op(vllm_config.compilation_config)
         self.mla_attn = LatentCacheLayer(kv_lora_rank + qk_rope_head_dim, f"{prefix}.attn", self._run,
@@ -190,8 +191,8 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
         self._lowered = lowered
         self._lowered_over = {n: p.data_ptr() for n, p in self._vllm_weights().items()}
         self._weights_written = False
-        logger.info("mla-graph: %s lowered (%s) over vLLM's weights",
-                    self.prefix, ", ".join(f"{p}: {t}" for p, t in self.targets.items()))
+        logger.info("mla-graph: %s lowered (%s) over vLLM's weights; targets from %s",
+                    self.prefix, ", ".join(f"{p}: {t}" for p, t in self.targets.items()), self.targets_chosen_by)
 
     def _graph_source(self) -> MLAAttention:
         """An MLAAttention whose parameters are vLLM's tensors (built on meta, then re-pointed)."""

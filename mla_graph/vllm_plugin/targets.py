@@ -1,7 +1,9 @@
 """Which mla-graph target runs each phase, from vLLM's configuration.
 
 Order of precedence, every phase: MLA_GRAPH_VLLM_TARGET, then additional_config["mla_graph"]
-["target"], then "npu" on an Ascend platform (vllm-ascend) and "reference" elsewhere. Decode alone:
+["target"], then the platform's default (DEFAULT_TARGETS): "npu" on an Ascend platform
+(vllm-ascend), "cpu" on vLLM's CPU platform (the fastest target there), "reference" elsewhere (the
+cpu target's kernel is written for host tensors). Decode alone:
 MLA_GRAPH_VLLM_DECODE_TARGET, then additional_config["mla_graph"]["decode_target"], then the
 target of every phase.
 
@@ -20,6 +22,33 @@ from ..targets import TARGETS
 
 TARGET_ENV = "MLA_GRAPH_VLLM_TARGET"
 DECODE_TARGET_ENV = "MLA_GRAPH_VLLM_DECODE_TARGET"
+# vLLM's platform device type -> the target every phase gets when nothing is set, and why
+DEFAULT_TARGETS = {
+    "npu": ("npu", "the Ascend platform's default: its eager NPU kernels"),
+    "cpu": ("cpu", "the CPU platform's default: the fastest target there (per-request GEMM attention)"),
+}
+OTHER_PLATFORMS = ("reference", "the default on a platform with no target of its own")
+
+
+def default_target(device_type: str) -> tuple[str, str]:
+    """(target, why) for a platform when neither the environment nor additional_config names one."""
+    return DEFAULT_TARGETS.get(device_type, OTHER_PLATFORMS)
+
+
+def why_targets(additional_config: Mapping[str, Any] | None, device_type: str) -> str:
+    """Where choose_targets' choice came from, for the log."""
+    ours = dict(additional_config or {}).get("mla_graph") or {}
+    if os.environ.get(TARGET_ENV):
+        where = f"{TARGET_ENV}={os.environ[TARGET_ENV]}"
+    elif isinstance(ours, Mapping) and ours.get("target"):
+        where = "additional_config['mla_graph']['target']"
+    else:
+        where = f"{default_target(device_type)[1]} (vLLM platform {device_type!r})"
+    if os.environ.get(DECODE_TARGET_ENV):
+        where += f"; decode: {DECODE_TARGET_ENV}={os.environ[DECODE_TARGET_ENV]}"
+    elif isinstance(ours, Mapping) and ours.get("decode_target"):
+        where += "; decode: additional_config['mla_graph']['decode_target']"
+    return where
 
 
 def choose_targets(additional_config: Mapping[str, Any] | None, device_type: str) -> dict[str, str]:
@@ -32,7 +61,7 @@ def choose_targets(additional_config: Mapping[str, Any] | None, device_type: str
         raise ValueError(f"additional_config['torchair_graph_config'] ({extra['torchair_graph_config']!r}) is "
                          f"vllm-ascend's torchair graph mode, removed in vllm-ascend v0.12.0rc1 (its 0.30 config "
                          f"refuses the key); for mla-graph's torchair decode set {DECODE_TARGET_ENV}=torchair")
-    base = os.environ.get(TARGET_ENV) or ours.get("target") or ("npu" if device_type == "npu" else "reference")
+    base = os.environ.get(TARGET_ENV) or ours.get("target") or default_target(device_type)[0]
     decode = os.environ.get(DECODE_TARGET_ENV) or ours.get("decode_target") or base
     for where, name, env in (("target", base, TARGET_ENV), ("decode target", decode, DECODE_TARGET_ENV)):
         if name not in TARGETS:
