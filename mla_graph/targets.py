@@ -15,7 +15,7 @@ from mla_graph.passes.absorb import absorb_kv_weights
 from mla_graph.passes.attention_fallback import lower_paged_attention_to_aten
 from mla_graph.passes.base import GraphPass, graph_pass
 from mla_graph.passes.cost_model import choose_attention_form
-from mla_graph.passes.cpu_lower import lower_paged_attention_to_cpu
+from mla_graph.passes.cpu_lower import lower_attention_to_cpu, lower_paged_attention_to_cpu
 from mla_graph.passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
                               lower_paged_attention, lower_rms_norm, lower_rope)
 from mla_graph.passes.page import page_latent_attention
@@ -59,6 +59,7 @@ STAGES: dict[str, tuple[GraphPass, ...]] = {
     ),
     "cpu-kernels": (
         lower_paged_attention_to_cpu,            # after page: the paged attention it lowers exists only then
+        lower_attention_to_cpu,                  # after absorb: the decompressed attention the cost model kept
     ),
     "npu-kernels": (
         fuse_kv_rmsnorm_rope_cache,              # before the single-op lowerings: it consumes rms_norm and rope
@@ -197,6 +198,7 @@ TARGETS: dict[str, Target] = {
                                    _torchair_multistream_stages, prepare=_prepare_torchair, **_TORCHAIR_OPTIONS),
     "cpu": Target("cpu", "mixed batches split into decodes and prefill chunks; absorbed / paged forms chosen "
                   "per phase or part by the cost model; latent attention as per-request GEMMs "
-                  "(mla_cpu::paged_attention), other mla:: primitives as PyTorch CPU code",
+                  "(mla_cpu::paged_attention), decompressed attention in causal row blocks (mla_cpu::attention), "
+                  "other mla:: primitives as PyTorch CPU code",
                   _stages_fixed("tidy", "split-mixed", "choose-form", "absorb-page", "cpu-kernels", "finish")),
 }

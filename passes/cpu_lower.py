@@ -1,4 +1,5 @@
-"""lower_paged_attention_to_cpu: latent attention onto the cpu target's GEMM kernel."""
+"""The cpu target's kernels: latent attention (lower_paged_attention_to_cpu) and decompressed attention
+(lower_attention_to_cpu) onto mla_graph.cpu_kernels."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +34,24 @@ def lower_paged_attention_to_cpu(gm: GraphModule) -> PassResult:
 
 TO_CPU_KERNEL = Rule(RULE, mla.paged_attention.default,
                      emit=lambda g, n: call(g, mla_cpu.paged_attention.default, *n.args, **n.kwargs))
+
+
+ATTENTION_RULE = "decompressed attention -> causal row blocks"
+
+
+@graph_pass(ensures=[no_ops(torch.ops.mla.attention.default)])
+def lower_attention_to_cpu(gm: GraphModule) -> PassResult:
+    """Every mla.attention (the decompressed form the cost model kept for prompts) -> mla_cpu.attention.
+
+        o = mla.attention(q[T,N,Dq], k[B,S,Nk,Dq], v[B,S,Nk,Dv], qsl, seq_lens, s)
+      ->
+        o = mla_cpu.attention(q, k, v, qsl, seq_lens, s)
+
+    Same meaning: the kernel runs each request's causal attention in blocks of query rows over the
+    keys each block sees, scale and mask inside the score GEMM, in float32 as the reference does.
+    """
+    return rewrite(gm, [TO_CPU_ATTENTION])
+
+
+TO_CPU_ATTENTION = Rule(ATTENTION_RULE, mla.attention.default,
+                        emit=lambda g, n: call(g, mla_cpu.attention.default, *n.args, **n.kwargs))

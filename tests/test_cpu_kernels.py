@@ -159,3 +159,64 @@ def test_pass_does_not_fire_without_paged_attention():
     result = lower_paged_attention_to_cpu(gm)
     gm.recompile()
     assert not result.changed and result.matches == 0 and gm.code == code
+
+
+# ---- mla_cpu::attention (the decompressed form) ----------------------------------------------------
+
+def dense_batch(dtype, requests, *, heads=3, dq=24, dv=10, kv_heads=3, extra_rows=0, seed=0):
+    """q [T, N, Dq], k [B, S, Nk, Dq], v [B, S, Nk, Dv] (S the longest context; keys past a request's
+    own are NaN: reading one would show), query_start_loc, seq_lens."""
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(t for t, _ in requests) + extra_rows
+    S = max(s for _, s in requests)
+    q = torch.randn(T, heads, dq, generator=gen).to(dtype)
+    k = torch.full((len(requests), S, kv_heads, dq), float("nan"), dtype=dtype)
+    v = torch.full((len(requests), S, kv_heads, dv), float("nan"), dtype=dtype)
+    for b, (_, s) in enumerate(requests):
+        k[b, :s] = torch.randn(s, kv_heads, dq, generator=gen).to(dtype)
+        v[b, :s] = torch.randn(s, kv_heads, dv, generator=gen).to(dtype)
+    starts = [0]
+    for t, _ in requests:
+        starts.append(starts[-1] + t)
+    return q, k, v, torch.tensor(starts), torch.tensor([s for _, s in requests])
+
+
+def dense_textbook(q, k, v, starts, seq_lens, scale):
+    """float64 softmax(scale * q.k) v per request and head, query i of t seeing keys j <= i + s - t."""
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
+    for b, s in enumerate(seq_lens.tolist()):
+        t0, t1 = int(starts[b]), int(starts[b + 1])
+        for i in range(t1 - t0):
+            visible = s - (t1 - t0) + i + 1
+            for n in range(q.shape[1]):
+                kn, vn = k[b, :visible, n % k.shape[2]].double(), v[b, :visible, n % v.shape[2]].double()
+                p = torch.softmax(scale * (kn @ q[t0 + i, n].double()), 0)
+                out[t0 + i, n] = p @ vn
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["per-head", "one-kv-head"])
+def test_dense_attention_equals_textbook_in_causal_row_blocks(dtype, kv_heads, monkeypatch):
+    """Prompts longer than a query block (the blocks see growing key ranges), chunks after a cached
+    prefix, a request with no new tokens, padding rows: against float64 softmax attention."""
+    import mla_graph.cpu_kernels as kernels
+    monkeypatch.setattr(kernels, "QUERY_BLOCK", 8)
+    requests = [(19, 19), (5, 12), (0, 4), (1, 30), (17, 40)]
+    q, k, v, starts, seq_lens = dense_batch(dtype, requests, kv_heads=kv_heads, extra_rows=2)
+    out = torch.ops.mla_cpu.attention(q, k, v, starts, seq_lens, 0.3)
+    expected = dense_textbook(q, k, v, starts, seq_lens, 0.3)
+    assert out.dtype == dtype and out.shape == expected.shape
+    relative = float((out.double() - expected).abs().max() / expected.abs().max())
+    assert relative <= KERNEL_EPS[dtype] * torch.finfo(dtype).eps, relative
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
+    # the reference primitive agrees too (same meaning, another order of sums)
+    torch.testing.assert_close(out, torch.ops.mla.attention(q, k, v, starts, seq_lens, 0.3),
+                               **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}))
+
+
+def test_dense_attention_schema_and_fake_kernel():
+    q, k, v, starts, seq_lens = dense_batch(torch.float32, [(3, 5), (2, 2)])
+    k, v = k.nan_to_num(), v.nan_to_num()
+    torch.library.opcheck(torch.ops.mla_cpu.attention.default, (q, k, v, starts, seq_lens, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))

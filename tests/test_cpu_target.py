@@ -41,14 +41,15 @@ def test_decode_is_absorbed_and_paged():
 
 def test_a_mixed_batch_runs_each_part_in_its_own_form():
     """A mixed batch is split where the decodes end: the decodes attend in the absorbed form on the
-    cpu kernel, the prefill chunks over decompressed K/V (the form the cost model picks for long
+    cpu kernel, the prefill chunks over decompressed K/V on the dense one (the form the cost model picks for long
     prompts). One form for every token made a mixed step of long prompts cost as much again as the
     prompts alone (the absorbed form's scores are L+R = 576 wide per pair, not P+R)."""
     layer = randomize(MLAAttention(CONFIGS["v3"]))
     gm = lower(layer, "cpu", ["mixed"], block_size=16).graphs["mixed"]
-    attention = {"mla_cpu.paged_attention.default": 6, "mla.attention.default": 4}   # where seq_lens is
+    attention = {"mla_cpu.paged_attention.default": 6, "mla_cpu.attention.default": 4}   # where seq_lens is
     parts = {n.args[attention[str(n.target)]].name: str(n.target) for n in gm.graph.nodes
              if n.op == "call_function" and str(n.target) in attention}
-    assert parts == {"decode_seq_lens": "mla_cpu.paged_attention.default", "prefill_seq_lens": "mla.attention.default"}
+    assert parts == {"decode_seq_lens": "mla_cpu.paged_attention.default",
+                     "prefill_seq_lens": "mla_cpu.attention.default"}
     assert {n.name for n in gm.graph.nodes if n.op == "placeholder"} >= {
         f"{part}_{name}" for part in ("decode", "prefill") for name in ("block_table", "seq_lens", "query_start_loc")}

@@ -30,7 +30,8 @@ from mla_graph.passes import PassManager, PassVerificationError, eliminate_dead_
 from mla_graph.passes.absorb import absorb_kv_weights
 from mla_graph.passes.attention_fallback import FALLBACK_RULE, lower_paged_attention_to_aten
 from mla_graph.passes.cost_model import choose_attention_form
-from mla_graph.passes.cpu_lower import RULE as CPU_RULE, lower_paged_attention_to_cpu
+from mla_graph.passes.cpu_lower import (ATTENTION_RULE as CPU_ATTENTION_RULE, RULE as CPU_RULE, lower_attention_to_cpu,
+                                        lower_paged_attention_to_cpu)
 from mla_graph.passes.multistream import insert_multistream_scopes
 from mla_graph.passes.npu_lower import (choose_npu_attention_form, fuse_kv_rmsnorm_rope_cache, lower_context_attention,
                               lower_paged_attention, lower_rms_norm, lower_rope)
@@ -113,7 +114,7 @@ def decompressed_graph(phase="decode", *, dtype=f32, heads=N, nope=P, rope=R, la
 
 
 def _decompressed(b: GraphBuilder, q_nope, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, w, *, heads=N, nope=P,
-                  rope=R, v_dim=V):
+                  rope=R, v_dim=V, attention=mla.attention.default):
     """decompressed_graph's attention over the given inputs (each part of a split batch is one)."""
     lat = b.op(mla.gather_paged.default, latent_cache, bt)
     lin = b.op(aten.linear.default, lat, w)
@@ -125,7 +126,7 @@ def _decompressed(b: GraphBuilder, q_nope, q_pe, latent_cache, rope_cache, bt, q
                                           [rows, S, 1, rope]), [rows, S, heads, rope])
     k = b.op(aten.cat.default, [k_nope, k_pe], -1)
     q = b.op(aten.cat.default, [q_nope, q_pe], -1)
-    return b.op(mla.attention.default, q, k, v, qsl, seq_lens, SCALE)
+    return b.op(attention, q, k, v, qsl, seq_lens, SCALE)
 
 
 def decompressed_values(requests, *, dtype=f32, heads=N, nope=P, rope=R, latent=L, block=BS, num_blocks=12,
@@ -584,9 +585,29 @@ def test_lower_paged_attention_to_cpu(phase, requests):
                                               rope_cache, bt, qsl, seq_lens, SCALE)))
 
 
+@pytest.mark.parametrize("phase, requests", [("prefill", [(3, 5), (0, 4), (2, 9)]), ("mixed", MIXED)])
+def test_lower_attention_to_cpu(phase, requests):
+    """The decompressed attention onto the dense cpu kernel, the rest of the graph as it was; NaN in
+    every cache slot outside each context (the padded keys of shorter requests are never read)."""
+    gm = decompressed_graph(phase, kv_b=_kv_b())
+    check = check_pass(lower_attention_to_cpu, gm, make_inputs=inputs_for(decompressed_values(requests)))
+    assert _result(check.record) == (True, 1, {CPU_ATTENTION_RULE: 1})
+    e = GraphBuilder(phase=phase, dtype=f32, block_size=BS, num_heads=N)    # Before/Expected: the one op swapped
+    T, B, NB, MB = _sizes(e, phase)
+    q_nope, q_pe = e.input("q_nope", (T, N, P), f32), e.input("q_pe", (T, N, R), f32)
+    latent_cache, rope_cache, bt, seq_lens, qsl = _cache_inputs(e, NB, B, MB, latent=L, rope=R, block=BS, dtype=f32)
+    w = e.weight("kv_b_proj_weight", _kv_b())
+    assert_structural_equal(gm, e.finish(_decompressed(e, q_nope, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, w,
+                                                       attention=torch.ops.mla_cpu.attention.default)))
+
+
 @pytest.mark.parametrize("pass_fn", [lower_paged_attention_to_aten, lower_paged_attention_to_cpu])
 def test_paged_attention_lowerings_do_not_fire_without_paged_attention(pass_fn):
     _unchanged(pass_fn, latent_graph())
+
+
+def test_lower_attention_to_cpu_does_not_fire_without_attention():
+    _unchanged(lower_attention_to_cpu, paged_graph())
 
 
 # ---- fuse_kv_rmsnorm_rope_cache / fuse_kv_rmsnorm_rope_cache_functional -----------------------------
