@@ -65,7 +65,8 @@ def engine_main(spec_path: str) -> None:
 
     spec = json.loads(pathlib.Path(spec_path).read_text())
     llm = LLM(model=spec["model_dir"], dtype="float32", max_model_len=128, max_num_seqs=len(PROMPTS),
-              enforce_eager=spec["eager"], attention_backend="CPU_MLA", seed=0)
+              enforce_eager=spec["eager"], attention_backend="CPU_MLA", seed=0,
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1))
     # min_tokens masks EOS for all 24 steps, as min_new_tokens does in Hugging Face's generate
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, min_tokens=MAX_NEW_TOKENS)
 
@@ -142,6 +143,9 @@ def run_engine(tmp_path, model_dir: str, cache_root: str, *, plugin: bool, eager
                HF_HUB_OFFLINE="1", MLA_GRAPH_VLLM_TARGET=target or "",
                PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent),
                                                         os.environ.get("PYTHONPATH")])))
+    tp = int(updates.get("tensor_parallel_size", 1))
+    if tp > 1:   # vLLM's CPU workers bind their OpenMP threads per NUMA node unless told: one core each
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(rank % (os.cpu_count() or 1)) for rank in range(tp))
     # `python -c`: a spawned engine core has no __main__ file to re-import
     script = f"from test_vllm_engine import engine_main; engine_main({str(spec_path)!r})"
     start = time.monotonic()
@@ -209,12 +213,40 @@ def test_vllm_without_plugin_matches_hf(variant, model_dirs, vllm_cache_root, hf
     assert_same_tokens(tokens, hf_greedy(variant), f"vLLM without plugin, eager, {variant}")
 
 
+@pytest.fixture(scope="module")
+def compiled_plugin(model_dirs, vllm_cache_root, tmp_path_factory):
+    """The plugin's engine in vLLM's default mode per variant, run once (the TP 2 test compares with it)."""
+    runs = {}
+
+    def run(variant: str) -> dict:
+        if variant not in runs:
+            runs[variant] = run_engine(tmp_path_factory.mktemp(f"compiled_{variant}"), model_dirs[variant],
+                                       vllm_cache_root, plugin=True, eager=False)
+        return runs[variant]
+    return run
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_plugin_compiled_matches_hf(variant, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+def test_plugin_compiled_matches_hf(variant, compiled_plugin, hf_greedy):
     """vLLM's default mode (on CPU: torch.compile traced once, inductor), whose warm-up traces the
     model without attention metadata."""
-    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=False)
-    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, compiled, {variant}")
+    assert_same_tokens(compiled_plugin(variant), hf_greedy(variant), f"plugin, compiled, {variant}")
+
+
+def test_plugin_with_tensor_parallel_2_gives_the_tp1_tokens(model_dirs, vllm_cache_root, compiled_plugin, hf_greedy,
+                                                              tmp_path):
+    """tensor_parallel_size=2: vLLM's multiprocessing executor, two CPU workers (one core each), each
+    lowering its rank's 2 of the 4 heads; vLLM all-reduces the layer's output. Greedy tokens equal
+    the TP 1 engine's and Hugging Face's."""
+    tp2 = run_engine(tmp_path, model_dirs["dense"], vllm_cache_root, plugin=True, eager=False, spawn_workers=True,
+                     tensor_parallel_size=2)
+    for rank in (0, 1):
+        assert f"model.layers.0.self_attn lowered (prefill: cpu, mixed: cpu, decode: cpu) over vLLM's weights " \
+               f"(tensor parallel rank {rank} of 2: 2 heads)" in tp2["log"], f"rank {rank} did not lower its heads"
+    tp1 = compiled_plugin("dense")
+    assert [r["tokens"] for r in tp2["requests"]] == [r["tokens"] for r in tp1["requests"]], \
+        "TP 2 tokens differ from TP 1's"
+    assert_same_tokens(tp2, hf_greedy("dense"), "plugin, compiled, tensor parallel 2, dense")
 
 
 def test_weights_updated_in_running_engine(model_dirs, vllm_cache_root, hf_greedy, tmp_path):

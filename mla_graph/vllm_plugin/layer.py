@@ -191,8 +191,10 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
         self._lowered = lowered
         self._lowered_over = {n: p.data_ptr() for n, p in self._vllm_weights().items()}
         self._weights_written = False
-        logger.info("mla-graph: %s lowered (%s) over vLLM's weights; targets from %s",
-                    self.prefix, ", ".join(f"{p}: {t}" for p, t in self.targets.items()), self.targets_chosen_by)
+        logger.info("mla-graph: %s lowered (%s) over vLLM's weights%s; targets from %s",
+                    self.prefix, ", ".join(f"{p}: {t}" for p, t in self.targets.items()),
+                    f" (tensor parallel rank {self.tp_rank} of {self.tp_size}: {self.num_heads} heads)"
+                    if self.tp_size > 1 else "", self.targets_chosen_by)
 
     def _graph_source(self) -> MLAAttention:
         """An MLAAttention whose parameters are vLLM's tensors (built on meta, then re-pointed)."""
