@@ -6,7 +6,8 @@ A DeepSeek-V3-shaped model with random bf16 weights (hidden 1024, 4 layers, 16 h
 kv_lora 512 + rope 64, nope 64, v 64, dense MLPs) is written to a temporary folder; each engine
 runs in a process of its own, one at a time (vLLM keeps process-wide state), in compiled mode
 (vLLM's default), CPU_MLA as vLLM's own backend, 8 prompts of about 1,000 tokens, 64 new tokens,
-greedy, max_num_batched_tokens 2048, vLLM's OpenMP threads bound to the first --threads cores.
+greedy, max_num_batched_tokens 2048, vLLM's OpenMP threads bound to the first --threads cores
+(and OMP_NUM_THREADS: without it torch kept 2 threads on one bound core, which slows both engines).
 Each engine generates once to warm up (compilation), then --repeats times, timed:
 
 - decode tokens/s over the whole generation: 8 x 64 new tokens / the wall time of the steps;
@@ -140,7 +141,7 @@ def run_engine(model_dir: pathlib.Path, work: pathlib.Path, *, plugin: bool, tar
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, MLA_GRAPH_VLLM="1" if plugin else "0", MLA_GRAPH_VLLM_TARGET=target or "",
                VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2",
-               VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+               VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0", OMP_NUM_THREADS=str(threads),
                VLLM_DISABLE_COMPILE_CACHE="1", VLLM_CACHE_ROOT=str(work / "vllm_cache"), HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH")])))
