@@ -173,12 +173,16 @@ def test_vllm_engine_steps_are_told_apart_and_summarised():
     assert f["decode_step_tokens_per_s"] == pytest.approx(PROMPTS / 0.2)
     assert f["decode_tokens_per_s"] == pytest.approx(statistics_median([PROMPTS * NEW_TOKENS / 2.35,
                                                                          PROMPTS * NEW_TOKENS / 4.7]))
-    native = {"engine": "vllm", "target": None, "threads": 1, **f}
+    from mla_graph.bench.vllm_engine import matching_prefix
+    assert matching_prefix([[1, 2, 3], [1, 2, 3], [4]], [[1, 2, 3], [1, 5, 3], [5]]) == [3, 1, 0]
+    native = {"engine": "vllm", "target": None, "threads": 1, **f, "tokens_matching_hf_fp32": [64, 10]}
     plugin = {"engine": "plugin", "target": "cpu", "threads": 1, **f, "rows_with_vllms_tokens": 8,
+              "tokens_matching_hf_fp32": [64, 30],
               "vs_vllm": {"decode_tokens_per_s": 1.5, "decode_step_tokens_per_s": 0.5, "prefill_s": 0.8, "mixed_s": 0.9}}
     table = vllm_markdown({"model": MODEL, "prompts": PROMPTS, "prompt_tokens": 1000, "new_tokens": NEW_TOKENS,
                            "max_num_batched_tokens": 2048, "mode": "compiled", "rows": [native, plugin]})
     assert "| plugin (cpu) | 1 |" in table and "(1.50x)" in table and "(0.80x)" in table and "8/8" in table
+    assert "| 37.0 |" in table and "| 47.0 |" in table
 
 
 def statistics_median(values):

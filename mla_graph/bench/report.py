@@ -116,9 +116,11 @@ def vllm_markdown(v: dict) -> str:
                                                                if ratio else ""),
                      f"{r['mixed_s']:.2f}" + (f" ({ratio['mixed_s']:.2f}x)" if "mixed_s" in ratio else ""),
                      f"{r['prefill_s']:.2f}" + (f" ({ratio['prefill_s']:.2f}x)" if "prefill_s" in ratio else ""),
-                     f"{r['rows_with_vllms_tokens']}/{v['prompts']}" if "rows_with_vllms_tokens" in r else ""])
+                     f"{r['rows_with_vllms_tokens']}/{v['prompts']}" if "rows_with_vllms_tokens" in r else "",
+                     f"{sum(r['tokens_matching_hf_fp32']) / len(r['tokens_matching_hf_fp32']):.1f}"])
     parts.append(_table(["engine", "threads", "decode tokens/s (generation)", "decode step tokens/s",
-                         "mixed steps s", "prefill steps s", "rows with vLLM's tokens"], rows))
+                         "mixed steps s", "prefill steps s", "rows with vLLM's tokens",
+                         f"new tokens matching HF fp32 (of {v['new_tokens']})"], rows))
     return "".join(parts)
 
 

