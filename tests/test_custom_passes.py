@@ -84,7 +84,7 @@ def counting_pass(seen):
     return count
 
 
-@pytest.mark.parametrize("target, last", [("reference", "remove_noop_views"), ("cpu", "lower_paged_attention_to_cpu"),
+@pytest.mark.parametrize("target, last", [("reference", "remove_noop_views"), ("cpu", "lower_attention_to_cpu"),
                                           ("npu", "lower_paged_attention_to_aten"),
                                           ("torchair", "decompose_linear")])
 def test_a_list_runs_after_the_last_rewriting_stage(target, last):
