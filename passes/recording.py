@@ -90,9 +90,9 @@ class Recorded:
     def _arith(self, other: Any, tensor_op: Any, size_op: Any, reflected: bool = False) -> "Recorded":
         if isinstance(self.value, torch.Tensor):
             if reflected or tensor_op is None:
-                raise TypeError(f"replacement {self.fn}: {size_op.__name__} with the tensor {self.node.name} "
-                                f"{'on the right' if reflected else ''}; call the aten overload "
-                                f"(aten.mul.Tensor(x, 2), ...)")
+                where = " on the right" if reflected else ""
+                raise TypeError(f"replacement {self.fn}: {size_op.__name__} with the tensor {self.node.name}{where}; "
+                                f"call the aten overload (aten.mul.Tensor(x, 2), ...)")
             return self._call(tensor_op, self, other)
         if isinstance(self.value, (torch.SymInt, int)):
             return self._call(size_op, *((other, self) if reflected else (self, other)))
