@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mla_graph import MLAConfig, lower
+from mla_graph import MLAAttention, MLAConfig, lower
 from mla_graph.passes.base import VIEW_OPS
 
 from mla_graph.bench import (DOCS_BEGIN, DOCS_END, Settings, count_kernels, kv_cache_bytes,
@@ -52,6 +52,17 @@ def test_quick_run_writes_json_png_markdown_and_docs_section(tmp_path, capsys):
                 assert v["matches_hf"] and v["rel_diff_vs_hf"] <= v["hf_tolerance"], (case, name)
                 assert v["hf_tolerance"] == HF_AGREEMENT_EPS[dtype] * eps
                 assert v["time_ratio_vs_core"] > 0
+        # the bytes a step must read: every request's cached rows and its new one, and the layer's weights
+        config = Settings.quick_run().decode_config
+        weights = sum(p.numel() for p in MLAAttention(config).parameters()) * dtype.itemsize
+        rows = case["batch"] * (case["context"] + 1)
+        memory = case["memory"]
+        assert memory["bytes"] == rows * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize + weights
+        assert set(memory["copy_seconds"]) == STAT_KEYS and memory["copy_gb_per_s"] > 0
+        for name in ("reference", "cpu"):
+            fraction = case["impls"][name]["bandwidth_fraction"]
+            assert fraction == pytest.approx(memory["copy_seconds"]["median"]
+                                             / case["impls"][name]["seconds"]["median"])
         core = case["impls"]["core"]   # no projections: checked against the textbook, not against HF
         assert "matches_hf" not in core and "not Hugging Face" in core["checked_against"]
         assert core["matches_exact"] and core["rel_diff_vs_exact"] <= core["exact_tolerance"]

@@ -59,6 +59,12 @@ def mla_layer_classes(model: torch.nn.Module) -> list[str]:
                    for name, m in model.named_modules() if name.endswith("self_attn.mla_attn")})
 
 
+def dynamo_graphs(model: torch.nn.Module) -> int:
+    """Runs in vLLM's worker: how many graphs Dynamo has compiled in that process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def engine_main(spec_path: str) -> None:
     """The subprocess's body: one engine, greedy tokens per prompt, written as JSON."""
     from vllm import LLM, SamplingParams
@@ -74,7 +80,12 @@ def engine_main(spec_path: str) -> None:
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         return [{"prompt": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids)} for o in outputs]
 
-    result = {"mla_layers": llm.apply_model(mla_layer_classes)[0], "requests": generate()}
+    config = llm.llm_engine.vllm_config.compilation_config
+    graphs_before = llm.apply_model(dynamo_graphs)[0]
+    result = {"mla_layers": llm.apply_model(mla_layer_classes)[0], "requests": generate(),
+              "compilation": {"mode": config.mode.name, "splitting_ops": list(config.splitting_ops or []),
+                              "graphs_before_generate": graphs_before,
+                              "graphs_after_generate": llm.apply_model(dynamo_graphs)[0]}}
     if spec.get("reload_from"):
         # vLLM's own weight update of a running engine (what RL frameworks call between rollouts):
         # every weight of the model, read from another checkpoint, loaded layer by layer in place
@@ -230,7 +241,16 @@ def compiled_plugin(model_dirs, vllm_cache_root, tmp_path_factory):
 def test_plugin_compiled_matches_hf(variant, compiled_plugin, hf_greedy):
     """vLLM's default mode (on CPU: torch.compile traced once, inductor), whose warm-up traces the
     model without attention metadata."""
-    assert_same_tokens(compiled_plugin(variant), hf_greedy(variant), f"plugin, compiled, {variant}")
+    tokens = compiled_plugin(variant)
+    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, compiled, {variant}")
+    # vLLM's CPU platform traces the whole model once (DYNAMO_TRACE_ONCE, inductor, dynamic sizes) and
+    # splits it nowhere: every step, prefill, mixed and decode of every batch size, runs the graphs
+    # compiled at start-up, the layer's op called from inside them as vLLM's own attention op is
+    compilation = tokens["compilation"]
+    assert compilation["mode"] == "DYNAMO_TRACE_ONCE" and compilation["splitting_ops"] == []
+    assert compilation["graphs_before_generate"] > 0
+    assert compilation["graphs_after_generate"] == compilation["graphs_before_generate"], \
+        f"a step compiled a new graph: {compilation}"
 
 
 def test_plugin_with_tensor_parallel_2_gives_the_tp1_tokens(model_dirs, vllm_cache_root, compiled_plugin, hf_greedy,

@@ -206,6 +206,10 @@ def _decode_cases(s: Settings, config: MLAConfig, dtype: torch.dtype, out: dict,
                         f"decode {dtype_name(dtype)} B={batch} ctx={context}: the hand-written core differs from "
                         f"the float64 textbook attention by {case['impls']['core']['rel_diff_vs_exact']:.3g} of "
                         f"its largest element, more than {CORE_AGREEMENT_EPS[dtype]:g} eps of {dtype}")
+            case["memory"] = step_bytes_against_a_copy(layer, b, context, s.repeats)
+            for name in FULL_LAYER:
+                case["impls"][name]["bandwidth_fraction"] = (case["memory"]["copy_seconds"]["median"]
+                                                             / case["impls"][name]["seconds"]["median"])
             hf_median = case["impls"]["hf"]["seconds"]["median"]
             core_median = case["impls"]["core"]["seconds"]["median"]
             for name, v in case["impls"].items():
@@ -217,6 +221,23 @@ def _decode_cases(s: Settings, config: MLAConfig, dtype: torch.dtype, out: dict,
             log(f"  decode {dtype_name(dtype)} B={batch} ctx={context}: " + "; ".join(
                 f"{n} {fmt(v['seconds'])} peak {v['peak_bytes'] / 2**20:.0f} MiB" for n, v in case["impls"].items()))
     return cases
+
+
+def step_bytes_against_a_copy(layer: MLAAttention, b: DecodeBatch, context: int, repeats: int) -> dict:
+    """What a decode step must read at the least (every request's cached latent and rope rows, the token
+    it adds included, and the layer's weights, once each) and how long a copy of as many bytes takes
+    here, in the same run: a step that read its bytes at this machine's copy speed would take
+    `copy_seconds` (the copy also writes them, so the figure is generous to the machine, strict to us)."""
+    rows = b.metadata.seq_lens.sum().item()
+    cache = b.cache
+    per_row = cache.latent.shape[-1] * cache.latent.element_size() + cache.rope.shape[-1] * cache.rope.element_size()
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    total = rows * per_row + weights
+    src, dst = torch.ones(total, dtype=torch.uint8), torch.empty(total, dtype=torch.uint8)
+    dst.copy_(src)                                       # the pages exist before the copy is timed
+    copy = timed(lambda: dst.copy_(src), max(repeats, 3))
+    return {"cache_bytes": rows * per_row, "weight_bytes": weights, "bytes": total, "copy_seconds": copy,
+            "copy_gb_per_s": total / copy["median"] / 1e9, "context": context}
 
 
 def _core_agreement(core: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> dict:

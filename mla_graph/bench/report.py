@@ -152,6 +152,18 @@ def decode_markdown(d: dict) -> str:
             row += [f"{case['impls'][name]['time_ratio_vs_core']:.2f}" for name in d["full_layer_impls"]]
             rows.append(row)
         parts.append(_table(header, rows))
+        memory = [c for c in d["cases"] if c["dtype"] == dtype and "memory" in c]
+        if memory:
+            parts.append(f"\nMemory: the bytes a step must read at the least ({dtype} cache rows of every request "
+                         "and the layer's weights, once each) and a copy of as many bytes in the same run; the "
+                         "fraction is the copy's time over the step's (1.0: the step runs at this machine's copy "
+                         "speed).\n\n")
+            parts.append(_table(["batch", "context", "MiB read", "copy ms", "copy GB/s"]
+                                + [f"{n} fraction" for n in d["full_layer_impls"]],
+                                [[str(c["batch"]), str(c["context"]), f"{c['memory']['bytes'] / 2**20:.1f}",
+                                  _ms(c["memory"]["copy_seconds"]), f"{c['memory']['copy_gb_per_s']:.1f}"]
+                                 + [f"{c['impls'][n]['bandwidth_fraction']:.2f}" for n in d["full_layer_impls"]]
+                                 for c in memory]))
     aims = aims_at_4k(d)
     if aims:
         parts.append(f"\nAims for the cpu target at batch {AIM_BATCH}, context {AIM_CONTEXT}: at least "
