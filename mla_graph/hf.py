@@ -151,7 +151,7 @@ class PagedMLALayer(CacheLayerMixin):
     latents live in the owner's paged caches."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True        # PagedMLACache.crop gives rejected draft tokens back (assisted generation)
     is_sliding = False
     supports_early_init = False
 
@@ -199,6 +199,7 @@ class PagedMLACache(Cache):
         self.rows: list[list[int]] = [[] for _ in range(batch_size)]   # block table row per batch row
         self.context: list[int] = [0] * batch_size                       # non-padding tokens cached per row
         self.columns = 0
+        self.real = torch.zeros(batch_size, 0, dtype=torch.bool)       # which columns of each row are tokens
         self.step: Step | None = None
         super().__init__(layers=[PagedMLALayer(self) for _ in configs])
 
@@ -244,6 +245,7 @@ class PagedMLACache(Cache):
                     if rows else None)
         self.step = Step(B, query_length, torch.tensor(index, dtype=torch.long, device=device),
                          positions_for(requests, device=device), metadata, new)
+        self._step_real = real
         return self.step
 
     def end_step(self) -> None:
@@ -253,6 +255,7 @@ class PagedMLACache(Cache):
         for b, n in enumerate(step.new_per_row):
             self.context[b] += n
         self.columns += step.query_length
+        self.real = torch.cat([self.real, self._step_real], dim=1)
         self.step = None
 
     # transformers' Cache API: what a paged cache cannot do says so
@@ -270,8 +273,29 @@ class PagedMLACache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("PagedMLACache cannot repeat batch rows; create it for the expanded batch")
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PagedMLACache cannot be cropped (assisted generation is not supported)")
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last columns, as assisted generation does with the draft tokens the model rejected:
+        `tokens_to_remove` <= 0 removes that many (transformers 5), a positive value keeps that many
+        (the max_length of transformers 4). Each row gives back the slots of its tokens among them
+        (the next step writes its tokens there) and every block it no longer needs."""
+        if self.step is not None:
+            raise RuntimeError("PagedMLACache.crop during a forward (between begin_step and end_step)")
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise ValueError(f"crop takes an int (tokens to remove as a negative number, or the length to "
+                             f"keep), got {tokens_to_remove!r}")
+        keep = self.columns + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        if not 0 <= keep <= self.columns:
+            raise ValueError(f"crop({tokens_to_remove}): the cache holds {self.columns} columns; it can remove "
+                             f"at most that many (crop(-{self.columns})) or keep at most that many")
+        dropped = self.real[:, keep:].sum(dim=1).tolist()
+        for b, n in enumerate(dropped):
+            self.context[b] -= n
+            needed = -(-self.context[b] // self.block_size)
+            if len(self.rows[b]) > needed:
+                self.allocator.free(self.rows[b][needed:])
+                del self.rows[b][needed:]
+        self.real = self.real[:, :keep]
+        self.columns = keep
 
     def reset(self) -> None:
         for c in self.latent_caches:
@@ -282,6 +306,7 @@ class PagedMLACache(Cache):
             row.clear()
         self.context = [0] * self.batch_size
         self.columns = 0
+        self.real = self.real[:, :0]
         self.step = None
 
 

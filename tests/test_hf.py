@@ -192,3 +192,100 @@ def test_a_dtype_change_after_convert_names_the_fix():
         generate(converted, ids, mask, do_sample=False)
     in_order = convert(tiny_hf("dense").to(torch.bfloat16), "cpu", block_size=BLOCK)
     assert generate(in_order, ids, mask, do_sample=False).sequences.shape == (2, 6 + NEW_TOKENS)
+
+
+def _assisted(model, ids, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                              do_sample=False, pad_token_id=0, **kwargs)
+
+
+def _spy_crops(monkeypatch) -> list[int]:
+    calls = []
+    original = PagedMLACache.crop
+
+    def crop(self, tokens_to_remove):
+        calls.append(tokens_to_remove)
+        return original(self, tokens_to_remove)
+    monkeypatch.setattr(PagedMLACache, "crop", crop)
+    return calls
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_prompt_lookup_generate_equals_plain_greedy(target, monkeypatch):
+    """generate(prompt_lookup_num_tokens=4): drafts copied from the prompt's n-grams are verified in one
+    forward of several tokens per row, and the rejected ones cropped from the cache; the tokens equal
+    plain greedy of the unconverted model. The prompt repeats an n-gram so drafts are proposed (the
+    random model rejects most of them: crop takes tokens back)."""
+    gen = torch.Generator().manual_seed(3)
+    phrase = torch.randint(2, 1000, (6,), generator=gen)
+    ids = torch.cat([phrase, torch.randint(2, 1000, (5,), generator=gen), phrase, phrase[:3]]).view(1, -1)
+    want = _assisted(tiny_hf("dense"), ids)
+    crops = _spy_crops(monkeypatch)
+    got = _assisted(convert(tiny_hf("dense"), target, block_size=BLOCK), ids, prompt_lookup_num_tokens=4)
+    assert torch.equal(got, want), first_difference(got, want)
+    assert any(c < 0 for c in crops), f"no draft was rejected and cropped: {crops}"
+
+
+def test_assistant_model_generate_equals_plain_greedy(monkeypatch):
+    """An assistant (the unconverted model itself, so its drafts are the greedy tokens and are
+    accepted) drafting several tokens a step: the converted model verifies them several at a time
+    over its paged cache; the tokens equal plain greedy."""
+    ids = padded_batch([9])[0]
+    want = _assisted(tiny_hf("dense"), ids)
+    crops = _spy_crops(monkeypatch)
+    got = _assisted(convert(tiny_hf("dense"), "cpu", block_size=BLOCK), ids, assistant_model=tiny_hf("dense"))
+    assert torch.equal(got, want), first_difference(got, want)
+    # one verifying forward per crop: fewer forwards than tokens, so drafts were accepted several at a time
+    assert 0 < len(crops) < 24 and all(c <= 0 for c in crops), crops
+
+
+def test_crop_gives_back_the_rejected_tokens_slots_and_blocks():
+    """Four steps of one row (11 prompt tokens, then 1, then 6 drafts), crop(-5): the row holds 13
+    tokens in one block, the block it took for the drafts is free again, and the next step writes
+    its token in slot 13 of the row's first block: where it would have gone without the drafts."""
+    from mla_graph.config import MLAConfig
+    config = MLAConfig.preset("deepseek-v2-lite").replace(hidden_size=64, num_heads=2, kv_lora_rank=16,
+                                                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    cache = PagedMLACache([config], batch_size=1, max_tokens=64, block_size=BLOCK, dtype=torch.float32)
+    free_at_start = cache.allocator.num_free
+    for n in (11, 1, 6):
+        cache.begin_step(n, None)
+        cache.end_step()
+    assert cache.context == [18] and len(cache.rows[0]) == 2 and cache.columns == 18
+    cache.crop(-5)
+    assert cache.context == [13] and cache.columns == 13 and len(cache.rows[0]) == 1
+    assert cache.allocator.num_free == free_at_start - 1
+    step = cache.begin_step(1, None)
+    assert step.metadata.slot_mapping.tolist() == [cache.rows[0][0] * BLOCK + 13]
+    assert step.positions.tolist() == [13]
+    cache.end_step()
+    cache.crop(0)                               # nothing to remove: unchanged
+    assert cache.context == [14]
+    cache.crop(10)                              # transformers 4's form: the length to keep
+    assert cache.context == [10] and cache.columns == 10
+    with pytest.raises(ValueError, match=r"crop\(-11\): the cache holds 10 columns"):
+        cache.crop(-11)
+    with pytest.raises(ValueError, match="crop takes an int"):
+        cache.crop(2.5)
+
+
+def test_crop_counts_each_rows_own_tokens_under_left_padding():
+    """Two rows, the second left-padded by 3: cropping the last 2 columns takes 2 tokens from each row
+    (new columns are tokens in every row), never a padding column."""
+    from mla_graph.config import MLAConfig
+    config = MLAConfig.preset("deepseek-v2-lite").replace(hidden_size=64, num_heads=2, kv_lora_rank=16,
+                                                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    cache = PagedMLACache([config], batch_size=2, max_tokens=64, block_size=BLOCK, dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    cache.begin_step(5, mask)
+    cache.end_step()
+    for _ in range(3):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        cache.begin_step(1, mask)
+        cache.end_step()
+    assert cache.context == [8, 5]
+    cache.crop(-2)
+    assert cache.context == [6, 3] and cache.columns == 6
+    cache.crop(-5)                              # into the prompt: row 1's padding columns hold no tokens
+    assert cache.context == [1, 0]
