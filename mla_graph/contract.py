@@ -39,6 +39,9 @@ class GraphMeta:
     # buffer -> (get_attr target of its source weight, fn(weight) -> buffer) or None (weight-independent)
     derived_constants: dict[str, Any] = field(default_factory=dict)
     attention_form: str | None = None   # the cost model's choice for the graph (per node: node.meta)
+    # set by lower() on a target's second graph of a phase (Target.form_per_call): the form every
+    # attention but a split batch's decode part takes, whatever the cost model's representative batch
+    forced_attention_form: str | None = None
     target: str | None = None           # set by lower()
 
     @property

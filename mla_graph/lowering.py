@@ -1,6 +1,7 @@
 """lower(layer, target) -> LoweredMLA: capture each phase, run the target's pipeline, wrap it."""
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -11,6 +12,7 @@ from torch.fx import GraphModule
 
 from mla_graph.passes import PassManager, PassRecord, PipelineReport
 from mla_graph.passes.base import GraphPass
+from mla_graph.passes.cost_model import Dims, batch_costs
 from mla_graph.contract import graph_meta
 from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
@@ -23,6 +25,9 @@ from .metadata import MLAMetadata
 from .targets import TARGETS, Target
 
 
+FORMS = ("absorbed", "decompressed")
+
+
 class LoweringError(RuntimeError):
     pass
 
@@ -32,6 +37,9 @@ class LoweredMLA(nn.Module):
 
     A decode-only batch runs the "decode" graph, a prefill-only batch the "prefill" graph, any
     other batch the "mixed" graph (which also serves the other two when they were not lowered).
+    A target with `form_per_call` also has "<phase>:<form>", the phase in the other attention form:
+    each call runs the one whose attention costs less for its own batch (cost_model.batch_costs over
+    each prefill request's new tokens and context; a split batch's decodes are absorbed in both).
     """
 
     def __init__(self, layer: MLAAttention, target: Target, graphs: dict[str, GraphModule],
@@ -56,6 +64,13 @@ class LoweredMLA(nn.Module):
         # phase -> graph-mode runner (torchair decode), built over this module's own graphs
         self.runners = {phase: target.runtimes[phase](gm, self.options)
                         for phase, gm in graphs.items() if phase in target.runtimes}
+        # phase -> {form: graph key} where a phase has a graph in each form; what ran, per (phase, form)
+        self.forms: dict[str, dict[str, str]] = {}
+        for key in graphs:
+            if ":" in key:
+                phase, form = key.split(":", 1)
+                self.forms[phase] = {graph_meta(graphs[phase]).attention_form: phase, form: key}
+        self.form_choices: collections.Counter = collections.Counter()
 
     @property
     def block_size(self) -> int:
@@ -69,14 +84,14 @@ class LoweredMLA(nn.Module):
 
     @property
     def phases(self) -> list[str]:
-        return list(self.graphs)
+        return [key for key in self.graphs if ":" not in key]
 
     def graph_for(self, phase: str) -> GraphModule:
         return self.graphs[self._lowered_phase(phase)]
 
     def _lowered_phase(self, phase: str) -> str:
         """The lowered phase that serves a batch of `phase`."""
-        if phase in self.graphs:
+        if phase in self.graphs and ":" not in phase:
             return phase
         if "mixed" in self.graphs:
             return "mixed"
@@ -102,6 +117,8 @@ class LoweredMLA(nn.Module):
             return hidden_states.new_zeros(0, self.config.hidden_size)
         self.refresh_derived(by_value=checked)
         lowered = self._lowered_phase(metadata.phase)
+        if lowered in self.forms:
+            lowered = self._form_for(lowered, metadata)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
         runner = self.runners.get(metadata.phase)
         with torch.no_grad():
@@ -109,6 +126,18 @@ class LoweredMLA(nn.Module):
             if runner is not None:
                 return runner(call, memo)
             return self.conventions[lowered](call, memo)
+
+    def _form_for(self, phase: str, metadata: MLAMetadata) -> str:
+        """The graph of `phase` in the form whose attention costs less for this batch's prefill requests."""
+        c = self.config
+        dims = Dims(heads=self.num_heads, qk_nope=c.qk_nope_head_dim, rope=c.qk_rope_head_dim,
+                    latent=c.kv_lora_rank, v=c.v_head_dim, dtype_bytes=self._dtype.itemsize)
+        starts, lens = metadata.query_start_loc.tolist(), metadata.seq_lens.tolist()
+        requests = [(starts[b + 1] - starts[b], lens[b]) for b in range(metadata.num_decodes, len(lens))]
+        costs = batch_costs(dims, [(new, seq) for new, seq in requests if new > 0])   # context: all keys seen
+        form = min(costs, key=lambda f: costs[f].seconds)
+        self.form_choices[(phase, form)] += 1
+        return self.forms[phase][form]
 
     def refresh_derived(self, force: bool = False, by_value: bool = False) -> int:
         """Recut the weights passes derived at lowering time (W_UK/W_UV, the prolog's transposed
@@ -249,6 +278,20 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
         reports[phase] = manager.run(gm)
         graph_meta(gm).target = target
         graphs[phase] = gm
+        chosen = graph_meta(gm).attention_form
+        if spec.form_per_call and phase != "decode" and chosen in FORMS:
+            other = next(f for f in FORMS if f != chosen)
+            key = f"{phase}:{other}"
+            gm = capture(layer, phase, block_size=block_size)
+            graph_meta(gm).forced_attention_form = other
+            manager = PassManager(
+                spec.pipeline(phase),
+                dump_dir=os.path.join(os.fspath(dump_dir), f"{phase}-{other}") if dump_dir is not None else None,
+                verify=verify, formats=dump_formats,
+                on_pass=(lambda record, key=key: on_pass(key, record)) if on_pass else None)
+            reports[key] = manager.run(gm)
+            graph_meta(gm).target = target
+            graphs[key] = gm
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report
         write_report(dump_dir)

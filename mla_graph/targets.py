@@ -117,6 +117,9 @@ class Target:
     # (e.g. graph mode for decode); phases without one run the lowered graph eagerly
     runtimes: dict[str, Callable] = field(default_factory=dict)
     options: tuple[str, ...] = ()   # keys `lower(..., target_options=)` accepts
+    # prefill and mixed phases get a second graph in the other attention form, and each call runs the
+    # one the cost model prefers for the batch it is given (needs the lengths on the host: CPU targets)
+    form_per_call: bool = False
     # options dict -> the typed options object (options_type); raises ValueError naming the option,
     # value and what is allowed. Called by Target.parse only.
     parse_options: Callable[[dict], object] | None = None
@@ -196,9 +199,10 @@ TARGETS: dict[str, Target] = {
     "torchair-multistream": Target("torchair-multistream", "torchair, with independent decode branches in a "
                                    "secondary-stream scope (npu_stream_switch / npu_wait_tensor)",
                                    _torchair_multistream_stages, prepare=_prepare_torchair, **_TORCHAIR_OPTIONS),
-    "cpu": Target("cpu", "mixed batches split into decodes and prefill chunks; absorbed / paged forms chosen "
-                  "per phase or part by the cost model; latent attention as per-request GEMMs "
+    "cpu": Target("cpu", "mixed batches split into decodes and prefill chunks; decodes absorbed, prompts in the "
+                  "form the cost model prefers for each call's batch (both graphs lowered); latent attention as per-request GEMMs "
                   "(mla_cpu::paged_attention), decompressed attention in causal row blocks (mla_cpu::attention), "
                   "other mla:: primitives as PyTorch CPU code",
-                  _stages_fixed("tidy", "split-mixed", "choose-form", "absorb-page", "cpu-kernels", "finish")),
+                  _stages_fixed("tidy", "split-mixed", "choose-form", "absorb-page", "cpu-kernels", "finish"),
+                  form_per_call=True),
 }

@@ -51,6 +51,17 @@ class Cost:
         return max(self.flops / PEAK_FLOPS, self.bytes / BANDWIDTH)
 
 
+def batch_costs(d: Dims, requests: list[tuple[int, int]]) -> dict[str, Cost]:
+    """attention_costs summed over a real batch's (new tokens, context tokens: every key the request's
+    attention reads, its new tokens included) per request: what a per-call choice of form (LoweredMLA,
+    Target.form_per_call) compares."""
+    total = {"decompressed": Cost(0.0, 0.0), "absorbed": Cost(0.0, 0.0)}
+    for new, context in requests:
+        for form, c in attention_costs(d, 1, new, context).items():
+            total[form] = Cost(total[form].flops + c.flops, total[form].bytes + c.bytes)
+    return total
+
+
 def attention_costs(d: Dims, requests: int, new: int, context: int) -> dict[str, Cost]:
     T, C = requests * new, requests * context
     pairs = requests * new * context  # query-key pairs (upper bound; causal halves prefill)
@@ -110,11 +121,15 @@ def choose_attention_form(gm: GraphModule, *, admissible: Callable[[Match], str]
         batch = node.meta.get("mla_batch_part") or graph_meta(gm).phase
         costs = attention_costs(dims, *REPRESENTATIVE[batch])
         form = min(costs, key=lambda f: costs[f].seconds)
+        forced = graph_meta(gm).forced_attention_form if batch != "decode" else None
+        if forced is not None:
+            form = forced       # lower()'s other graph of the phase, for a per-call choice of form
         why_not = admissible(m) if admissible is not None and form == "decompressed" else ""
         if why_not:
             form = "absorbed"
         node.meta["mla_attention_form"] = graph_meta(gm).attention_form = form
         result.notes.append(f"{node.name} ({batch}): " + ", ".join(
             f"{f} {c.flops / 1e9:.1f} GFLOP {c.bytes / 1e6:.1f} MB ~{c.seconds * 1e6:.1f} us"
-            for f, c in costs.items()) + f" -> {form}" + (f" (decompressed not admitted: {why_not})" if why_not else ""))
+            for f, c in costs.items()) + f" -> {form}" + (" (forced: the phase's other graph)" if forced else "")
+            + (f" (decompressed not admitted: {why_not})" if why_not else ""))
     return result

@@ -53,3 +53,36 @@ def test_a_mixed_batch_runs_each_part_in_its_own_form():
                      "prefill_seq_lens": "mla_cpu.attention.default"}
     assert {n.name for n in gm.graph.nodes if n.op == "placeholder"} >= {
         f"{part}_{name}" for part in ("decode", "prefill") for name in ("block_table", "seq_lens", "query_start_loc")}
+
+
+def test_each_call_runs_the_form_its_own_batch_prefers():
+    """Prefill and mixed have a graph in each form; a call of long fresh prompts runs the decompressed
+    one, a few new tokens over a long cached context (a prefill chunk, or a verification step of
+    assisted generation) the absorbed one (its decompressed form would run kv_b_proj over the whole
+    context: ~4x the time at these sizes). Both agree with the plain definition."""
+    from mla_graph.checking import LAYER_TOLERANCES, random_batch
+    from mla_graph.config import MLAConfig
+
+    config = MLAConfig(hidden_size=256, num_heads=8, q_lora_rank=64, kv_lora_rank=128, qk_nope_head_dim=32,
+                       qk_rope_head_dim=32, v_head_dim=32, max_position_embeddings=4096)
+    layer = randomize(MLAAttention(config))
+    lowered = lower(layer, "cpu", block_size=16)
+    assert lowered.phases == ["prefill", "decode", "mixed"]
+    assert set(lowered.graphs) == {"prefill", "prefill:absorbed", "decode", "mixed", "mixed:absorbed"}
+    assert graph_meta(lowered.graphs["prefill"]).attention_form == "decompressed"
+    assert graph_meta(lowered.graphs["prefill:absorbed"]).forced_attention_form == "absorbed"
+    rtol, atol = LAYER_TOLERANCES[torch.float32]
+    for requests, phase, form in (([(300, 0), (200, 0)], "prefill", "decompressed"),
+                                  ([(3, 1500), (2, 900)], "prefill", "absorbed"),
+                                  ([(1, 40), (4, 1500)], "mixed", "absorbed"),
+                                  ([(1, 40), (300, 0)], "mixed", "decompressed")):
+        batch = random_batch(layer, requests, block_size=16, seed=len(requests))
+        assert batch.metadata.phase == phase
+        want_cache, got_cache = batch.cache.clone(), batch.cache.clone()
+        lowered.form_choices.clear()
+        with torch.no_grad():
+            want = layer(batch.hidden_states, batch.positions, want_cache, batch.metadata)
+            got = lowered(batch.hidden_states, batch.positions, got_cache, batch.metadata)
+        assert dict(lowered.form_choices) == {(phase, form): 1}, (requests, lowered.form_choices)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{requests}: {m}")
+        torch.testing.assert_close(got_cache.latent, want_cache.latent, rtol=rtol, atol=atol)
