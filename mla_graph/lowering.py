@@ -266,32 +266,28 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     options = spec.parse(target_options)   # bad values fail here, before any work
     spec.prepare()
     graphs, reports = {}, {}
-    for phase in phases:
+
+    def lower_phase(phase: str, key: str, forced_form: str | None = None) -> GraphModule:
+        """Capture `phase`, run the pipeline (the attention form forced, for a second graph), keep it under `key`."""
         gm = capture(layer, phase, block_size=block_size)
+        graph_meta(gm).forced_attention_form = forced_form
         manager = PassManager(
             spec.pipeline(phase),
-            dump_dir=os.path.join(os.fspath(dump_dir), phase) if dump_dir is not None else None,
+            dump_dir=os.path.join(os.fspath(dump_dir), key.replace(":", "-")) if dump_dir is not None else None,
             verify=verify,
             formats=dump_formats,
-            on_pass=(lambda record, phase=phase: on_pass(phase, record)) if on_pass else None,
+            on_pass=(lambda record: on_pass(key, record)) if on_pass else None,
         )
-        reports[phase] = manager.run(gm)
+        reports[key] = manager.run(gm)
         graph_meta(gm).target = target
-        graphs[phase] = gm
-        chosen = graph_meta(gm).attention_form
+        graphs[key] = gm
+        return gm
+
+    for phase in phases:
+        chosen = graph_meta(lower_phase(phase, phase)).attention_form
         if spec.form_per_call and phase != "decode" and chosen in FORMS:
             other = next(f for f in FORMS if f != chosen)
-            key = f"{phase}:{other}"
-            gm = capture(layer, phase, block_size=block_size)
-            graph_meta(gm).forced_attention_form = other
-            manager = PassManager(
-                spec.pipeline(phase),
-                dump_dir=os.path.join(os.fspath(dump_dir), f"{phase}-{other}") if dump_dir is not None else None,
-                verify=verify, formats=dump_formats,
-                on_pass=(lambda record, key=key: on_pass(key, record)) if on_pass else None)
-            reports[key] = manager.run(gm)
-            graph_meta(gm).target = target
-            graphs[key] = gm
+            lower_phase(phase, f"{phase}:{other}", forced_form=other)
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):
         from .dumptool import write_report
         write_report(dump_dir)

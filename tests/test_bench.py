@@ -3,6 +3,7 @@ and the helpers it is built from count and measure what they say."""
 import dataclasses
 import importlib
 import json
+import statistics
 
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_vllm_engine_steps_are_told_apart_and_summarised():
     f = figures({"runs": [{"wall": 2.35, "steps": steps}, {"wall": 4.7, "steps": steps}]})
     assert f["prefill_s"] == 1.0 and f["mixed_s"] == 0.75 and f["mixed_steps"] == 2
     assert f["decode_step_tokens_per_s"] == pytest.approx(PROMPTS / 0.2)
-    assert f["decode_tokens_per_s"] == pytest.approx(statistics_median([PROMPTS * NEW_TOKENS / 2.35,
+    assert f["decode_tokens_per_s"] == pytest.approx(statistics.median([PROMPTS * NEW_TOKENS / 2.35,
                                                                          PROMPTS * NEW_TOKENS / 4.7]))
     from mla_graph.bench.vllm_engine import matching_prefix
     assert matching_prefix([[1, 2, 3], [1, 2, 3], [4]], [[1, 2, 3], [1, 5, 3], [5]]) == [3, 1, 0]
@@ -194,11 +195,6 @@ def test_vllm_engine_steps_are_told_apart_and_summarised():
                            "max_num_batched_tokens": 2048, "mode": "compiled", "rows": [native, plugin]})
     assert "| plugin (cpu) | 1 |" in table and "(1.50x)" in table and "(0.80x)" in table and "8/8" in table
     assert "| 37.0 |" in table and "| 47.0 |" in table
-
-
-def statistics_median(values):
-    import statistics
-    return statistics.median(values)
 
 
 def test_bench_refuses_an_unknown_vllm_target_before_measuring(tmp_path, capsys):

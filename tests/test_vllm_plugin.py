@@ -534,6 +534,17 @@ def test_plugin_found_through_entry_point_in_fresh_interpreter():
     assert "mla_graph.vllm mla-graph: replaced vLLM's pluggable layer 'multi_head_latent_attention'" in run.stderr
 
 
+def _target_env(monkeypatch, env, decode_env):
+    """MLA_GRAPH_VLLM_TARGET / MLA_GRAPH_VLLM_DECODE_TARGET set to the values given, or unset for None."""
+    from mla_graph.vllm_plugin.targets import DECODE_TARGET_ENV, TARGET_ENV
+
+    for name, value in ((TARGET_ENV, env), (DECODE_TARGET_ENV, decode_env)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize("env, decode_env, extra, device, expected", [
     (None, None, None, "cpu", ("cpu", "cpu")),                     # vLLM's CPU platform: the fastest target
     (None, None, None, "npu", ("npu", "npu")),                     # vllm-ascend: eager kernels
@@ -547,13 +558,9 @@ def test_plugin_found_through_entry_point_in_fresh_interpreter():
 ], ids=["cpu-default", "npu-default", "other-platform-default", "config-target", "env-over-config", "decode-env",
         "decode-env-over-config", "decode-target", "env-target-every-phase"])
 def test_target_choice_from_env_and_additional_config(monkeypatch, env, decode_env, extra, device, expected):
-    from mla_graph.vllm_plugin.targets import DECODE_TARGET_ENV, TARGET_ENV, choose_targets
+    from mla_graph.vllm_plugin.targets import choose_targets
 
-    for name, value in ((TARGET_ENV, env), (DECODE_TARGET_ENV, decode_env)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    _target_env(monkeypatch, env, decode_env)
     base, decode = expected
     assert choose_targets(extra, device) == {"prefill": base, "mixed": base, "decode": decode}
 
@@ -567,13 +574,9 @@ def test_target_choice_from_env_and_additional_config(monkeypatch, env, decode_e
      "additional_config['mla_graph']['target']; decode: MLA_GRAPH_VLLM_DECODE_TARGET=torchair"),
 ], ids=["cpu-default", "other-default", "env", "config-and-decode-env"])
 def test_the_log_says_where_the_targets_came_from(monkeypatch, env, decode_env, extra, device, why):
-    from mla_graph.vllm_plugin.targets import DECODE_TARGET_ENV, TARGET_ENV, why_targets
+    from mla_graph.vllm_plugin.targets import why_targets
 
-    for name, value in ((TARGET_ENV, env), (DECODE_TARGET_ENV, decode_env)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    _target_env(monkeypatch, env, decode_env)
     assert why_targets(extra, device) == why
 
 

@@ -29,12 +29,18 @@ TINY_DEEPSEEK_V3 = {
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """Seeded random weights with O(1) activations, as tests/tiny_models.randomize_ makes them:
-    linears N(0, 1/fan_in), embeddings N(0, 1), norm gammas 1 + N(0, 0.3)."""
+    """TINY_DEEPSEEK_V3 with seeded random weights (random_deepseek)."""
+    return random_deepseek(TINY_DEEPSEEK_V3, seed)
+
+
+def random_deepseek(fields: dict, seed: int = 0) -> torch.nn.Module:
+    """A float32 DeepseekV3ForCausalLM of config `fields` with seeded random weights and O(1)
+    activations, as tests/tiny_models.randomize_ makes them: linears N(0, 1/fan_in), embeddings
+    N(0, 1), norm gammas 1 + N(0, 0.3)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_DEEPSEEK_V3)).to(torch.float32).eval()
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):

@@ -8,7 +8,8 @@ runs in a process of its own, one at a time (vLLM keeps process-wide state), in 
 (vLLM's default), CPU_MLA as vLLM's own backend, 8 prompts of about 1,000 tokens, 64 new tokens,
 greedy, max_num_batched_tokens 2048, vLLM's OpenMP threads bound to the first --threads cores
 (and OMP_NUM_THREADS: without it torch kept 2 threads on one bound core, which slows both engines).
-Each engine generates once to warm up (compilation), then --repeats times, timed:
+Each engine generates once to warm up (compilation), then --repeats times, timed (the last run's
+tokens are the ones compared):
 
 - decode tokens/s over the whole generation: 8 x 64 new tokens / the wall time of the steps;
 - each engine step, by what it ran: prefill (every request in it got its first token), mixed
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import statistics
@@ -36,18 +36,16 @@ import tempfile
 import time
 from typing import Callable
 
+from .generate import TINY_DEEPSEEK_V3, random_deepseek
+
+# tiny DeepSeek-V3's fields (bench section 5), grown to the issue's model: dense MLPs in all 4 layers
 MODEL = {
-    "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 256,
-    "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": 256,
-    "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                        "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1,
-                        "mscale": 1.0, "mscale_all_dim": 1.0},
-    "rope_interleave": True, "first_k_dense_replace": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
-    "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
-    "norm_topk_prob": True, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
-    "pad_token_id": None,
+    **TINY_DEEPSEEK_V3, "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2816,
+    "moe_intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "q_lora_rank": 256, "qk_nope_head_dim": 64, "v_head_dim": 64, "max_position_embeddings": 4096,
+    "rope_parameters": {**TINY_DEEPSEEK_V3["rope_parameters"], "original_max_position_embeddings": 1024,
+                        "mscale_all_dim": 1.0},
+    "first_k_dense_replace": 4,
 }
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, BATCHED_TOKENS = 8, 1000, 64, 2048
 ENGINE_TIMEOUT_S = 1800
@@ -56,18 +54,8 @@ ENGINE_TIMEOUT_S = 1800
 def write_model(directory: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """MODEL as a bf16 checkpoint vLLM loads (no tokenizer: the engine is given token ids)."""
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**MODEL)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():   # O(1) activations: linears N(0, 1/fan_in), embeddings N(0, 1), gammas ~1
-        for name, tensor in sorted(model.state_dict().items()):
-            noise = torch.randn(tensor.shape, generator=gen)
-            value = (1.0 + 0.3 * noise if tensor.dim() == 1 else noise if "embed_tokens" in name
-                     else noise / math.sqrt(tensor.shape[-1]))
-            tensor.copy_(value)
-    model.to(torch.bfloat16).save_pretrained(directory)
+    random_deepseek(MODEL, seed).to(torch.bfloat16).save_pretrained(directory)
     saved = json.loads((directory / "config.json").read_text())
     saved.update({"topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
                   "torch_dtype": "bfloat16"})
@@ -101,6 +89,7 @@ def engine_main(spec_path: str) -> None:
         for i, p in enumerate(ids):
             engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), params)
         seen: dict[str, int] = {}
+        finished: dict[str, list[int]] = {}
         steps, start = [], time.perf_counter()
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
@@ -108,15 +97,13 @@ def engine_main(spec_path: str) -> None:
             took = time.perf_counter() - t0
             kind, requests = step_kind([(o.request_id, len(o.outputs[0].token_ids)) for o in outputs], seen)
             steps.append({"kind": kind, "seconds": took, "requests": requests})
-        return {"wall": time.perf_counter() - start, "steps": steps}
-
-    def tokens_of() -> list[list[int]]:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+            finished.update({o.request_id: list(o.outputs[0].token_ids) for o in outputs if o.finished})
+        return {"wall": time.perf_counter() - start, "steps": steps,
+                "tokens": [finished[f"{tag}-{i}"] for i in range(len(ids))]}
 
     generation("warmup")
     runs = [generation(f"run{r}") for r in range(spec["repeats"])]
-    result = {"runs": runs, "tokens": tokens_of()}
+    result = {"runs": runs, "tokens": runs[-1]["tokens"]}   # greedy: every run's tokens are these
     pathlib.Path(spec["result"]).write_text(json.dumps(result))
 
 

@@ -38,7 +38,7 @@ from ..runtime.binding import StepMemo
 from .ascend import KEEP_ND, refuse_conflicting_options
 from .backend import MLAGraphBackend
 from .op import split_at_op
-from .targets import choose_targets, why_targets
+from .targets import choose_targets_and_why
 from .translate import config_from_hf, latent_cache_view, share_weights
 from .versions import vllm_support
 
@@ -137,8 +137,8 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
                 setattr(module, skip_relayout, True)
                 setattr(module, KEEP_ND, True)
         self.reduce_results = getattr(self.o_proj, "reduce_results", True)
-        self.targets = choose_targets(vllm_config.additional_config, current_platform.device_type)
-        self.targets_chosen_by = why_targets(vllm_config.additional_config, current_platform.device_type)
+        self.targets, self.targets_chosen_by = choose_targets_and_why(vllm_config.additional_config,
+                                                                      current_platform.device_type)
         self.block_size = vllm_config.cache_config.block_size
         split_at_op(vllm_config.compilation_config)
         self.mla_attn = LatentCacheLayer(kv_lora_rank + qk_rope_head_dim, f"{prefix}.attn", self._run,

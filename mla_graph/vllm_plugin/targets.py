@@ -37,22 +37,17 @@ def default_target(device_type: str) -> tuple[str, str]:
 
 def why_targets(additional_config: Mapping[str, Any] | None, device_type: str) -> str:
     """Where choose_targets' choice came from, for the log."""
-    ours = dict(additional_config or {}).get("mla_graph") or {}
-    if os.environ.get(TARGET_ENV):
-        where = f"{TARGET_ENV}={os.environ[TARGET_ENV]}"
-    elif isinstance(ours, Mapping) and ours.get("target"):
-        where = "additional_config['mla_graph']['target']"
-    else:
-        where = f"{default_target(device_type)[1]} (vLLM platform {device_type!r})"
-    if os.environ.get(DECODE_TARGET_ENV):
-        where += f"; decode: {DECODE_TARGET_ENV}={os.environ[DECODE_TARGET_ENV]}"
-    elif isinstance(ours, Mapping) and ours.get("decode_target"):
-        where += "; decode: additional_config['mla_graph']['decode_target']"
-    return where
+    return choose_targets_and_why(additional_config, device_type)[1]
 
 
 def choose_targets(additional_config: Mapping[str, Any] | None, device_type: str) -> dict[str, str]:
     """{"prefill": t, "mixed": t, "decode": t'} for this vLLM configuration."""
+    return choose_targets_and_why(additional_config, device_type)[0]
+
+
+def choose_targets_and_why(additional_config: Mapping[str, Any] | None,
+                           device_type: str) -> tuple[dict[str, str], str]:
+    """The targets per phase and, for the log, where each came from (the one place the precedence is)."""
     extra = dict(additional_config or {})
     ours = extra.get("mla_graph") or {}
     if not isinstance(ours, Mapping):
@@ -61,10 +56,22 @@ def choose_targets(additional_config: Mapping[str, Any] | None, device_type: str
         raise ValueError(f"additional_config['torchair_graph_config'] ({extra['torchair_graph_config']!r}) is "
                          f"vllm-ascend's torchair graph mode, removed in vllm-ascend v0.12.0rc1 (its 0.30 config "
                          f"refuses the key); for mla-graph's torchair decode set {DECODE_TARGET_ENV}=torchair")
-    base = os.environ.get(TARGET_ENV) or ours.get("target") or default_target(device_type)[0]
-    decode = os.environ.get(DECODE_TARGET_ENV) or ours.get("decode_target") or base
-    for where, name, env in (("target", base, TARGET_ENV), ("decode target", decode, DECODE_TARGET_ENV)):
+    if os.environ.get(TARGET_ENV):
+        base, where = os.environ[TARGET_ENV], f"{TARGET_ENV}={os.environ[TARGET_ENV]}"
+    elif ours.get("target"):
+        base, where = ours["target"], "additional_config['mla_graph']['target']"
+    else:
+        base, why = default_target(device_type)
+        where = f"{why} (vLLM platform {device_type!r})"
+    decode = base
+    if os.environ.get(DECODE_TARGET_ENV):
+        decode = os.environ[DECODE_TARGET_ENV]
+        where += f"; decode: {DECODE_TARGET_ENV}={decode}"
+    elif ours.get("decode_target"):
+        decode = ours["decode_target"]
+        where += "; decode: additional_config['mla_graph']['decode_target']"
+    for what, name, env in (("target", base, TARGET_ENV), ("decode target", decode, DECODE_TARGET_ENV)):
         if name not in TARGETS:
-            raise ValueError(f"mla-graph {where} {name!r} (from {env} or additional_config['mla_graph']) is not a "
+            raise ValueError(f"mla-graph {what} {name!r} (from {env} or additional_config['mla_graph']) is not a "
                              f"target; known: {', '.join(TARGETS)}")
-    return {"prefill": base, "mixed": base, "decode": decode}
+    return {"prefill": base, "mixed": base, "decode": decode}, where
