@@ -4,13 +4,13 @@ import importlib.util
 
 from .attention import MLAAttention
 from .cache import BlockAllocator, CacheFullError, PagedLatentCache
-from .capture import PHASES, capture
+from .capture import ALL_PHASES, PHASES, capture
 from .config import MLAConfig, YarnScaling, preset_names
 from .npu import npu_backend
-from .metadata import MLAMetadata, MetadataError, build_metadata, positions_for
+from .metadata import MAX_DECODE_TOKENS, MLAMetadata, MetadataError, build_metadata, positions_for
 
 __all__ = [
-    "BlockAllocator", "CacheFullError", "LoweredMLA", "LoweringError", "MLAAttention", "MLAConfig",
+    "ALL_PHASES", "MAX_DECODE_TOKENS", "BlockAllocator", "CacheFullError", "LoweredMLA", "LoweringError", "MLAAttention", "MLAConfig",
     "MLAMetadata", "MetadataError", "PHASES", "PagedLatentCache", "YarnScaling", "build_metadata",
     "capture", "lower", "npu_backend", "positions_for", "preset_names",
 ]

@@ -14,7 +14,7 @@ from .cache import PagedLatentCache
 from .config import MLAConfig
 from .envflags import env_flag
 from .layer_op import call_layer, ensure_layer_op, register_layer
-from .metadata import MLAMetadata, MetadataError
+from .metadata import MAX_DECODE_TOKENS, MLAMetadata, MetadataError
 from .rope import cos_sin_table
 
 mla = torch.ops.mla
@@ -174,14 +174,16 @@ def check_call(config: MLAConfig, dtype: torch.dtype, hidden_states: torch.Tenso
     bad = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
     if bad:
         raise ValueError(f"metadata counts must be non-negative ints, got {bad}")
-    if metadata.num_decodes + metadata.num_prefills != B or metadata.num_decode_tokens != metadata.num_decodes:
-        raise ValueError(f"metadata: num_decodes ({metadata.num_decodes}) + num_prefills ({metadata.num_prefills}) "
-                         f"must be num_reqs ({B}), and num_decode_tokens ({metadata.num_decode_tokens}) must "
-                         f"equal num_decodes (one token per decode request)")
+    d, dt = metadata.num_decodes, metadata.num_decode_tokens
+    if d + metadata.num_prefills != B or not d <= dt <= MAX_DECODE_TOKENS * d:
+        raise ValueError(f"metadata: num_decodes ({d}) + num_prefills ({metadata.num_prefills}) must be num_reqs "
+                         f"({B}), and num_decode_tokens ({dt}) between num_decodes and {MAX_DECODE_TOKENS} x "
+                         f"num_decodes (1 to {MAX_DECODE_TOKENS} new tokens per decode request)")
     if (T == 0) != (B == 0):
         raise ValueError(f"a batch of {T} tokens cannot have {B} requests (every request has >= 1 new token)")
-    if metadata.num_decodes > T:
-        raise ValueError(f"metadata.num_decodes = {metadata.num_decodes} but the batch has {T} tokens")
+    if dt + 2 * metadata.num_prefills > T:
+        raise ValueError(f"metadata: {dt} decode tokens (num_decode_tokens) and {metadata.num_prefills} prefills of "
+                         f"2 or more tokens do not fit a batch of {T} tokens")
 
 
 def checked_mode(setting: bool | None = None) -> bool:

@@ -1,7 +1,8 @@
 """capture(layer, phase): the definition as an FX graph over aten + mla::, with symbolic shapes.
 
 One capture serves every batch of its phase: the token count T, request count B, cache size
-and block-table width are symbols (for decode T and B are one symbol, one token per request).
+and block-table width are symbols (for decode T and B are one symbol, one token per request; a
+multi_decode batch has 1..16 tokens per request, T and B apart).
 Weights are `get_attr` nodes that refer to the layer's own parameters, never copies.
 """
 from __future__ import annotations
@@ -19,13 +20,17 @@ from mla_graph.contract import INPUTS, GraphMeta, register_fake_mode
 
 from .attention import MLAAttention
 
-PHASES = ("prefill", "decode", "mixed")
+PHASES = ("prefill", "decode", "mixed")   # what lower() builds unless told
+# decode requests with several new tokens each (speculative decoding's verification); lowered where
+# asked for (the vLLM plugin with speculative decoding): else such batches run the prefill graph
+MULTI_DECODE = "multi_decode"
+ALL_PHASES = PHASES + (MULTI_DECODE,)
 
 
 def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphModule:
-    """Trace `layer.plain_forward` for `phase` ("prefill", "decode" or "mixed")."""
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+    """Trace `layer.plain_forward` for `phase` ("prefill", "decode", "mixed" or "multi_decode")."""
+    if phase not in ALL_PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(ALL_PHASES)}")
     if not isinstance(layer, MLAAttention):
         raise TypeError(f"capture expects an MLAAttention, got {type(layer).__name__}")
     if not isinstance(block_size, int) or block_size < 1:

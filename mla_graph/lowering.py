@@ -18,7 +18,7 @@ from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode
 from .cache import PADDING_BLOCK, PagedLatentCache
-from .capture import PHASES, capture
+from .capture import ALL_PHASES, MULTI_DECODE, PHASES, capture
 from .inputs import Call
 from .runtime.binding import CallingConvention, StepMemo
 from .metadata import MLAMetadata
@@ -37,6 +37,9 @@ class LoweredMLA(nn.Module):
 
     A decode-only batch runs the "decode" graph, a prefill-only batch the "prefill" graph, any
     other batch the "mixed" graph (which also serves the other two when they were not lowered).
+    Decodes with several new tokens (speculative decoding) run the "multi_decode" graph where it
+    was lowered and the batch has no prefills; otherwise the "prefill" graph, which takes any
+    request as it comes (the mixed graph's split assumes one token per decode).
     A target with `form_per_call` also has "<phase>:<form>", the phase in the other attention form:
     each call runs the one whose attention costs less for its own batch (cost_model.batch_costs over
     each prefill request's new tokens and context; a split batch's decodes are absorbed in both).
@@ -71,6 +74,7 @@ class LoweredMLA(nn.Module):
                 phase, form = key.split(":", 1)
                 self.forms[phase] = {graph_meta(graphs[phase]).attention_form: phase, form: key}
         self.form_choices: collections.Counter = collections.Counter()
+        self.graph_calls: collections.Counter = collections.Counter()   # graph key -> calls it ran
 
     @property
     def block_size(self) -> int:
@@ -86,13 +90,20 @@ class LoweredMLA(nn.Module):
     def phases(self) -> list[str]:
         return [key for key in self.graphs if ":" not in key]
 
-    def graph_for(self, phase: str) -> GraphModule:
-        return self.graphs[self._lowered_phase(phase)]
+    def graph_for(self, phase: str, multi_token_decodes: bool = False) -> GraphModule:
+        return self.graphs[self._lowered_phase(phase, multi_token_decodes)]
 
-    def _lowered_phase(self, phase: str) -> str:
-        """The lowered phase that serves a batch of `phase`."""
-        if phase in self.graphs and ":" not in phase:
+    def _lowered_phase(self, phase: str, multi_token_decodes: bool = False) -> str:
+        """The lowered phase that serves a batch of `phase` (`multi_token_decodes`: some decode
+        request has several new tokens)."""
+        if phase in self.graphs and ":" not in phase and (phase == MULTI_DECODE or not multi_token_decodes):
             return phase
+        if phase == MULTI_DECODE or multi_token_decodes:
+            if "prefill" in self.graphs:
+                return "prefill"
+            raise LoweringError(f"this {phase} batch has decode requests of several new tokens, which only the "
+                                f"'multi_decode' graph (a batch without prefills) or the 'prefill' graph runs, but "
+                                f"only {self.phases} were lowered; lower with phases including 'prefill'")
         if "mixed" in self.graphs:
             return "mixed"
         raise LoweringError(f"this batch is a {phase} batch but only {self.phases} were lowered; "
@@ -116,11 +127,12 @@ class LoweredMLA(nn.Module):
         if hidden_states.shape[0] == 0:
             return hidden_states.new_zeros(0, self.config.hidden_size)
         self.refresh_derived(by_value=checked)
-        lowered = self._lowered_phase(metadata.phase)
+        lowered = self._lowered_phase(metadata.phase, metadata.multi_token_decodes)
         if lowered in self.forms:
             lowered = self._form_for(lowered, metadata)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)
         runner = self.runners.get(metadata.phase)
+        self.graph_calls[lowered] += 1
         with torch.no_grad():
             memo = step_memo or self.step_memo
             if runner is not None:
@@ -220,7 +232,7 @@ def _with_passes(spec: Target, passes: Mapping[str, Sequence[GraphPass]] | Seque
         raise ValueError(f"passes must be a list of passes (GraphModule -> PassResult) or a dict "
                          f"{{stage: [pass, ...]}}, got {passes!r}")
     after = {}
-    for phase in PHASES:
+    for phase in ALL_PHASES:
         stages = [s for s in spec.stages(phase) if s not in FINAL_STAGES]
         if stages:
             after[stages[-1]] = list(passes)
@@ -255,9 +267,10 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     phases = list(dict.fromkeys(phases))
-    bad = [p for p in phases if p not in PHASES]
+    bad = [p for p in phases if p not in ALL_PHASES]
     if bad or not phases:
-        raise ValueError(f"unknown phase(s) {bad or phases!r}; expected a non-empty subset of {', '.join(PHASES)}")
+        raise ValueError(f"unknown phase(s) {bad or phases!r}; expected a non-empty subset of "
+                         f"{', '.join(ALL_PHASES)}")
     if dump_dir is None and os.environ.get("MLA_GRAPH_DUMP"):
         dump_dir = os.environ["MLA_GRAPH_DUMP"]
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -285,7 +298,7 @@ def lower(layer: MLAAttention, target: str = "reference", phases: Iterable[str] 
 
     for phase in phases:
         chosen = graph_meta(lower_phase(phase, phase)).attention_form
-        if spec.form_per_call and phase != "decode" and chosen in FORMS:
+        if spec.form_per_call and phase not in ("decode", MULTI_DECODE) and chosen in FORMS:
             other = next(f for f in FORMS if f != chosen)
             lower_phase(phase, f"{phase}:{other}", forced_form=other)
     if dump_dir is not None and "html" in parse_formats(dump_formats or os.environ.get(FORMATS_ENV) or "txt"):

@@ -1,4 +1,10 @@
-"""Attention metadata for one flat batch (vLLM's order: decode requests first, then prefills)."""
+"""Attention metadata for one flat batch (vLLM's order: decode requests first, then prefills).
+
+A decode request has 1 to MAX_DECODE_TOKENS new tokens over its cached context: one for plain
+decoding, 1 + k when k draft tokens are verified (speculative decoding, DeepSeek's MTP), causal
+among themselves. Which requests are decodes is the producer's choice, as in vLLM (its
+`reorder_batch_threshold`); a request after the decodes is a prefill of 2 or more tokens.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +13,10 @@ from typing import Sequence
 import torch
 
 from .cache import PagedLatentCache
+
+# most new tokens a decode request may have: what FIA's MLA mode takes per request (npu.limits),
+# and so vllm-ascend's cap on 1 + num_speculative_tokens
+MAX_DECODE_TOKENS = 16
 
 
 class MetadataError(ValueError):
@@ -19,8 +29,8 @@ class MLAMetadata:
     block_table: torch.Tensor       # int32 [B, max_blocks]: physical blocks of each request
     seq_lens: torch.Tensor          # int32 [B]: context length after this step (cached + new)
     query_start_loc: torch.Tensor   # int32 [B + 1]: request b owns tokens [qsl[b], qsl[b+1])
-    num_decodes: int                # requests with exactly one new token, first in the batch
-    num_decode_tokens: int
+    num_decodes: int                # decode requests (1..MAX_DECODE_TOKENS new tokens each), first in the batch
+    num_decode_tokens: int          # their new tokens: num_decodes when each has one
     num_prefills: int
 
     @property
@@ -32,9 +42,16 @@ class MLAMetadata:
         return self.slot_mapping.shape[0]
 
     @property
+    def multi_token_decodes(self) -> bool:
+        """Some decode request verifies more than one new token."""
+        return self.num_decode_tokens > self.num_decodes
+
+    @property
     def phase(self) -> str:
+        """'decode' (one new token per request), 'multi_decode' (decodes, some with several new
+        tokens), 'prefill' or 'mixed' (decodes of either kind and prefills)."""
         if self.num_prefills == 0:
-            return "decode"
+            return "multi_decode" if self.multi_token_decodes else "decode"
         if self.num_decodes == 0:
             return "prefill"
         return "mixed"
@@ -71,15 +88,24 @@ class MLAMetadata:
                                     f"in a batch has at least one")
             if q > s:
                 raise MetadataError(f"request {b}: {q} new tokens but seq_lens[{b}] = {s} (must be >= new tokens)")
-        decodes = sum(1 for q in q_lens if q == 1)
-        if any(q_lens[i] != 1 for i in range(decodes)):
-            first = next(i for i, q in enumerate(q_lens) if q != 1)
-            raise MetadataError(f"decode requests must come first: request {first} has {q_lens[first]} new "
-                                f"tokens but a later request has 1 (query lengths {q_lens})")
         counts = (self.num_decodes, self.num_decode_tokens, self.num_prefills)
-        if counts != (decodes, decodes, B - decodes):
-            raise MetadataError(f"(num_decodes, num_decode_tokens, num_prefills) = {counts} but the query "
-                                f"lengths {q_lens} give {(decodes, decodes, B - decodes)}")
+        if self.num_decodes + self.num_prefills != B or not 0 <= self.num_decodes <= B:
+            raise MetadataError(f"(num_decodes, num_decode_tokens, num_prefills) = {counts} but the batch has "
+                                f"{B} requests (query lengths {q_lens})")
+        decode_lens = q_lens[:self.num_decodes]
+        if sum(decode_lens) != self.num_decode_tokens:
+            raise MetadataError(f"(num_decodes, num_decode_tokens, num_prefills) = {counts} but the first "
+                                f"{self.num_decodes} requests' query lengths {decode_lens} sum to "
+                                f"{sum(decode_lens)} (query lengths {q_lens})")
+        long = [b for b, q in enumerate(decode_lens) if q > MAX_DECODE_TOKENS]
+        if long:
+            raise MetadataError(f"decode request {long[0]} has {decode_lens[long[0]]} new tokens; a decode request "
+                                f"has 1 to {MAX_DECODE_TOKENS} (query lengths {q_lens}, num_decodes "
+                                f"{self.num_decodes})")
+        single = [b for b in range(self.num_decodes, B) if q_lens[b] == 1]
+        if single:
+            raise MetadataError(f"decode requests must come first: request {single[0]} has 1 new token but is "
+                                f"counted as a prefill (num_decodes {self.num_decodes}, query lengths {q_lens})")
         if cache is None:
             return
         bs, nb = cache.block_size, cache.num_blocks
@@ -122,11 +148,18 @@ class MLAMetadata:
 
 
 def build_metadata(requests: Sequence[tuple[int, int]], block_tables: Sequence[Sequence[int]],
-                   block_size: int, *, device: torch.device | str = "cpu") -> MLAMetadata:
+                   block_size: int, *, device: torch.device | str = "cpu",
+                   decode_tokens: int = 1) -> MLAMetadata:
     """requests[b] = (new_tokens, cached_tokens); block_tables[b] = physical blocks of request b.
 
-    Decode requests (one new token) must come first, as vLLM orders them.
+    Decode requests come first, as vLLM orders them: the leading requests with at most
+    `decode_tokens` new tokens (1, or 1 + k to verify k draft tokens; at most MAX_DECODE_TOKENS)
+    over a cached context (one new token needs none). Every later request must have more.
     """
+    if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) \
+            or not 1 <= decode_tokens <= MAX_DECODE_TOKENS:
+        raise MetadataError(f"decode_tokens must be an int in 1..{MAX_DECODE_TOKENS} (most new tokens of a "
+                            f"decode request), got {decode_tokens!r}")
     if len(requests) != len(block_tables):
         raise MetadataError(f"{len(requests)} requests but {len(block_tables)} block table rows")
     if block_size < 1:
@@ -151,18 +184,25 @@ def build_metadata(requests: Sequence[tuple[int, int]], block_tables: Sequence[S
     width = max([len(r) for r in block_tables] + [1])
     table = [list(r) + [0] * (width - len(r)) for r in block_tables]
     q_lens = [new for new, _ in requests]
+
+    def is_decode(new: int, cached: int) -> bool:
+        return new == 1 or (new <= decode_tokens and cached > 0)
+
     decodes = 0
-    while decodes < len(q_lens) and q_lens[decodes] == 1:
+    while decodes < len(requests) and is_decode(*requests[decodes]):
         decodes += 1
-    if any(q == 1 for q in q_lens[decodes:]):
-        raise MetadataError(f"decode requests must come first, got new-token counts {q_lens}")
+    late = [b for b in range(decodes, len(requests)) if is_decode(*requests[b])]
+    if late:
+        raise MetadataError(f"decode requests must come first, got new-token counts {q_lens} (request {late[0]} "
+                            f"is a decode: at most decode_tokens={decode_tokens} new tokens over a cached "
+                            f"context)")
     return MLAMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(requests), width),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         num_decodes=decodes,
-        num_decode_tokens=decodes,
+        num_decode_tokens=sum(q_lens[:decodes]),
         num_prefills=len(requests) - decodes,
     )
 

@@ -26,6 +26,7 @@ REPRESENTATIVE = {
     "decode": (32, 1, 4096),   # also the decode part of a split mixed batch
     "prefill": (4, 2048, 2048),
     "mixed": (32, 16, 2048),    # chunked prefill: short chunks riding along with decodes
+    "multi_decode": (32, 4, 4096),   # speculative decoding: 1 + 3 draft tokens verified per request
 }
 PEAK_FLOPS = 300e12     # bf16 matmul, Ascend 910B class
 BANDWIDTH = 1.6e12      # HBM bytes/s
@@ -121,7 +122,7 @@ def choose_attention_form(gm: GraphModule, *, admissible: Callable[[Match], str]
         batch = node.meta.get("mla_batch_part") or graph_meta(gm).phase
         costs = attention_costs(dims, *REPRESENTATIVE[batch])
         form = min(costs, key=lambda f: costs[f].seconds)
-        forced = graph_meta(gm).forced_attention_form if batch != "decode" else None
+        forced = graph_meta(gm).forced_attention_form if batch not in ("decode", "multi_decode") else None
         if forced is not None:
             form = forced       # lower()'s other graph of the phase, for a per-call choice of form
         why_not = admissible(m) if admissible is not None and form == "decompressed" else ""

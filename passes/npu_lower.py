@@ -175,14 +175,20 @@ def paged_fia_limits(ql: Node, q_pe: Node, latent_cache: Node, bt: Node) -> list
 def lower_paged_attention(gm: GraphModule) -> PassResult:
     """mla.paged_attention of one new token per request -> npu_fused_infer_attention_score in MLA
     mode (BNSD) over the paged cache, where the kernel's documented limits admit it (limits.fia_mla);
-    other calls are left for lower_paged_attention_to_aten.
+    in a multi_decode graph (1..16 new tokens per request, the metadata's contract) MLA mode in the
+    TND layout with its causal mask, as vllm-ascend runs MTP; other calls are left for
+    lower_paged_attention_to_aten.
 
         o = mla.paged_attention(ql[B,N,L], q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, s)
       ->  o = view(npu.npu_fused_infer_attention_score(view(ql,[B,N,1,L]), view(latent_cache,[NB,1,BS,L]),
               ..., query_rope=.., key_rope=.., block_table=bt, actual_seq_lengths_kv=seq_lens_list,
               num_heads=N, num_key_value_heads=1, input_layout='BNSD', block_size=BS)[0], [B,N,L])
+      multi_decode (ql [T,N,L]):
+          o = npu.npu_fused_infer_attention_score(ql, view(latent_cache,[NB,1,BS,L]), ..., query_rope=q_pe,
+              key_rope=.., atten_mask=triu(1) 2048x2048, block_table=bt, actual_seq_lengths=query_ends_list,
+              actual_seq_lengths_kv=seq_lens_list, input_layout='TND', sparse_mode=3, ...)[0]
     """
-    return rewrite(gm, [PAGED_FIA])
+    return rewrite(gm, [PAGED_FIA, PAGED_FIA_TND])
 
 
 def _fia_admits(n: Node) -> bool | Skip:
@@ -210,6 +216,47 @@ def paged_fia(ql, q_pe, latent_cache, rope_cache, bt, kv_lens, scale: float):
 
 
 PAGED_FIA = Rule("paged latent attention (BNSD)", mla.paged_attention.default, emit=_paged_fia, check=_fia_admits)
+
+
+def multi_token_fia_limits(ql: Node, q_pe: Node, latent_cache: Node) -> list[Violation]:
+    """Why FIA's MLA mode in the TND layout cannot take this multi-token decode attention (hard
+    limits; the 1..16 tokens per request are the metadata's contract, checked per call by the kernel)."""
+    T, N, L = val(ql).shape
+    return limits.hard(limits.fia_mla(
+        dtype=val(ql).dtype, num_heads=N, latent=L, rope=val(q_pe).shape[-1], kv_heads=1,
+        block_size=val(latent_cache).shape[1], paged=True))
+
+
+def _tnd_fia_admits(n: Node) -> bool | Skip:
+    if graph_meta(n.graph.owning_module).phase != "multi_decode":
+        return Skip(f"{n.name}: not a multi_decode graph (TND MLA mode is for decodes of 1..16 tokens)")
+    why_not = multi_token_fia_limits(n.args[0], n.args[1], n.args[2])
+    return Skip(f"{n.name}: not FIA: {why_not[0].message()}") if why_not else True
+
+
+def _paged_fia_tnd(g, n: Node) -> Node:
+    ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = n.args
+    gm = g.owning_module
+    q_ends = find_input(gm, QUERY_ENDS_LIST) or add_input(gm, QUERY_ENDS_LIST, [])
+    kv_lens = find_input(gm, SEQ_LENS_LIST) or add_input(gm, SEQ_LENS_LIST, [])
+    return emit_recorded(g, paged_fia_tnd, ql, q_pe, latent_cache, rope_cache, bt, _mask(gm), q_ends, kv_lens, scale)
+
+
+def paged_fia_tnd(ql, q_pe, latent_cache, rope_cache, bt, mask, q_ends, kv_lens, scale: float):
+    _, N, L = ql.shape
+    R = q_pe.shape[-1]
+    BS = latent_cache.shape[1]
+    k = latent_cache.view(-1, 1, BS, L)
+    kr = rope_cache.view(-1, 1, BS, R)
+    out = _npu().npu_fused_infer_attention_score.default(
+        ql, k, k, query_rope=q_pe, key_rope=kr, atten_mask=mask, actual_seq_lengths=q_ends,
+        actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=scale, input_layout="TND",
+        num_key_value_heads=1, sparse_mode=3, block_size=BS)
+    return out[0]
+
+
+PAGED_FIA_TND = Rule("paged latent attention of several tokens per request (TND)", mla.paged_attention.default,
+                     emit=_paged_fia_tnd, check=_tnd_fia_admits)
 
 
 @graph_pass(ensures=[EVERY_ATTENTION_COSTED])

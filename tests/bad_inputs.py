@@ -272,7 +272,7 @@ CALL_CASES: list[CallCase] = [
              _replace_md(num_decodes=lambda x: x.metadata.num_decodes + 1,
                          num_decode_tokens=lambda x: x.metadata.num_decode_tokens + 1,
                          num_prefills=lambda x: x.metadata.num_prefills - 1), batches=("mixed",)),
-    CallCase("num_decode_tokens != num_decodes", "num_decode_tokens + 1",
+    CallCase("num_decode_tokens off by one", "num_decode_tokens + 1 (not the decodes' new tokens)",
              _replace_md(num_decode_tokens=lambda x: x.metadata.num_decode_tokens + 1)),
     CallCase("negative num_prefills", "num_prefills = -1", _replace_md(num_prefills=lambda x: -1)),
     CallCase("hidden_states width", "hidden_states [T, hidden - 1]", _hidden_width),

@@ -40,10 +40,9 @@ def _broken(md, cache, **changes):
     (lambda md, c: dict(block_table=torch.where(md.block_table == md.block_table[1, 0], 99, md.block_table)),
      "block ids \\[99\\] out of range \\[0, 8\\)"),
     (lambda md, c: dict(query_start_loc=torch.tensor([0, 5, 6, 9], dtype=torch.int32)),
-     "decode requests must come first: request 0 has 5 new tokens but a later request has 1 "
-     "\\(query lengths \\[5, 1, 3\\]\\)"),
+     "the first 1 requests' query lengths \\[5\\] sum to 5 \\(query lengths \\[5, 1, 3\\]\\)"),
     (lambda md, c: dict(query_start_loc=torch.tensor([0, 2, 3, 9], dtype=torch.int32)),
-     "decode requests must come first: request 0 has 2 new tokens"),
+     "the first 1 requests' query lengths \\[2\\] sum to 2"),
     (lambda md, c: dict(query_start_loc=torch.tensor([1, 2, 7, 9], dtype=torch.int32)),
      "query_start_loc must start at 0 and never decrease, got \\[1, 2, 7, 9\\]"),
     (lambda md, c: dict(query_start_loc=torch.tensor([0, 5, 4, 9], dtype=torch.int32)),
@@ -69,7 +68,10 @@ def _broken(md, cache, **changes):
     (lambda md, c: dict(seq_lens=torch.tensor([21, 4, 16], dtype=torch.int32)),
      "request 1: 5 new tokens but seq_lens\\[1\\] = 4"),
     (lambda md, c: dict(num_decodes=2), "\\(num_decodes, num_decode_tokens, num_prefills\\) = \\(2, 1, 2\\) but "
-                                         "the query lengths \\[1, 5, 3\\] give \\(1, 1, 2\\)"),
+                                         "the batch has 3 requests \\(query lengths \\[1, 5, 3\\]\\)"),
+    (lambda md, c: dict(num_decodes=2, num_decode_tokens=2, num_prefills=1),
+     "\\(num_decodes, num_decode_tokens, num_prefills\\) = \\(2, 2, 1\\) but the first 2 requests' query "
+     "lengths \\[1, 5\\] sum to 6"),
     (lambda md, c: dict(seq_lens=md.seq_lens.float()), "seq_lens must be int32 or int64, got torch.float32"),
     (lambda md, c: dict(block_table=md.block_table[:2]), "block_table must be \\[num_reqs=3, max_blocks\\]"),
 ])
@@ -93,6 +95,32 @@ def test_builder_rejects_bad_requests():
         build_metadata([(40, 0)], [[0, 1]], BS)
     with pytest.raises(MetadataError, match="need new_tokens >= 1"):
         build_metadata([(0, 3)], [[0]], BS)
+
+
+def test_multi_token_decodes():
+    """Decode requests of 1 to MAX_DECODE_TOKENS new tokens (draft tokens to verify), first in the batch."""
+    cache = PagedLatentCache.allocate(V3_TINY, 16, BS, shuffle_blocks=True)
+    requests = [(4, 20), (1, 10), (3, 7), (5, 0)]
+    rows = [cache.allocator.grow([], n + c, BS) for n, c in requests]
+    md = build_metadata(requests, rows, BS, decode_tokens=4)
+    md.validate(cache, num_tokens=13)
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.phase) == (3, 8, 1, "mixed")
+    assert md.multi_token_decodes
+    only = build_metadata(requests[:3], rows[:3], BS, decode_tokens=4)
+    assert (only.num_decodes, only.num_decode_tokens, only.phase) == (3, 8, "multi_decode")
+    # decode_tokens=1 (the default): the same requests are prefills after the one-token decode... which
+    # must come first
+    with pytest.raises(MetadataError, match="decode requests must come first"):
+        build_metadata(requests, rows, BS)
+    assert build_metadata(requests[1:2], rows[1:2], BS).phase == "decode"
+    # a request of at most decode_tokens new tokens but no cache is a prompt, hence a prefill
+    assert build_metadata([(3, 0)], [rows[3]], BS, decode_tokens=4).phase == "prefill"
+    for bad in (0, 17, True, 2.0):
+        with pytest.raises(MetadataError, match="decode_tokens must be an int in 1..16"):
+            build_metadata(requests, rows, BS, decode_tokens=bad)
+    long = build_metadata([(17, 3)], [cache.allocator.grow([], 20, BS)], BS)
+    with pytest.raises(MetadataError, match="decode request 0 has 17 new tokens; a decode request has 1 to 16"):
+        dataclasses.replace(long, num_decodes=1, num_decode_tokens=17, num_prefills=0).validate()
 
 
 @pytest.mark.parametrize("make_module", ["plain", "lowered"])

@@ -820,6 +820,37 @@ def test_lower_paged_attention():
     assert_structural_equal(gm, e.finish(e.op(aten.view.default, e.op(operator.getitem, fia, 0), [-1, N, 512])))
 
 
+def test_lower_paged_attention_multi_decode_is_fia_tnd():
+    """A multi_decode graph (1..16 new tokens per request): FIA's MLA mode in the TND layout, causal
+    (sparse_mode 3, the compressed 2048 mask) with cumulative query ends, as vllm-ascend runs MTP."""
+    gm = paged_graph("multi_decode", dtype=bf16, **MLA_DIMS)
+    inputs = placeholders(gm)
+    values = paged_values([(3, 20), (1, 5), (16, 17)], dtype=bf16, num_blocks=8, nan_outside=False, **MLA_DIMS)
+    values["seq_lens_list"] = values["seq_lens"].tolist()
+    values["query_ends_list"] = values["query_start_loc"][1:].tolist()
+    check = check_pass(lower_paged_attention, gm, make_inputs=inputs_for(values))
+    assert _result(check.record) == (True, 1, {"paged latent attention of several tokens per request (TND)": 1})
+    assert placeholders(gm) == inputs + ["query_ends_list", "seq_lens_list"]
+    # Before/Expected
+    e = GraphBuilder(phase="multi_decode", dtype=bf16, block_size=16, num_heads=N)
+    T, B, NB, MB = _sizes(e, "multi_decode")
+    ql, q_pe = e.input("ql", (T, N, 512), bf16), e.input("q_pe", (T, N, 64), bf16)
+    latent_cache, rope_cache, bt, _, _ = _cache_inputs(e, NB, B, MB, latent=512, rope=64, block=16, dtype=bf16)
+    q_ends, kv_lens = e.input("query_ends_list", value=[]), e.input("seq_lens_list", value=[])
+    mask = e.weight("fia_causal_mask", torch.ones(2048, 2048, dtype=torch.bool).triu(1), parameter=False)
+    k, kr = e.op(aten.view.default, latent_cache, [-1, 1, 16, 512]), e.op(aten.view.default, rope_cache, [-1, 1, 16, 64])
+    fia = e.op(torch.ops.npu.npu_fused_infer_attention_score.default, ql, k, k, query_rope=q_pe, key_rope=kr,
+               atten_mask=mask, actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N,
+               scale=SCALE, input_layout="TND", num_key_value_heads=1, sparse_mode=3, block_size=16)
+    assert_structural_equal(gm, e.finish(e.op(operator.getitem, fia, 0)))
+
+
+def test_lower_paged_attention_multi_decode_outside_fia_limits_is_left_alone():
+    gm = paged_graph("multi_decode", dtype=f32, **MLA_DIMS)
+    bnsd, tnd = _unchanged(lower_paged_attention, gm).notes
+    assert "not FIA" in tnd and "query.dtype=torch.float32" in tnd
+
+
 @pytest.mark.parametrize("phase, dtype, dims, why", [
     ("decode", f32, MLA_DIMS, "query.dtype=torch.float32"),
     ("decode", bf16, dict(MLA_DIMS, block=32), "block_size=32"),
@@ -828,8 +859,9 @@ def test_lower_paged_attention():
 ], ids=["fp32", "block32", "latent256", "prefill"])
 def test_lower_paged_attention_does_not_fire_outside_fia_mla_limits(phase, dtype, dims, why):
     gm = paged_graph(phase, dtype=dtype, **dims)
-    [note] = _unchanged(lower_paged_attention, gm).notes
-    assert "not FIA" in note and why in note
+    bnsd, tnd = _unchanged(lower_paged_attention, gm).notes   # the BNSD rule's, then the TND rule's
+    assert "not FIA" in bnsd and why in bnsd
+    assert "not a multi_decode graph" in tnd
     assert "seq_lens_list" not in placeholders(gm) and "seq_lens_list" not in graph_meta(gm).input_names
 
 

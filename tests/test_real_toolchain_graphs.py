@@ -17,7 +17,7 @@ import pytest
 import torch
 from wheels import torch_npu_wheel
 
-from mla_graph import MLAAttention, MLAConfig, PagedLatentCache, lower
+from mla_graph import ALL_PHASES, MLAAttention, MLAConfig, PagedLatentCache, lower
 from mla_graph import ascend_toolchain as at
 from mla_graph.npu.limits import PROLOG_HIDDEN
 
@@ -78,7 +78,7 @@ def test_torchair_bucket_graphs_convert_to_ge(toolchain, preset, dtype, tp_size)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_npu_graphs_agree_with_the_wheels_meta_functions(toolchain, preset, dtype):
     layer = MLAAttention(MLAConfig.preset(preset), dtype=dtype, tp_size=8).requires_grad_(False)
-    lowered = lower(layer, "npu", block_size=128)
+    lowered = lower(layer, "npu", ALL_PHASES, block_size=128)   # multi_decode: FIA MLA in TND
     for phase in lowered.phases:
         gm = lowered.graph_for(phase)
         nodes = _npu_nodes(gm)

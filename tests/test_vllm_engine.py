@@ -65,16 +65,54 @@ def dynamo_graphs(model: torch.nn.Module) -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def graph_calls(model: torch.nn.Module) -> dict[str, int]:
+    """Runs in vLLM's worker: how many times the plugin's layers ran each lowered graph."""
+    calls: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if name.endswith("self_attn.mla_attn"):
+            for lowered in {id(x): x for x in getattr(m, "_lowered", {}).values()}.values():
+                for key, n in lowered.graph_calls.items():
+                    calls[key] = calls.get(key, 0) + n
+    return calls
+
+
+def greedy_rejection_sample(output_token_ids, cu_num_draft_tokens, draft_token_ids, target_argmax, bonus_token_ids,
+                            is_greedy, max_spec_len, uniform_probs, synthetic_conditional_rates) -> None:
+    """vLLM's rejection_greedy_sample_kernel (vllm/v1/sample/rejection_sampler.py) in torch: vLLM 0.30's
+    CPU build cannot launch that Triton kernel (no Triton on CPU: "Cannot inspect kernel parameters"),
+    with or without the plugin, so speculative decoding stops at its first verification. Each request
+    keeps its draft tokens up to the first the target model's argmax disagrees with (that argmax
+    replaces it), and gets the bonus token when it kept them all."""
+    assert synthetic_conditional_rates is None, "synthetic acceptance is not transcribed"
+    start = 0
+    for r, end in enumerate(cu_num_draft_tokens.tolist()):
+        if is_greedy is None or bool(is_greedy[r]):
+            for pos in range(end - start):
+                output_token_ids[r, pos] = target_argmax[start + pos]
+                if int(draft_token_ids[start + pos]) != int(target_argmax[start + pos]):
+                    break
+            else:
+                output_token_ids[r, end - start] = bonus_token_ids[r]
+        start = end
+
+
 def engine_main(spec_path: str) -> None:
     """The subprocess's body: one engine, greedy tokens per prompt, written as JSON."""
     from vllm import LLM, SamplingParams
 
     spec = json.loads(pathlib.Path(spec_path).read_text())
+    speculative = spec.get("speculative_config")
+    if speculative:
+        from vllm.v1.sample import rejection_sampler
+        greedy_rejection_sample.register_warmup = lambda **_: None   # what vLLM's kernel wrapper offers
+        rejection_sampler._rejection_greedy_sample = greedy_rejection_sample
     llm = LLM(model=spec["model_dir"], dtype="float32", max_model_len=128, max_num_seqs=len(PROMPTS),
               enforce_eager=spec["eager"], attention_backend="CPU_MLA", seed=0,
-              tensor_parallel_size=spec.get("tensor_parallel_size", 1))
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1), speculative_config=speculative,
+              disable_log_stats=not speculative)
     # min_tokens masks EOS for all 24 steps, as min_new_tokens does in Hugging Face's generate
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, min_tokens=MAX_NEW_TOKENS)
+    new_tokens = spec.get("max_new_tokens", MAX_NEW_TOKENS)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens)
 
     def generate() -> list[dict]:
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
@@ -86,6 +124,10 @@ def engine_main(spec_path: str) -> None:
               "compilation": {"mode": config.mode.name, "splitting_ops": list(config.splitting_ops or []),
                               "graphs_before_generate": graphs_before,
                               "graphs_after_generate": llm.apply_model(dynamo_graphs)[0]}}
+    if speculative:
+        result["speculation"] = {m.name.removeprefix("vllm:spec_decode_"): getattr(m, "values", None) or m.value
+                                 for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode_")}
+        result["graph_calls"] = llm.apply_model(graph_calls)[0]
     if spec.get("reload_from"):
         # vLLM's own weight update of a running engine (what RL frameworks call between rollouts):
         # every weight of the model, read from another checkpoint, loaded layer by layer in place
@@ -122,22 +164,23 @@ def hf_greedy(model_dirs):
 
     cache = {}
 
-    def requests(variant: str) -> list[dict]:
+    def requests(variant: str, new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
         """variant: a name in VARIANTS, or a checkpoint directory."""
-        if variant not in cache:
+        if (variant, new_tokens) not in cache:
             directory = model_dirs.get(variant, variant)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(directory)
-            cache[variant] = []
+            cache[variant, new_tokens] = []
             for prompt in PROMPTS:
                 ids = tokenizer(prompt, return_tensors="pt").input_ids
                 with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                          do_sample=False, output_logits=True, return_dict_in_generate=True)
                 gaps = [float(logits[0].topk(2).values.diff().abs()) for logits in out.logits]
-                cache[variant].append({"prompt": ids[0].tolist(), "tokens": out.sequences[0, ids.shape[1]:].tolist(),
-                                       "min_top2_gap": min(gaps)})
-        return cache[variant]
+                cache[variant, new_tokens].append({"prompt": ids[0].tolist(),
+                                                   "tokens": out.sequences[0, ids.shape[1]:].tolist(),
+                                                   "min_top2_gap": min(gaps)})
+        return cache[variant, new_tokens]
     return requests
 
 
@@ -177,7 +220,7 @@ def assert_same_tokens(engine: dict, hf: list[dict], what: str) -> None:
     requests = engine["requests"]
     assert [r["prompt"] for r in requests] == [r["prompt"] for r in hf], f"{what}: prompts tokenized differently"
     for i, (got, want) in enumerate(zip(requests, hf)):
-        assert len(got["tokens"]) == MAX_NEW_TOKENS, f"{what}, prompt {i}: {len(got['tokens'])} tokens"
+        assert len(got["tokens"]) == len(want["tokens"]), f"{what}, prompt {i}: {len(got['tokens'])} tokens"
         first = next((j for j, (a, b) in enumerate(zip(got["tokens"], want["tokens"])) if a != b), None)
         assert first is None, (
             f"{what}, prompt {i} ({len(want['prompt'])} tokens): new token {first} differs "
@@ -267,6 +310,38 @@ def test_plugin_with_tensor_parallel_2_gives_the_tp1_tokens(model_dirs, vllm_cac
     assert [r["tokens"] for r in tp2["requests"]] == [r["tokens"] for r in tp1["requests"]], \
         "TP 2 tokens differ from TP 1's"
     assert_same_tokens(tp2, hf_greedy("dense"), "plugin, compiled, tensor parallel 2, dense")
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# with 24 new tokens these random-weight models repeat no earlier token, so ngram drafts nothing;
+# by 64 they fall into loops that it drafts (and partly gets right)
+SPECULATED_TOKENS = 64
+
+
+def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+    """vLLM's ngram speculative decoding (up to 3 draft tokens a step, from the request's own earlier
+    tokens), plugin on: verification steps of up to 4 tokens per request run the multi_decode graph,
+    and the greedy tokens equal the same engine without speculation (and Hugging Face's). vLLM's own
+    MLA under the same speculation proposes and accepts exactly as many tokens: the plugin's
+    verification logits pick the same argmax at every draft position."""
+    def engine(name: str, plugin: bool, speculative: dict | None) -> dict:
+        return run_engine(tmp_path / name, model_dirs["dense"], vllm_cache_root, plugin=plugin, eager=True,
+                          max_new_tokens=SPECULATED_TOKENS, speculative_config=speculative)
+
+    plugin, without, native = engine("plugin", True, NGRAM), engine("without", True, None), engine("native", False, NGRAM)
+    hf = hf_greedy("dense", SPECULATED_TOKENS)
+    assert [r["tokens"] for r in plugin["requests"]] == [r["tokens"] for r in without["requests"]], \
+        "speculative decoding changed the plugin's greedy tokens"
+    assert_same_tokens(plugin, hf, "plugin, ngram speculative decoding, dense")
+    assert_same_tokens(native, hf, "vLLM's own MLA, ngram speculative decoding, dense")
+    speculation = plugin["speculation"]
+    assert speculation["num_draft_tokens"] > speculation["num_accepted_tokens"] > 0, \
+        f"drafts must be both accepted and rejected (the rejected tokens' cache slots rewritten) {speculation}"
+    assert speculation == native["speculation"], (speculation, native["speculation"])
+    print(f"ngram speculation, plugin and vLLM's own: {speculation}; plugin graph calls: {plugin['graph_calls']}")
+    assert plugin["graph_calls"].get("multi_decode", 0) > 0, plugin["graph_calls"]
+    assert "multi_decode: cpu" in plugin["log"], "the multi_decode graph was not lowered"
+    assert "multi_decode" not in without["log"], "lowered a multi_decode graph without speculative decoding"
 
 
 def test_weights_updated_in_running_engine(model_dirs, vllm_cache_root, hf_greedy, tmp_path):

@@ -9,7 +9,7 @@ import pathlib
 import torch
 from torch.fx import GraphModule
 
-from ..capture import PHASES
+from ..capture import ALL_PHASES
 from ..config import MLAConfig
 from ._common import DTYPES, EXIT_STATUS, PRESETS, add_layer_args, add_target_arg, phase_label
 from ._torchair import add_check_args, check_graph, check_phase
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=DESCRIPTION % {"presets": ", ".join(PRESETS), "exit": EXIT_STATUS})
     p.add_argument("spec", metavar="TARGET_SPEC", help="preset name, config.json path, or .py file with build_graph()")
     add_target_arg(p)
-    p.add_argument("--phase", choices=list(PHASES), default="decode", help="phase to lower and check (default decode)")
+    p.add_argument("--phase", choices=list(ALL_PHASES), default="decode", help="phase to lower and check (default decode)")
     add_layer_args(p)
     add_check_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

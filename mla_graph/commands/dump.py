@@ -11,7 +11,7 @@ import torch
 
 from mla_graph.contract import graph_meta
 
-from ..capture import PHASES
+from ..capture import ALL_PHASES
 from ..targets import TARGETS
 from ._common import (DTYPES, EXIT_STATUS, add_model_args, add_target_arg, config_from, phase_label,
                       phases, positive_int, writable_dir)
@@ -55,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "which pass created every node.")
     add_model_args(p)
     add_target_arg(p)
-    p.add_argument("--phase", action="append", choices=list(PHASES) + ["all"],
-                   help="phase to lower; repeat for several (default: all)")
+    p.add_argument("--phase", action="append", choices=list(ALL_PHASES) + ["all"],
+                   help="phase to lower; repeat for several (default and 'all': prefill, decode, mixed; "
+                        "multi_decode when named)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the dumps (created; earlier dumps "
                                                                   "of the same phases are replaced)")
     p.add_argument("--format", type=_formats, default=("txt", "html"), metavar="LIST",

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..capture import PHASES
+from ..capture import ALL_PHASES
 from ._common import (DTYPES, EXIT_STATUS, add_model_args, add_target_arg, config_from, phase_label, phases,
                       writable_dir)
 
@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                               "disagreement)")
     add_model_args(low)
     add_target_arg(low)
-    low.add_argument("--phase", action="append", choices=list(PHASES) + ["all"],
-                     help="phase to lower; repeat for several (default: all)")
+    low.add_argument("--phase", action="append", choices=list(ALL_PHASES) + ["all"],
+                     help="phase to lower; repeat for several (default and 'all': prefill, decode, mixed; "
+                        "multi_decode when named)")
     low.add_argument("--dump", metavar="DIR", help="write numbered per-pass dumps to DIR/<phase>/")
     low.add_argument("--verify", action="store_true",
                      help="run a random batch of each phase through the plain definition and the lowered "

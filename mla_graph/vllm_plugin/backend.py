@@ -11,7 +11,7 @@ import torch
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionMetadataBuilder,
                                        CommonAttentionMetadata)
 
-from ..metadata import MLAMetadata
+from ..metadata import MAX_DECODE_TOKENS, MLAMetadata
 from .translate import metadata_from_common
 
 
@@ -21,11 +21,17 @@ class MLAGraphMetadataBuilder(AttentionMetadataBuilder[MLAMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._init_reorder_batch_threshold(1)  # MLAMetadata wants decodes (1 new token) first
+        # MLAMetadata wants decodes first: one new token each, or under speculative decoding 1 + the
+        # draft tokens (vLLM's spec-as-decode threshold), which the multi_decode graph runs
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        if self.reorder_batch_threshold > MAX_DECODE_TOKENS:
+            raise ValueError(f"speculative decoding with {self.reorder_batch_threshold - 1} draft tokens: mla-graph's "
+                             f"decodes take at most {MAX_DECODE_TOKENS} tokens a request (FIA's MLA mode), so "
+                             f"num_speculative_tokens must be at most {MAX_DECODE_TOKENS - 1}")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MLAMetadata:
-        return metadata_from_common(common_attn_metadata)
+        return metadata_from_common(common_attn_metadata, self.reorder_batch_threshold)
 
 
 class MLAGraphBackend(AttentionBackend):

@@ -139,6 +139,10 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
         self.reduce_results = getattr(self.o_proj, "reduce_results", True)
         self.targets, self.targets_chosen_by = choose_targets_and_why(vllm_config.additional_config,
                                                                       current_platform.device_type)
+        speculative = vllm_config.speculative_config
+        if speculative is not None and speculative.num_speculative_tokens:
+            # verification batches: decodes of 1 + the draft tokens (the backend's reorder threshold)
+            self.targets["multi_decode"] = self.targets["decode"]
         self.block_size = vllm_config.cache_config.block_size
         split_at_op(vllm_config.compilation_config)
         self.mla_attn = LatentCacheLayer(kv_lora_rank + qk_rope_head_dim, f"{prefix}.attn", self._run,

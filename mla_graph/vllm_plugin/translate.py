@@ -84,26 +84,29 @@ def latent_cache_view(kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     return PagedLatentCache(kv_cache[..., :L].unsqueeze(2), kv_cache[..., L:].unsqueeze(2))
 
 
-def metadata_from_common(common: Any) -> MLAMetadata:
+def metadata_from_common(common: Any, decode_threshold: int = 1) -> MLAMetadata:
     """MLAMetadata from vLLM's CommonAttentionMetadata (batch already ordered decodes first).
 
-    Slices of vLLM's tensors, no copies except dtype casts the primitives need: slot_mapping is
-    int64 (vLLM's already is), the rest stay as vLLM made them (int32)."""
+    `decode_threshold`: the builder's reorder_batch_threshold, 1 + the speculative tokens under
+    speculative decoding: the leading requests of at most that many new tokens are decodes (vLLM's
+    split_decodes_and_prefills). Slices of vLLM's tensors, no copies except dtype casts the
+    primitives need: slot_mapping is int64 (vLLM's already is), the rest stay as vLLM made them (int32)."""
     B, T = common.num_reqs, common.num_actual_tokens
     qsl_cpu = common.query_start_loc_cpu[: B + 1]
     query_lens = (qsl_cpu[1:] - qsl_cpu[:-1]).tolist()
     decodes = 0
-    while decodes < B and query_lens[decodes] == 1:
+    while decodes < B and query_lens[decodes] <= decode_threshold:
         decodes += 1
-    if any(q == 1 for q in query_lens[decodes:]):
-        raise ValueError(f"vLLM's batch is not ordered decodes first (query lengths {query_lens}); "
-                         f"the builder's reorder_batch_threshold must be 1")
+    if any(q <= decode_threshold for q in query_lens[decodes:]):
+        raise ValueError(f"vLLM's batch is not ordered decodes first (query lengths {query_lens}, decodes of at "
+                         f"most {decode_threshold} new tokens); the builder's reorder_batch_threshold must be "
+                         f"{decode_threshold}")
     return MLAMetadata(
         slot_mapping=common.slot_mapping[:T].long(),
         block_table=common.block_table_tensor[:B],
         seq_lens=common.seq_lens[:B],
         query_start_loc=common.query_start_loc[: B + 1],
         num_decodes=decodes,
-        num_decode_tokens=decodes,
+        num_decode_tokens=int(sum(query_lens[:decodes])),
         num_prefills=B - decodes,
     )

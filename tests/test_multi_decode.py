@@ -1,0 +1,164 @@
+"""Multi-token decode: decode requests with 1..16 new tokens over a cached context (speculative
+decoding's verification, DeepSeek's MTP), causal among themselves.
+
+A batch of such decodes runs the "multi_decode" graph, captured and lowered like the other phases
+(absorbed, paged; FIA's MLA mode in the TND layout on npu). A batch that mixes them with prefills
+runs the prefill graph. Judged against Hugging Face's DeepseekV3Attention over each request's
+whole sequence, and against the plain definition on the same batch.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+from conftest import TOL, V2_LITE_NPU, V3_TINY, randomize
+from hf_oracle import hf_attention, hf_prefill
+
+from mla_graph import (MAX_DECODE_TOKENS, LoweringError, MLAAttention, PagedLatentCache, build_metadata, lower,
+                       positions_for)
+from mla_graph.contract import graph_meta
+
+BS = 16
+TARGETS = ["reference", "cpu", "npu", "torchair"]
+npu = torch.ops.npu
+
+
+def _pair(config, dtype, std=0.2):
+    hf, rotary = hf_attention(config, dtype)
+    randomize(hf, 3, std=std)   # the NPU-sized config at 0.02: at 0.2 its logits are huge and bf16 noise dominates
+    ours = MLAAttention(config, dtype=dtype)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return ours.requires_grad_(False), hf.requires_grad_(False), rotary
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _pair(V3_TINY, torch.float32)
+
+
+def _run(lowered, layer, hf, rotary, steps, *, block_size=BS, decode_tokens=MAX_DECODE_TOKENS, dtype=torch.float32):
+    """Each request's context prefilled, then `steps` ([(new, cached) per request] each) one batch
+    at a time, by `lowered`; the same batches by the plain definition on a copy of the cache.
+    Returns (ours, plain, hf) outputs of the last step's new tokens, per request."""
+    config = layer.config
+    total = max(sum(s[b][0] for s in steps) + steps[0][b][1] for b in range(len(steps[0])))
+    cache = PagedLatentCache.allocate(config, 2 + len(steps[0]) * -(-total // block_size), block_size, dtype=dtype,
+                                      shuffle_blocks=True)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [steps[0][b][1] + sum(s[b][0] for s in steps) for b in range(len(steps[0]))]
+    sequences = [torch.randn(n, config.hidden_size, generator=gen).to(dtype) for n in lengths]
+    rows = [cache.allocator.grow([], n, block_size) for n in lengths]
+    prefill = [(steps[0][b][1], 0) for b in range(len(steps[0])) if steps[0][b][1] > 0]
+    prefilled = [b for b in range(len(steps[0])) if steps[0][b][1] > 0]
+    if prefill:
+        md = build_metadata(prefill, [rows[b] for b in prefilled], block_size)
+        x = torch.cat([sequences[b][:steps[0][b][1]] for b in prefilled])
+        lowered(x, positions_for(prefill), cache, md)
+    plain_cache = PagedLatentCache(cache.latent.clone(), cache.rope.clone())
+    for step in steps:
+        md = build_metadata(step, rows, block_size, decode_tokens=decode_tokens)
+        x = torch.cat([sequences[b][cached:cached + new] for b, (new, cached) in enumerate(step)])
+        positions = positions_for(step)
+        ours = lowered(x, positions, cache, md)
+        plain = layer(x, positions, plain_cache, md)
+    starts = md.query_start_loc.tolist()
+    expected = [hf_prefill(hf, rotary, seq)[-new:] for seq, (new, _) in zip(sequences, steps[-1])]
+    return ([ours[a:e] for a, e in zip(starts, starts[1:])], [plain[a:e] for a, e in zip(starts, starts[1:])],
+            expected, md)
+
+
+def _assert_close(got, want, dtype, what):
+    """The dtype's layer tolerance, atol at least 3 ulps of the largest output (o_proj sums every
+    head's output: a small output carries its large terms' rounding; test_npu_target's rule)."""
+    rtol, atol = TOL[dtype]
+    for b, (g, w) in enumerate(zip(got, want)):
+        largest = w.float().abs().max().item()
+        ulp = 2.0 ** math.floor(math.log2(largest)) * torch.finfo(dtype).eps
+        torch.testing.assert_close(g.float(), w.float(), atol=max(atol, 3 * ulp), rtol=rtol,
+                                   msg=lambda m: f"{what}, request {b}: {m}")
+
+
+# (new tokens, cached tokens) per request, per step; the contexts cross 16-token blocks
+MULTI = [[(4, 20), (1, 33), (16, 7), (2, 16)]]
+MIXED = [[(3, 21), (1, 9), (16, 30), (12, 0)]]                    # decodes of 3, 1, 16 tokens and a prompt
+TWO_STEPS = [[(4, 20), (2, 5)], [(3, 24), (5, 7)]]                 # verification after verification
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("steps, phase, graph", [(MULTI, "multi_decode", "multi_decode"),
+                                                  (MIXED, "mixed", "prefill"),
+                                                  (TWO_STEPS, "multi_decode", "multi_decode")],
+                         ids=["decodes", "mixed", "two-steps"])
+def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, graph, tiny):
+    layer, hf, rotary = tiny
+    lowered = lower(layer, target, ["prefill", "decode", "mixed", "multi_decode"], block_size=BS)
+    ours, plain, expected, md = _run(lowered, layer, hf, rotary, steps)
+    assert md.phase == phase and md.multi_token_decodes
+    assert lowered._lowered_phase(md.phase, md.multi_token_decodes) == graph
+    _assert_close(ours, plain, torch.float32, f"{target} vs the plain definition")
+    _assert_close(ours, expected, torch.float32, f"{target} vs Hugging Face")
+
+
+def test_one_token_decodes_still_run_the_decode_graph(tiny):
+    layer, hf, rotary = tiny
+    lowered = lower(layer, "cpu", ["prefill", "decode", "multi_decode"], block_size=BS)
+    ours, plain, expected, md = _run(lowered, layer, hf, rotary, [[(1, 20), (1, 3)]])
+    assert (md.phase, lowered._lowered_phase(md.phase, md.multi_token_decodes)) == ("decode", "decode")
+    _assert_close(ours, expected, torch.float32, "cpu decode vs Hugging Face")
+
+
+def test_npu_multi_decode_is_fia_mla_in_the_tnd_layout():
+    """bf16 at the dims FIA's MLA mode takes: the multi_decode graph's attention is one FIA call,
+    TND, causal (sparse_mode 3) over the paged latent cache, as vllm-ascend runs MTP; its
+    results equal Hugging Face's."""
+    layer, hf, rotary = _pair(V2_LITE_NPU, torch.bfloat16, std=0.02)
+    lowered = lower(layer, "npu", ["prefill", "multi_decode"], block_size=128)
+    fia = [n for n in lowered.graphs["multi_decode"].graph.nodes if n.target is npu.npu_fused_infer_attention_score.default]
+    assert len(fia) == 1, lowered.graphs["multi_decode"].graph
+    kwargs = fia[0].kwargs
+    assert (kwargs["input_layout"], kwargs["sparse_mode"], kwargs["num_key_value_heads"]) == ("TND", 3, 1)
+    assert kwargs["query_rope"] is not None and kwargs["block_table"] is not None
+    assert kwargs["actual_seq_lengths"].name == "query_ends_list"   # cumulative query ends, as TND takes them
+    ours, plain, expected, md = _run(lowered, layer, hf, rotary, [[(5, 130), (16, 40), (1, 200)]], block_size=128,
+                                     dtype=torch.bfloat16)
+    assert md.phase == "multi_decode"
+    _assert_close(ours, plain, torch.bfloat16, "npu vs the plain definition")
+    _assert_close(ours, expected, torch.bfloat16, "npu vs Hugging Face")
+
+
+def test_fia_never_takes_more_than_16_tokens_a_request():
+    """Checked mode refuses a decode of 17 tokens in the metadata; unchecked, FIA's emulation refuses
+    it as the kernel's documented limit does, before writing anything."""
+    layer, _, _ = _pair(V2_LITE_NPU, torch.bfloat16)
+    requests = [(2, 10), (17, 20)]
+    cache = PagedLatentCache.allocate(V2_LITE_NPU, 4, 128, dtype=torch.bfloat16)
+    rows = [cache.allocator.grow([], n + c, 128) for n, c in requests]
+    md = dataclasses.replace(build_metadata(requests, rows, 128, decode_tokens=2), num_decodes=2,
+                             num_decode_tokens=19, num_prefills=0)
+    x = torch.randn(19, V2_LITE_NPU.hidden_size, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="decode request 1 has 17 new tokens; a decode request has 1 to 16"):
+        lower(layer, "npu", ["multi_decode"], block_size=128, checked=True)(x, positions_for(requests), cache, md)
+    with pytest.raises(ValueError, match="query tokens per request=17 is outside the documented limits"):
+        lower(layer, "npu", ["multi_decode"], block_size=128, checked=False)(x, positions_for(requests), cache, md)
+
+
+def test_multi_token_decodes_need_the_multi_decode_or_prefill_graph(tiny):
+    layer, _, _ = tiny
+    lowered = lower(layer, "cpu", ["decode", "mixed"], block_size=BS)
+    requests = [(3, 20), (1, 5)]
+    cache = PagedLatentCache.allocate(V3_TINY, 8, BS)
+    rows = [cache.allocator.grow([], n + c, BS) for n, c in requests]
+    md = build_metadata(requests, rows, BS, decode_tokens=4)
+    before = cache.latent.clone()
+    with pytest.raises(LoweringError, match="only the 'multi_decode' graph .* or the 'prefill' graph runs, but only "
+                                            "\\['decode', 'mixed'\\] were lowered"):
+        lowered(torch.randn(4, V3_TINY.hidden_size), positions_for(requests), cache, md)
+    assert torch.equal(cache.latent, before), "a refused call wrote the cache"
+
+
+def test_multi_decode_is_captured_with_its_own_token_count(tiny):
+    layer, _, _ = tiny
+    gm = lower(layer, "cpu", ["multi_decode"], block_size=BS).graphs["multi_decode"]
+    meta = graph_meta(gm)
+    assert meta.phase == "multi_decode" and meta.attention_form == "absorbed"
+    assert {"T", "B"} <= set(meta.symbols.values())
