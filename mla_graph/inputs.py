@@ -185,3 +185,4 @@ declare("query_ends_list", lambda metadata: metadata.query_start_loc[1:].tolist(
 declare("context_ends_list", lambda metadata: metadata.seq_lens.cumsum(0).tolist(), on="host", memo=True)
 declare("context_slots", context_slots, memo=True)
 declare("seq_lens_int64", lambda metadata: metadata.seq_lens.to(torch.int64), memo=True)
+declare("query_ends_int64", lambda metadata: metadata.query_start_loc[1:].to(torch.int64), memo=True)

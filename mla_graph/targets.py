@@ -25,7 +25,7 @@ from mla_graph.passes.torchair_lower import (WRITEBACK_ORDER, decompose_linear, 
                                    fuse_mla_prolog, lengths_as_tensors)
 
 from .npu import ensure_npu_ops
-from .runtime.graph_mode import BucketedDecode, TorchairOptions
+from .runtime.graph_mode import BucketedDecode, BucketedMultiDecode, TorchairOptions
 
 
 # Stages: named, ordered groups of passes. A target's pipeline for a phase is a sequence of stages
@@ -99,12 +99,15 @@ _NPU = ("tidy", "split-mixed", "choose-npu-form", "absorb-page", "npu-kernels", 
 _TORCHAIR_DECODE = ("tidy", "choose-npu-form", "absorb-page", "torchair-kernels", "finish", "check-lowered")
 
 
+_GRAPH_MODE_PHASES = ("decode", "multi_decode")
+
+
 def _torchair_stages(phase: str) -> tuple[str, ...]:
-    return _TORCHAIR_DECODE if phase == "decode" else _NPU   # graph mode is for decode; other batches eager
+    return _TORCHAIR_DECODE if phase in _GRAPH_MODE_PHASES else _NPU   # graph mode is for decodes; other batches eager
 
 
 def _torchair_multistream_stages(phase: str) -> tuple[str, ...]:
-    return _TORCHAIR_DECODE + ("multistream",) if phase == "decode" else _NPU
+    return _TORCHAIR_DECODE + ("multistream",) if phase in _GRAPH_MODE_PHASES else _NPU
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def pipeline(target: str, phase: str) -> list[GraphPass]:
     return TARGETS[target].pipeline(phase)
 
 
-_TORCHAIR_OPTIONS = dict(runtimes={"decode": BucketedDecode},
+_TORCHAIR_OPTIONS = dict(runtimes={"decode": BucketedDecode, "multi_decode": BucketedMultiDecode},
                          options=tuple(f.name for f in dataclasses.fields(TorchairOptions)),
                          parse_options=TorchairOptions.from_dict, options_type=TorchairOptions)
 
@@ -194,7 +197,8 @@ TARGETS: dict[str, Target] = {
     "npu": Target("npu", "eager torch_npu kernels (emulated with exact schemas where torch_npu is absent)",
                   _stages_fixed(*_NPU), prepare=ensure_npu_ops),
     "torchair": Target("torchair", "decode as one static-shape graph of GE-convertible kernels per batch "
-                       "bucket (torchair on Ascend; torch.compile stand-in elsewhere); other phases as npu",
+                       "bucket (multi-token decodes: per batch and tokens-per-request bucket; torchair on Ascend; "
+                       "torch.compile stand-in elsewhere); other phases as npu",
                        _torchair_stages, prepare=_prepare_torchair, **_TORCHAIR_OPTIONS),
     "torchair-multistream": Target("torchair-multistream", "torchair, with independent decode branches in a "
                                    "secondary-stream scope (npu_stream_switch / npu_wait_tensor)",

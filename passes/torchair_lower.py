@@ -20,7 +20,7 @@ from mla_graph.npu.limits import Violation
 from .base import Invariant, PassResult, graph_pass
 from .graph_utils import add_constant, add_input, call, fake_empty, first_user_position, remove_input
 from .mla_patterns import KV_CACHE_WRITE, _is, val
-from .npu_lower import SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_emit
+from .npu_lower import QUERY_ENDS_LIST, SEQ_LENS_LIST, _npu, _rope_cos_sin, kv_cache_write_emit
 from .recording import emit_recorded
 from .rewrite import Match, Pattern, Rule, Skip, rewrite, traced
 
@@ -218,7 +218,9 @@ LINEAR_TO_MM = Rule("linear -> mm", aten.linear.default,
 # FIA's lengths as the int64 device tensor GE's FusedInferAttentionScore takes (torchair's air FIA
 # converter does not cast), converted on the host once per step, so the graph carries no cast kernel
 SEQ_LENS_INT64 = graph_input("seq_lens_int64")   # declared in mla_graph.inputs
-_LENGTH_TENSORS = {SEQ_LENS_LIST: SEQ_LENS_INT64}   # host-list input -> its device tensor form
+QUERY_ENDS_INT64 = graph_input("query_ends_int64")
+# host-list input -> its device tensor form (query ends: the TND layout of a multi_decode graph)
+_LENGTH_TENSORS = {SEQ_LENS_LIST: SEQ_LENS_INT64, QUERY_ENDS_LIST: QUERY_ENDS_INT64}
 _LENGTH_KEYS = ("actual_seq_lengths", "actual_seq_lengths_kv")
 
 
@@ -253,7 +255,8 @@ def _air_fia(g, n: Node) -> Node:
     for key in _LENGTH_KEYS:
         if kwargs.get(key) is not None:
             seq_lens = find_input(gm, SEQ_LENS)
-            kwargs[key] = add_input(gm, _LENGTH_TENSORS[input_of(kwargs[key])],
-                                    fake_empty(gm, val(seq_lens).shape[0], dtype=torch.int64))
+            tensor_form = _LENGTH_TENSORS[input_of(kwargs[key])]
+            kwargs[key] = find_input(gm, tensor_form) or add_input(
+                gm, tensor_form, fake_empty(gm, val(seq_lens).shape[0], dtype=torch.int64))
     return call(g, torch.ops.air.npu_fused_infer_attention_score.default, *n.args, **kwargs)
 

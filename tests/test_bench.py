@@ -74,11 +74,21 @@ def test_quick_run_writes_json_png_markdown_and_docs_section(tmp_path, capsys):
     assert len(generate["tokens"]["hf"]) == generate["new_tokens"]
     assert all(v["tokens_per_second"] > 0 for v in generate["models"].values())
     assert set(data["kv_cache_bytes"]["presets"]) >= {"deepseek-v3", "deepseek-v2-lite"}
+    multi = data["multi_decode"]
+    assert [(c["tokens_per_request"], c["phase"]) for c in multi["cases"]] == [
+        (1, "decode"), (2, "multi_decode"), (4, "multi_decode"), (8, "multi_decode"), (16, "multi_decode")]
+    for case in multi["cases"]:
+        cpu, core = case["impls"]["cpu"], case["impls"]["core"]
+        assert cpu["matches_hf"] and cpu["rel_diff_vs_hf"] <= cpu["hf_tolerance"], case
+        assert core["rel_diff_vs_exact"] <= CORE_AGREEMENT_EPS[torch.bfloat16] * torch.finfo(torch.bfloat16).eps
+        for v in case["impls"].values():
+            assert v["per_token_seconds"] == pytest.approx(
+                v["seconds"]["median"] / (multi["batch"] * case["tokens_per_request"]))
 
     assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tables = (tmp_path / "out" / "results.md").read_text()
     for heading in ("### 1. Lowering cost", "### 2. Device kernels", "### 3. CPU decode step", "### 4. KV cache",
-                    "### 5. generate"):
+                    "### 5. generate", "### 7. Multi-token decode"):
         assert heading in tables
     assert "| reference |" in tables and "| deepseek-v3 | 1152 | 81920 |" in tables
     text = docs.read_text()
@@ -164,6 +174,27 @@ def test_hand_written_core_is_the_textbook_attention_of_each_requests_context(dt
         got = absorbed_core(q, latent, rope, table, seq_lens, scale)
         relative = float((got.double() - exact).abs().max() / exact.abs().max())
         assert (relative <= tolerance) is ok, (scale, relative, tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_multi_token_core_is_the_textbook_attention_of_each_token(dtype):
+    """Section 7's core: token i of t sees its request's context and new tokens 0..i. With the causal
+    limit off by one token it no longer matches the float64 textbook (the check can fail)."""
+    from mla_graph.bench.multi_decode import absorbed_core_multi, textbook_core_multi
+
+    gen = torch.Generator().manual_seed(0)
+    bs, N, L, R, t = 8, 4, 64, 16, 3
+    latent = torch.randn(12, bs, 1, L, generator=gen).to(dtype)
+    rope = torch.randn(12, bs, 1, R, generator=gen).to(dtype)
+    table = (torch.randperm(11, generator=gen)[:9] + 1).view(3, 3).int()
+    seq_lens = torch.tensor([21, 5, 24], dtype=torch.int32)
+    q = torch.randn(3, t, N, L + R, generator=gen).to(dtype)
+    exact = textbook_core_multi(q, latent, rope, table, seq_lens, 0.15)
+    tolerance = CORE_AGREEMENT_EPS[dtype] * torch.finfo(dtype).eps
+    for lens, ok in ((seq_lens, True), (seq_lens + 1, False)):
+        got = absorbed_core_multi(q, latent, rope, table, lens, 0.15)
+        relative = float((got.double() - exact).abs().max() / exact.abs().max())
+        assert (relative <= tolerance) is ok, (lens, relative, tolerance)
 
 
 def test_vllm_engine_steps_are_told_apart_and_summarised():

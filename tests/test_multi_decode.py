@@ -91,7 +91,9 @@ TWO_STEPS = [[(4, 20), (2, 5)], [(3, 24), (5, 7)]]                 # verificatio
                          ids=["decodes", "mixed", "two-steps"])
 def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, graph, tiny):
     layer, hf, rotary = tiny
-    lowered = lower(layer, target, ["prefill", "decode", "mixed", "multi_decode"], block_size=BS)
+    options = {"graph_decode_tokens": [16]} if target == "torchair" else None   # graph mode: one bucket of 16
+    lowered = lower(layer, target, ["prefill", "decode", "mixed", "multi_decode"], block_size=BS,
+                    target_options=options)
     ours, plain, expected, md = _run(lowered, layer, hf, rotary, steps)
     assert md.phase == phase and md.multi_token_decodes
     assert lowered._lowered_phase(md.phase, md.multi_token_decodes) == graph
@@ -162,3 +164,59 @@ def test_multi_decode_is_captured_with_its_own_token_count(tiny):
     meta = graph_meta(gm)
     assert meta.phase == "multi_decode" and meta.attention_form == "absorbed"
     assert {"T", "B"} <= set(meta.symbols.values())
+
+
+# ---- graph mode (torchair): a static graph per (batch size, tokens per request) -----------------------
+
+GRAPH_OPTIONS = {"graph_batch_sizes": [2, 4], "graph_decode_tokens": [4, 16], "max_blocks_per_req": 4}
+
+
+@pytest.mark.parametrize("config, dtype, block", [(V3_TINY, torch.float32, BS), (V2_LITE_NPU, torch.bfloat16, 128)],
+                         ids=["tiny-fp32", "v2lite-npu-bf16"])
+def test_torchair_runs_multi_token_decodes_in_padded_buckets(config, dtype, block):
+    """Requests padded to the bucket's tokens per request (their padded draft positions write the
+    padding block) and the batch to its batch size (padded requests over the padding block): the
+    real tokens' outputs equal Hugging Face's and the plain definition's, and no cache slot but the
+    real tokens' and the padding block's is written."""
+    layer, hf, rotary = _pair(config, dtype, std=0.02 if config is V2_LITE_NPU else 0.2)
+    lowered = lower(layer, "torchair", ["prefill", "multi_decode"], block_size=block, target_options=GRAPH_OPTIONS)
+    runner = lowered.runners["multi_decode"]
+    for steps, bucket in (([[(3, 20), (1, 33), (4, 7)]], (4, 4)), ([[(16, 40), (2, 3)]], (2, 16))):
+        ours, plain, expected, md = _run(lowered, layer, hf, rotary, steps, block_size=block, dtype=dtype)
+        assert md.phase == "multi_decode" and runner.buckets[-1] == bucket
+        _assert_close(ours, plain, dtype, f"torchair bucket {bucket} vs the plain definition")
+        _assert_close(ours, expected, dtype, f"torchair bucket {bucket} vs Hugging Face")
+    assert len(runner.runner.graphs) == 2, "one graph per bucket run"
+
+
+def test_torchair_padded_positions_write_only_the_padding_block():
+    layer, _, _ = _pair(V3_TINY, torch.float32)
+    lowered = lower(layer, "torchair", ["multi_decode"], block_size=BS, target_options=GRAPH_OPTIONS)
+    requests = [(2, 14), (3, 30)]     # request 0's padded positions run past its last block
+    cache = PagedLatentCache.allocate(V3_TINY, 12, BS, shuffle_blocks=True)
+    rows = [cache.allocator.grow([], n + c, BS) for n, c in requests]
+    cache.latent.normal_(generator=torch.Generator().manual_seed(5))
+    md = build_metadata(requests, rows, BS, decode_tokens=4)
+    before = cache.latent.clone()
+    lowered(torch.randn(5, V3_TINY.hidden_size), positions_for(requests), cache, md)
+    changed = (cache.latent != before).flatten(2).any(-1).nonzero().tolist()   # (block, row) of every written slot
+    written = {(s // BS, s % BS) for s in md.slot_mapping.tolist()}
+    assert written <= {tuple(x) for x in changed}, "a real token's slot was not written"
+    assert {tuple(x) for x in changed} - written <= {(0, r) for r in range(BS)}, \
+        "a padded position wrote outside the padding block"
+
+
+def test_torchair_multi_decode_options_and_limits():
+    layer, _, _ = _pair(V3_TINY, torch.float32)
+    for bad in ([0], [17], [], "4", [2.0]):
+        with pytest.raises(ValueError, match="graph_decode_tokens must be a non-empty list of ints in 1..16"):
+            lower(layer, "torchair", ["multi_decode"], block_size=BS, target_options={"graph_decode_tokens": bad})
+    lowered = lower(layer, "torchair", ["multi_decode"], block_size=BS, target_options=GRAPH_OPTIONS)
+    assert lowered.options.graph_decode_tokens == (4, 16)
+    requests = [(5, 10)]
+    cache = PagedLatentCache.allocate(V3_TINY, 4, BS)
+    rows = [cache.allocator.grow([], 15, BS)]
+    small = lower(layer, "torchair", ["multi_decode"], block_size=BS, target_options={"graph_decode_tokens": [4]})
+    with pytest.raises(ValueError, match="a decode request of 5 new tokens exceeds the largest graph_decode_tokens 4"):
+        small(torch.randn(5, V3_TINY.hidden_size), positions_for(requests), cache,
+              build_metadata(requests, rows, BS, decode_tokens=5))

@@ -74,6 +74,32 @@ def test_torchair_bucket_graphs_convert_to_ge(toolchain, preset, dtype, tp_size)
             assert not _errors(at.compare_with_wheel_meta(gm, toolchain))
 
 
+@pytest.mark.parametrize("preset, dtype", [(p, torch.bfloat16) for p in PRESETS] + [("deepseek-v3", torch.float32)],
+                         ids=[f"{p}-bf16" for p in PRESETS] + ["deepseek-v3-fp32"])
+def test_torchair_multi_decode_bucket_graphs_convert_to_ge(toolchain, preset, dtype):
+    """Multi-token decode graphs, one per (batch size, tokens per request) bucket, convert with torchair's
+    converters and no finding; in bf16 the attention reaches GE as FIA (MLA mode, TND, causal) with its
+    query ends and context lengths as int64 tensors."""
+    config = MLAConfig.preset(preset)
+    layer = MLAAttention(config, dtype=dtype, tp_size=8).requires_grad_(False)
+    lowered = lower(layer, "torchair", ["multi_decode"], block_size=128,
+                    target_options={"graph_batch_sizes": [1, 8], "graph_decode_tokens": [2, 4],
+                                    "max_blocks_per_req": WIDTH})
+    graphs = lowered.runners["multi_decode"].warmup(PagedLatentCache.allocate(config, 8, 128, dtype=dtype),
+                                                    layer.cos_sin)
+    assert len(graphs) == 4
+    for gm in graphs:
+        conversion = at.convert_to_ge(gm, toolchain=toolchain)
+        assert conversion.complete and not _errors(conversion.findings), \
+            "\n".join(str(f) for f in _errors(conversion.findings))
+        fia = [op for op in conversion.ops if op.type == "FusedInferAttentionScore"]
+        assert len(fia) == (dtype is torch.bfloat16), sorted(set(conversion.op_types()))
+        for op in fia:
+            dtypes = {i.name: i.dtype for i in op.inputs}
+            assert dtypes["actual_seq_lengths"] == dtypes["actual_seq_lengths_kv"] == "DT_INT64"
+        assert not _errors(at.compare_with_wheel_meta(gm, toolchain))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_npu_graphs_agree_with_the_wheels_meta_functions(toolchain, preset, dtype):

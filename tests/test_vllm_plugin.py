@@ -205,11 +205,11 @@ def test_unknown_vllm_version_fails_at_plugin_start_up(monkeypatch):
     assert op_registry_oot == before
 
 
-def _common_metadata(requests, rows):
+def _common_metadata(requests, rows, decode_tokens=1):
     """vLLM's CommonAttentionMetadata for requests (new, cached) with block table rows."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    ours = build_metadata(requests, rows, BLOCK)
+    ours = build_metadata(requests, rows, BLOCK, decode_tokens=decode_tokens)
     seq_lens = ours.seq_lens
     return CommonAttentionMetadata(
         query_start_loc=ours.query_start_loc, query_start_loc_cpu=ours.query_start_loc.clone(),
@@ -217,6 +217,21 @@ def _common_metadata(requests, rows):
         max_query_len=max(n for n, _ in requests), max_seq_len=int(seq_lens.max()),
         block_table_tensor=ours.block_table, slot_mapping=ours.slot_mapping,
         seq_lens_cpu_upper_bound=seq_lens.clone())
+
+
+def test_metadata_of_speculative_verification_steps():
+    """Under speculative decoding vLLM orders requests of at most 1 + k new tokens first (its
+    spec-as-decode reorder threshold): they become multi-token decodes."""
+    from mla_graph.vllm_plugin.translate import metadata_from_common
+
+    requests, rows = [(4, 20), (1, 9), (2, 30), (12, 0)], [[1, 2], [3], [4, 5], [6]]
+    md = metadata_from_common(_common_metadata(requests, rows, decode_tokens=4), decode_threshold=4)
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.phase) == (3, 7, 1, "mixed")
+    md.validate()
+    decodes = metadata_from_common(_common_metadata(requests[:3], rows[:3], decode_tokens=4), decode_threshold=4)
+    assert (decodes.num_decode_tokens, decodes.phase) == (7, "multi_decode")
+    with pytest.raises(ValueError, match="not ordered decodes first .* reorder_batch_threshold must be 1"):
+        metadata_from_common(_common_metadata(requests, rows, decode_tokens=4))
 
 
 def _run(config, layer, common, hidden, positions, cache, call=None):

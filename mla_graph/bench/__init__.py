@@ -1,6 +1,6 @@
 """Benchmarks: what the lowering costs and buys, measured on this machine's CPU.
 
-Five sections, each a function returning plain JSON data:
+Six sections (a seventh, real vLLM engines, on request), each a function returning plain JSON data:
   lowering_cost      lower 1 / 8 / 61 layers per target (shapes lowered once, then re-bound), beside
                      lowering every layer on its own and beside torch.compile(inductor) of the same module
   kernels_per_decode device kernels in each target's lowered decode graph (views excluded)
@@ -8,6 +8,8 @@ Five sections, each a function returning plain JSON data:
                      Hugging Face's DeepseekV3Attention, beside a hand-written absorbed attention core
   kv_cache_bytes     cache bytes per token per layer, latent vs decompressed K/V, per preset
   generate           greedy generate of a tiny Hugging Face DeepSeek-V3, converted to the cpu target vs not
+  multi_decode       a decode step verifying 1..16 tokens per request (speculative decoding): the cpu
+                     target vs Hugging Face and a hand-written absorbed core, per step and per token
 
 Timings are medians of repeated runs in this process, with quartiles and min/max. Nothing here
 asserts a number; `run_benchmarks` returns the data and `write_outputs` writes JSON, PNG and Markdown.
@@ -22,6 +24,7 @@ from .generate import generate_throughput
 from .kernel_counts import VLLM_ASCEND_EAGER_DECODE, count_kernels, kernels_per_decode
 from .kv_cache import kv_cache_bytes
 from .lowering_cost import lowering_cost, unfilled_layers
+from .multi_decode import multi_decode
 from .report import DOCS_BEGIN, DOCS_END, write_outputs
 from .settings import Settings, machine, summary
 
@@ -58,6 +61,9 @@ def run_benchmarks(s: Settings, log: Callable[[str], None] = print, command: str
     done(data)
     log("5. generate: tiny Hugging Face DeepSeek-V3, converted to the cpu target vs unconverted")
     data["generate"] = generate_throughput(s, log)
+    done(data)
+    log("7. multi-token decode (speculative verification): the cpu target vs Hugging Face and the core")
+    data["multi_decode"] = multi_decode(s, log)
     if vllm_targets:
         from .vllm_engine import vllm_engine_bench
         done(data)

@@ -33,18 +33,19 @@ class DecodeBatch:
 
 
 def decode_batch(config: MLAConfig, *, batch: int, context: int, dtype: torch.dtype, block_size: int,
-                 seed: int = 0) -> DecodeBatch:
+                 seed: int = 0, new_tokens: int = 1) -> DecodeBatch:
     """`batch` requests with `context` cached tokens each (random latent values written directly,
-    no prefill) and one new token each."""
+    no prefill) and `new_tokens` new tokens each (decodes: 1, or several to verify)."""
     gen = torch.Generator().manual_seed(seed)
-    blocks = -(-(context + 1) // block_size)
+    blocks = -(-(context + new_tokens) // block_size)
     cache = PagedLatentCache.allocate(config, batch * blocks + 1, block_size, dtype=dtype)   # + the padding block
     cache.latent.copy_(torch.randn(cache.latent.shape, generator=gen).to(dtype))
     cache.rope.copy_(torch.randn(cache.rope.shape, generator=gen).to(dtype))
-    requests = [(1, context)] * batch
-    rows = [cache.allocator.grow([], context + 1, block_size) for _ in requests]
-    hidden = torch.randn(batch, config.hidden_size, generator=gen).to(dtype)
-    return DecodeBatch(hidden, positions_for(requests), cache, build_metadata(requests, rows, block_size))
+    requests = [(new_tokens, context)] * batch
+    rows = [cache.allocator.grow([], context + new_tokens, block_size) for _ in requests]
+    hidden = torch.randn(batch * new_tokens, config.hidden_size, generator=gen).to(dtype)
+    return DecodeBatch(hidden, positions_for(requests), cache,
+                       build_metadata(requests, rows, block_size, decode_tokens=new_tokens))
 
 
 def absorbed_core(q: torch.Tensor, latent_cache: torch.Tensor, rope_cache: torch.Tensor,

@@ -92,8 +92,29 @@ def markdown(data: dict) -> str:
                          for n, v in kv["presets"].items()]))
     if "generate" in data:
         parts.append(generate_markdown(data["generate"]))
+    if "multi_decode" in data:
+        parts.append(multi_decode_markdown(data["multi_decode"]))
     if "vllm_engine" in data:
         parts.append(vllm_markdown(data["vllm_engine"]))
+    return "".join(parts)
+
+
+def multi_decode_markdown(m: dict) -> str:
+    """Section 7: one row per tokens-per-request count."""
+    parts = [f"\n### 7. Multi-token decode (speculative verification), {m['config']['name']} dimensions, "
+             f"{m['dtype']}, batch {m['batch']}, context {m['context']}\n\n"
+             "Every request verifies t new tokens in one step. Time per step in ms, median (IQR), and per new "
+             "token in us; x HF = Hugging Face's time / the cpu target's (higher is faster); / core = the cpu "
+             "target's time / the hand-written core's (no projections, no cache write).\n\n"]
+    rows = []
+    for c in m["cases"]:
+        i = c["impls"]
+        rows.append([str(c["tokens_per_request"]), c["phase"]]
+                    + [f"{_ms(i[n]['seconds'])}" for n in ("cpu", "hf", "core")]
+                    + [f"{i[n]['per_token_seconds'] * 1e6:.0f}" for n in ("cpu", "hf", "core")]
+                    + [f"{1 / i['cpu']['time_ratio_vs_hf']:.1f}", f"{i['cpu']['time_ratio_vs_core']:.2f}"])
+    parts.append(_table(["t", "graph", "cpu ms", "hf ms", "core ms", "cpu us/token", "hf us/token",
+                         "core us/token", "x HF", "/ core"], rows))
     return "".join(parts)
 
 

@@ -19,13 +19,16 @@ from torch.fx import GraphModule
 from ..cache import PADDING_BLOCK
 from ..contract import HIDDEN_STATES, find_input, graph_meta
 from ..inputs import Call
-from ..metadata import MLAMetadata
+from ..metadata import MAX_DECODE_TOKENS, MLAMetadata
 from .binding import CallingConvention, StepMemo
 
 
 @dataclass(frozen=True)
 class TorchairOptions:
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # multi-token decodes (speculative decoding): tokens per request of each graph, 1 + the draft tokens
+    # (vLLM's num_speculative_tokens gives it); a graph per (batch size, tokens per request)
+    graph_decode_tokens: tuple[int, ...] = (2, 4)
     max_blocks_per_req: int | None = None   # block-table width compiled in; default: max positions / block
     mode: str = "max-autotune"              # torchair CompilerConfig.mode: GE graph, the only mode air FIA runs in
     frozen_parameter: bool = True
@@ -35,6 +38,10 @@ class TorchairOptions:
         """The smallest graph batch size that holds `count` requests, or None past the largest: the one
         place a bucket is chosen (the per-layer runner and the whole-step runner both ask here)."""
         return next((size for size in self.graph_batch_sizes if size >= count), None)
+
+    def tokens_bucket(self, longest: int) -> int | None:
+        """The smallest graph_decode_tokens that holds a decode of `longest` new tokens, or None."""
+        return next((size for size in self.graph_decode_tokens if size >= longest), None)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "TorchairOptions":
@@ -51,6 +58,14 @@ class TorchairOptions:
                 raise ValueError(f"torchair option graph_batch_sizes must be a non-empty list of positive ints "
                                  f"(batch buckets, e.g. [1, 2, 4, 8]), got {given!r}")
             options["graph_batch_sizes"] = tuple(sorted(set(given)))
+        if "graph_decode_tokens" in options:
+            given = options["graph_decode_tokens"]
+            if (isinstance(given, (str, bytes)) or not hasattr(given, "__iter__") or not list(given)
+                    or any(type(s) is not int or not 1 <= s <= MAX_DECODE_TOKENS for s in given)):
+                raise ValueError(f"torchair option graph_decode_tokens must be a non-empty list of ints in "
+                                 f"1..{MAX_DECODE_TOKENS} (tokens per request of the multi-token decode graphs: 1 "
+                                 f"+ the draft tokens, at most FIA's MLA limit), got {given!r}")
+            options["graph_decode_tokens"] = tuple(sorted(set(given)))
         if "max_blocks_per_req" in options:
             given = options["max_blocks_per_req"]
             if given is not None and (type(given) is not int or given < 1):
@@ -190,6 +205,84 @@ class BucketedDecode:
         size = self.bucket_for(count)
         check_width(call.metadata.block_table, self.width)
         return self.runner(size, *self.convention.bind(self._padded(call, size), memo))[:count]
+
+
+class BucketedMultiDecode(BucketedDecode):
+    """Runs a multi_decode graph at a static (batch size, tokens per request) bucket: the smallest
+    graph_batch_sizes entry that holds the requests and the smallest graph_decode_tokens entry that
+    holds the longest one. Every request gets S = that many token rows, its own new tokens first;
+    its padded draft positions come after them, at positions 0 (inside the rope table), writing the
+    padding block, and its context length grows by as many, so that FIA's bottom-right causal mask
+    (sparse_mode 3) still gives each real token exactly its own context; the padded rows see more and
+    are dropped. Padded requests are S padding tokens over the padding block. The block table gets
+    one more column of the padding block, where the padded positions of a request at the end of its
+    table read."""
+
+    def __init__(self, gm: GraphModule, options: TorchairOptions) -> None:
+        super().__init__(gm, options)
+        self.buckets: list[tuple[int, int]] = []   # (batch, tokens per request) of each call, as run
+
+    def _shape(self, md: MLAMetadata) -> tuple[int, int, list[int]]:
+        starts = md.query_start_loc.tolist()
+        lens = [e - s for s, e in zip(starts, starts[1:])]
+        size = self.bucket_for(md.num_reqs)
+        tokens = self.options.tokens_bucket(max(lens, default=1))
+        if tokens is None:
+            raise ValueError(f"a decode request of {max(lens)} new tokens exceeds the largest graph_decode_tokens "
+                             f"{self.options.graph_decode_tokens[-1]}; add a larger entry (at most "
+                             f"{MAX_DECODE_TOKENS})")
+        return size, tokens, lens
+
+    def _spread(self, call: Call, size: int, tokens: int, lens: list[int]) -> tuple[Call, torch.Tensor]:
+        """The call laid out as `size` requests of `tokens` rows; and the rows that hold its tokens."""
+        md = call.metadata
+        rows = torch.cat([b * tokens + torch.arange(n) for b, n in enumerate(lens)]) if lens else \
+            torch.zeros(0, dtype=torch.int64)
+        rows = rows.to(call.hidden_states.device)
+        T = size * tokens
+        hidden = call.hidden_states.new_zeros(T, call.hidden_states.shape[1]).index_copy_(0, rows, call.hidden_states)
+        positions = call.positions.new_zeros(T).index_copy_(0, rows, call.positions)
+        bs = self.block_size
+        padding = PADDING_BLOCK * bs + torch.arange(T, dtype=torch.int64, device=rows.device) % bs
+        given = md.slot_mapping.to(torch.int64)
+        slots = padding.clone().index_copy_(0, rows, torch.where(given >= 0, given, padding[rows]))
+        table = md.block_table.new_full((size, self.width + 1), PADDING_BLOCK)
+        table[: md.num_reqs, : md.block_table.shape[1]] = md.block_table
+        extra = torch.tensor([tokens - n for n in lens], dtype=md.seq_lens.dtype, device=md.seq_lens.device)
+        seq_lens = md.seq_lens.new_full((size,), tokens)
+        seq_lens[: md.num_reqs] = md.seq_lens + extra
+        padded = MLAMetadata(slot_mapping=slots, block_table=table, seq_lens=seq_lens,
+                             query_start_loc=torch.arange(size + 1, dtype=md.query_start_loc.dtype,
+                                                          device=md.query_start_loc.device) * tokens,
+                             num_decodes=size, num_decode_tokens=T, num_prefills=0)
+        return Call(hidden, positions, call.kv_cache, padded, call.cos_sin), rows
+
+    def warmup(self, kv_cache, cos_sin: torch.Tensor, sizes: tuple[int, ...] | None = None,
+               tokens: tuple[int, ...] | None = None) -> list[GraphModule]:
+        """Compile the graph of each (batch size, tokens per request) bucket with an all-padding batch."""
+        hidden = find_input(self.gm, HIDDEN_STATES).meta["val"]
+        empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
+                            block_table=torch.zeros(0, 1, dtype=torch.int32),
+                            seq_lens=torch.empty(0, dtype=torch.int32),
+                            query_start_loc=torch.zeros(1, dtype=torch.int32),
+                            num_decodes=0, num_decode_tokens=0, num_prefills=0)
+        graphs = []
+        for size in sizes or self.options.graph_batch_sizes:
+            for per_request in tokens or self.options.graph_decode_tokens:
+                padded, _ = self._spread(Call(torch.zeros(0, hidden.shape[1], dtype=hidden.dtype),
+                                              torch.zeros(0, dtype=torch.int64), kv_cache, empty, cos_sin),
+                                         size, per_request, [])
+                before = len(self.runner.graphs)
+                self.runner(size, *self.convention.bind(padded), warmup=True)
+                graphs += self.runner.graphs[before:]
+        return graphs
+
+    def __call__(self, call: Call, memo: StepMemo | None = None) -> torch.Tensor:
+        size, tokens, lens = self._shape(call.metadata)
+        check_width(call.metadata.block_table, self.width)
+        padded, rows = self._spread(call, size, tokens, lens)
+        self.buckets.append((size, tokens))
+        return self.runner(size, *self.convention.bind(padded, memo))[rows]
 
 
 def own_code(method: Callable, name: str) -> Callable:

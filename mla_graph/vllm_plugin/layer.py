@@ -32,8 +32,9 @@ from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
 from ..attention import MLAAttention
 from ..lowering import LoweredMLA, lower
-from ..metadata import MLAMetadata
+from ..metadata import MAX_DECODE_TOKENS, MLAMetadata
 from ..rope import cos_sin_table
+from ..targets import TARGETS
 from ..runtime.binding import StepMemo
 from .ascend import KEEP_ND, refuse_conflicting_options
 from .backend import MLAGraphBackend
@@ -140,9 +141,13 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
         self.targets, self.targets_chosen_by = choose_targets_and_why(vllm_config.additional_config,
                                                                       current_platform.device_type)
         speculative = vllm_config.speculative_config
+        self.target_options: dict[str, dict] = {}
         if speculative is not None and speculative.num_speculative_tokens:
             # verification batches: decodes of 1 + the draft tokens (the backend's reorder threshold)
             self.targets["multi_decode"] = self.targets["decode"]
+            if "graph_decode_tokens" in TARGETS[self.targets["decode"]].options:   # torchair: one graph size
+                self.target_options[self.targets["decode"]] = {
+                    "graph_decode_tokens": [min(1 + speculative.num_speculative_tokens, MAX_DECODE_TOKENS)]}
         self.block_size = vllm_config.cache_config.block_size
         split_at_op(vllm_config.compilation_config)
         self.mla_attn = LatentCacheLayer(kv_lora_rank + qk_rope_head_dim, f"{prefix}.attn", self._run,
@@ -190,7 +195,8 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
             by_target.setdefault(target, []).append(phase)
         lowered = {}
         for target, phases in by_target.items():
-            module = lower(source, target, phases, block_size=self.block_size)
+            module = lower(source, target, phases, block_size=self.block_size,
+                           target_options=self.target_options.get(target))
             lowered.update({phase: module for phase in phases})
         self._lowered = lowered
         self._lowered_over = {n: p.data_ptr() for n, p in self._vllm_weights().items()}
