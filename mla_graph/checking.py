@@ -7,13 +7,14 @@ import torch
 
 from .attention import MLAAttention
 from .cache import PADDING_BLOCK, PagedLatentCache
-from .metadata import MLAMetadata, build_metadata, positions_for
+from .metadata import MAX_DECODE_TOKENS, MLAMetadata, build_metadata, positions_for
 
 # One batch shape per phase: (new_tokens, cached_tokens) per request, decodes first.
 PHASE_BATCHES: dict[str, list[tuple[int, int]]] = {
     "decode": [(1, 37), (1, 5), (1, 130)],
     "prefill": [(9, 0), (6, 21)],
     "mixed": [(1, 19), (1, 3), (7, 0), (5, 12)],
+    "multi_decode": [(4, 37), (1, 5), (3, 130)],   # 1 + up to 3 draft tokens a request
 }
 
 # (rtol, atol) for a whole layer, plain vs lowered: several reductions in another order.
@@ -29,8 +30,9 @@ class Batch:
 
 
 def random_batch(layer: MLAAttention, requests: list[tuple[int, int]], *, block_size: int,
-                 seed: int = 0) -> Batch:
-    """A batch whose cached prefixes are random cache contents in shuffled blocks."""
+                 seed: int = 0, decode_tokens: int = 1) -> Batch:
+    """A batch whose cached prefixes are random cache contents in shuffled blocks (`decode_tokens`:
+    as build_metadata's)."""
     gen = torch.Generator().manual_seed(seed)
     config, dtype = layer.config, layer.dtype
     blocks_needed = sum(-(-(n + c) // block_size) for n, c in requests) + 2
@@ -39,7 +41,7 @@ def random_batch(layer: MLAAttention, requests: list[tuple[int, int]], *, block_
     cache.latent.copy_(torch.randn(cache.latent.shape, generator=gen).to(dtype))
     cache.rope.copy_(torch.randn(cache.rope.shape, generator=gen).to(dtype))
     rows = [cache.allocator.grow([], n + c, block_size) for n, c in requests]
-    metadata = build_metadata(requests, rows, block_size)
+    metadata = build_metadata(requests, rows, block_size, decode_tokens=decode_tokens)
     tokens = sum(n for n, _ in requests)
     hidden = torch.randn(tokens, config.hidden_size, generator=gen).to(dtype)
     return Batch(hidden, positions_for(requests), cache, metadata)
@@ -56,7 +58,8 @@ class Agreement:
 
 def compare_with_plain(layer: MLAAttention, lowered: torch.nn.Module, phase: str, *, seed: int = 0) -> Agreement:
     """Run one random batch of `phase` through `layer` and `lowered`; outputs and caches must agree."""
-    batch = random_batch(layer, PHASE_BATCHES[phase], block_size=lowered.block_size, seed=seed)
+    batch = random_batch(layer, PHASE_BATCHES[phase], block_size=lowered.block_size, seed=seed,
+                         decode_tokens=MAX_DECODE_TOKENS if phase == "multi_decode" else 1)
     batch.metadata.validate(batch.cache, batch.hidden_states.shape[0])
     ref_cache, low_cache = batch.cache.clone(), batch.cache.clone()
     with torch.no_grad():

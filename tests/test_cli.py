@@ -240,7 +240,7 @@ def test_a_phase_run_by_another_pipeline_is_labelled_with_what_ran(tiny_hf_confi
     assert main(["lower", "--hf-config", str(tiny_hf_config), *TINY, "--target", "torchair",
                  "--phase", "prefill"]) == 0
     out = capsys.readouterr().out
-    assert "\n[torchair / prefill: the npu pipeline, run eagerly (torchair compiles only decode as a graph)] " in out
+    assert "\n[torchair / prefill: the npu pipeline, run eagerly (torchair compiles only decode and multi_decode as graphs)] " in out
     assert main(["lower", "--hf-config", str(tiny_hf_config), *TINY, "--target", "npu", "--phase", "prefill"]) == 0
     assert "\n[npu / prefill] " in capsys.readouterr().out
 

@@ -36,6 +36,21 @@ def tiny():
     return _pair(V3_TINY, torch.float32)
 
 
+@pytest.fixture(scope="module")
+def tiny_lowered(tiny):
+    """Each target's module over the tiny layer, every phase lowered (once for the module's tests;
+    the cache each call writes is its own)."""
+    modules = {}
+
+    def get(target: str):
+        if target not in modules:
+            options = {"graph_decode_tokens": [16]} if target == "torchair" else None   # graph mode: a bucket of 16
+            modules[target] = lower(tiny[0], target, ["prefill", "decode", "mixed", "multi_decode"], block_size=BS,
+                                    target_options=options)
+        return modules[target]
+    return get
+
+
 def _run(lowered, layer, hf, rotary, steps, *, block_size=BS, decode_tokens=MAX_DECODE_TOKENS, dtype=torch.float32):
     """Each request's context prefilled, then `steps` ([(new, cached) per request] each) one batch
     at a time, by `lowered`; the same batches by the plain definition on a copy of the cache.
@@ -89,11 +104,9 @@ TWO_STEPS = [[(4, 20), (2, 5)], [(3, 24), (5, 7)]]                 # verificatio
                                                   (MIXED, "mixed", "prefill"),
                                                   (TWO_STEPS, "multi_decode", "multi_decode")],
                          ids=["decodes", "mixed", "two-steps"])
-def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, graph, tiny):
+def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, graph, tiny, tiny_lowered):
     layer, hf, rotary = tiny
-    options = {"graph_decode_tokens": [16]} if target == "torchair" else None   # graph mode: one bucket of 16
-    lowered = lower(layer, target, ["prefill", "decode", "mixed", "multi_decode"], block_size=BS,
-                    target_options=options)
+    lowered = tiny_lowered(target)
     ours, plain, expected, md = _run(lowered, layer, hf, rotary, steps)
     assert md.phase == phase and md.multi_token_decodes
     assert lowered._lowered_phase(md.phase, md.multi_token_decodes) == graph
@@ -101,9 +114,9 @@ def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, ph
     _assert_close(ours, expected, torch.float32, f"{target} vs Hugging Face")
 
 
-def test_one_token_decodes_still_run_the_decode_graph(tiny):
+def test_one_token_decodes_still_run_the_decode_graph(tiny, tiny_lowered):
     layer, hf, rotary = tiny
-    lowered = lower(layer, "cpu", ["prefill", "decode", "multi_decode"], block_size=BS)
+    lowered = tiny_lowered("cpu")
     ours, plain, expected, md = _run(lowered, layer, hf, rotary, [[(1, 20), (1, 3)]])
     assert (md.phase, lowered._lowered_phase(md.phase, md.multi_token_decodes)) == ("decode", "decode")
     _assert_close(ours, expected, torch.float32, "cpu decode vs Hugging Face")
@@ -158,9 +171,8 @@ def test_multi_token_decodes_need_the_multi_decode_or_prefill_graph(tiny):
     assert torch.equal(cache.latent, before), "a refused call wrote the cache"
 
 
-def test_multi_decode_is_captured_with_its_own_token_count(tiny):
-    layer, _, _ = tiny
-    gm = lower(layer, "cpu", ["multi_decode"], block_size=BS).graphs["multi_decode"]
+def test_multi_decode_is_captured_with_its_own_token_count(tiny_lowered):
+    gm = tiny_lowered("cpu").graphs["multi_decode"]
     meta = graph_meta(gm)
     assert meta.phase == "multi_decode" and meta.attention_form == "absorbed"
     assert {"T", "B"} <= set(meta.symbols.values())

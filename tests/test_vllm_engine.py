@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from tiny_models import VARIANTS, write_tiny_deepseek, write_with_attention_of
+from tiny_models import NUM_LAYERS, VARIANTS, write_tiny_deepseek, write_with_attention_of, write_with_mtp_layer
 
 if os.environ.get("MLA_GRAPH_NO_VLLM") == "1":
     pytest.skip("MLA_GRAPH_NO_VLLM=1: vLLM engine tests not run", allow_module_level=True)
@@ -342,6 +342,30 @@ def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache
     assert plugin["graph_calls"].get("multi_decode", 0) > 0, plugin["graph_calls"]
     assert "multi_decode: cpu" in plugin["log"], "the multi_decode graph was not lowered"
     assert "multi_decode" not in without["log"], "lowered a multi_decode graph without speculative decoding"
+
+
+def test_deepseek_mtp_speculation_gives_the_tokens_without_it(model_dirs, vllm_cache_root, compiled_plugin, hf_greedy,
+                                                               tmp_path):
+    """DeepSeek's multi-token prediction (vLLM's deepseek_mtp, 1 draft token a step) on the dense model
+    with an MTP layer added, plugin on: the MTP layer's own MLA is the plugin's too, the verification
+    steps (2 tokens a request) run the multi_decode graph, and the greedy tokens equal the plugin's
+    engine without speculation (on the checkpoint without the layer, which does not change the model's
+    tokens) and Hugging Face's. The MTP layer's weights are random, so its drafts are rejected: every
+    verification step rewrites the rejected token's cache slot the step after.
+
+    Eager: in compiled mode vLLM's warm-up also runs its random-sampling rejection path, more Triton
+    kernels vLLM's CPU build cannot launch (with or without the plugin)."""
+    checkpoint = write_with_mtp_layer(tmp_path / "dense_mtp", pathlib.Path(model_dirs["dense"]))
+    mtp = run_engine(tmp_path / "mtp", str(checkpoint), vllm_cache_root, plugin=True, eager=True,
+                     speculative_config={"method": "deepseek_mtp", "num_speculative_tokens": 1})
+    assert [r["tokens"] for r in mtp["requests"]] == [r["tokens"] for r in compiled_plugin("dense")["requests"]], \
+        "MTP speculation changed the plugin's greedy tokens"
+    assert_same_tokens(mtp, hf_greedy("dense"), "plugin, deepseek_mtp speculation, dense")
+    assert mtp["speculation"]["num_drafts"] > 0, mtp["speculation"]
+    assert f"model.layers.{NUM_LAYERS}.self_attn lowered (prefill: cpu, mixed: cpu, decode: cpu, multi_decode: cpu)" \
+        in mtp["log"], "the MTP layer's MLA is not the plugin's"
+    assert mtp["graph_calls"].get("multi_decode", 0) > 0, mtp["graph_calls"]
+    print(f"deepseek_mtp speculation: {mtp['speculation']}; plugin graph calls: {mtp['graph_calls']}")
 
 
 def test_weights_updated_in_running_engine(model_dirs, vllm_cache_root, hf_greedy, tmp_path):

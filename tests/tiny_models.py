@@ -148,3 +148,34 @@ def write_with_attention_of(directory: str | pathlib.Path, base: pathlib.Path, d
     assert sum(".self_attn." in k for k in swapped) >= 2 * NUM_LAYERS
     save_file(swapped, directory / "model.safetensors", metadata={"format": "pt"})
     return directory
+
+
+def write_with_mtp_layer(directory: str | pathlib.Path, base: pathlib.Path, seed: int = 7) -> pathlib.Path:
+    """`base` plus one DeepSeek multi-token-prediction layer (num_nextn_predict_layers 1), as DeepSeek-V3's
+    checkpoints store it: layer NUM_LAYERS holds a whole decoder layer (here a copy of the last one's
+    weights, its MLA included; dense or MoE as the last is) and enorm, hnorm, eh_proj ([hidden, 2 hidden]) and shared_head (a norm
+    and an LM head: here the model's own). Hugging Face's DeepseekV3 ignores the layer; vLLM's
+    deepseek_mtp drafts with it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    directory = pathlib.Path(directory)
+    shutil.copytree(base, directory)
+    weights = load_file(base / "model.safetensors")
+    last, mtp = f"model.layers.{NUM_LAYERS - 1}.", f"model.layers.{NUM_LAYERS}."
+    weights.update({mtp + k[len(last):]: v.clone() for k, v in weights.items() if k.startswith(last)})
+    hidden = weights["model.norm.weight"].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    weights[mtp + "enorm.weight"] = 1.0 + 0.3 * torch.randn(hidden, generator=gen)
+    weights[mtp + "hnorm.weight"] = 1.0 + 0.3 * torch.randn(hidden, generator=gen)
+    weights[mtp + "eh_proj.weight"] = torch.randn(hidden, 2 * hidden, generator=gen) / math.sqrt(2 * hidden)
+    weights[mtp + "shared_head.norm.weight"] = weights["model.norm.weight"].clone()
+    weights[mtp + "shared_head.head.weight"] = weights["lm_head.weight"].clone()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    if config["first_k_dense_replace"] == NUM_LAYERS:   # a dense model's MTP layer is dense too (layer NUM_LAYERS)
+        config["first_k_dense_replace"] = NUM_LAYERS + 1
+    (directory / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    return directory

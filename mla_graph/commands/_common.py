@@ -64,7 +64,8 @@ def config_from(args: argparse.Namespace) -> MLAConfig:
 
 def phase_label(target: str, phase: str) -> str:
     """'npu / decode', or, for a phase a graph-mode target leaves to an eager target's pipeline, which
-    one ran: 'torchair / prefill: the npu pipeline, run eagerly (torchair compiles only decode as a graph)'."""
+    one ran: 'torchair / prefill: the npu pipeline, run eagerly (torchair compiles only decode and
+    multi_decode as graphs)'."""
     spec = TARGETS[target]
     if not spec.runtimes or phase in spec.runtimes:
         return f"{target} / {phase}"
@@ -72,7 +73,8 @@ def phase_label(target: str, phase: str) -> str:
     same = next((other for other, o in TARGETS.items() if not o.runtimes and _pass_names(other, phase) == names),
                 None)
     ran = f"the {same} pipeline" if same else "its eager pipeline"
-    return f"{target} / {phase}: {ran}, run eagerly ({target} compiles only {', '.join(spec.runtimes)} as a graph)"
+    graphs = " and ".join(spec.runtimes)
+    return f"{target} / {phase}: {ran}, run eagerly ({target} compiles only {graphs} as graphs)"
 
 
 def _pass_names(target: str, phase: str) -> list[str]:
