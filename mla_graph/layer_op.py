@@ -77,6 +77,13 @@ def registered_layer(key: int) -> torch.nn.Module:
 def call_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, positions: torch.Tensor,
                kv_cache: PagedLatentCache, metadata: MLAMetadata) -> torch.Tensor:
     """What `MLAAttention.forward` does under torch.compile: one `mla::layer` node."""
+    if metadata.num_decode_tokens != metadata.num_decodes:
+        # the op carries num_decodes and num_prefills only (its kernel rebuilds one token per decode)
+        raise NotImplementedError(
+            f"multi-token decodes under torch.compile (num_decode_tokens {metadata.num_decode_tokens} for "
+            f"{metadata.num_decodes} decode requests): the mla::layer op takes one token per decode; count "
+            f"the multi-token requests as prefills (build_metadata's default decode_tokens=1), or call the "
+            f"lowered module (lower(..., phases incl. 'multi_decode')) outside torch.compile")
     ensure_layer_op()
     return torch.ops.mla.layer(hidden_states, positions, kv_cache.latent, kv_cache.rope,
                                metadata.slot_mapping, metadata.block_table, metadata.seq_lens,

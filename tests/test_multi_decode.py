@@ -232,3 +232,18 @@ def test_torchair_multi_decode_options_and_limits():
     with pytest.raises(ValueError, match="a decode request of 5 new tokens exceeds the largest graph_decode_tokens 4"):
         small(torch.randn(5, V3_TINY.hidden_size), positions_for(requests), cache,
               build_metadata(requests, rows, BS, decode_tokens=5))
+
+
+def test_torch_compile_refuses_multi_token_decodes_it_cannot_carry(tiny):
+    """Under torch.compile a layer is one mla::layer op that carries num_decodes and num_prefills
+    only: a multi-token decode batch is refused with what to do, rather than run as one-token decodes."""
+    layer, _, _ = tiny
+    requests = [(3, 20), (1, 5)]
+    cache = PagedLatentCache.allocate(V3_TINY, 8, BS)
+    rows = [cache.allocator.grow([], n + c, BS) for n, c in requests]
+    md = build_metadata(requests, rows, BS, decode_tokens=4)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="multi-token decodes under torch.compile \\(num_decode_tokens 4 for 2 "
+                                        "decode requests\\)"):
+        compiled(torch.randn(4, V3_TINY.hidden_size), positions_for(requests), cache, md)
+    torch._dynamo.reset()
