@@ -21,14 +21,15 @@ from mla_graph.contract import INPUTS, GraphMeta, register_fake_mode
 from .attention import MLAAttention
 
 PHASES = ("prefill", "decode", "mixed")   # what lower() builds unless told
-# decode requests with several new tokens each (speculative decoding's verification); lowered where
-# asked for (the vLLM plugin with speculative decoding): else such batches run the prefill graph
-MULTI_DECODE = "multi_decode"
-ALL_PHASES = PHASES + (MULTI_DECODE,)
+# decode requests with several new tokens each (speculative decoding's verification), alone or beside
+# prefills; lowered where asked for (the vLLM plugin with speculative decoding): else such batches run
+# the prefill graph
+MULTI_DECODE, MULTI_MIXED = "multi_decode", "multi_mixed"
+ALL_PHASES = PHASES + (MULTI_DECODE, MULTI_MIXED)
 
 
 def capture(layer: MLAAttention, phase: str, *, block_size: int = 128) -> GraphModule:
-    """Trace `layer.plain_forward` for `phase` ("prefill", "decode", "mixed" or "multi_decode")."""
+    """Trace `layer.plain_forward` for `phase` (one of ALL_PHASES)."""
     if phase not in ALL_PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(ALL_PHASES)}")
     if not isinstance(layer, MLAAttention):

@@ -7,7 +7,7 @@ import torch
 
 from .attention import MLAAttention
 from .cache import PADDING_BLOCK, PagedLatentCache
-from .metadata import MAX_DECODE_TOKENS, MLAMetadata, build_metadata, positions_for
+from .metadata import MLAMetadata, build_metadata, positions_for
 
 # One batch shape per phase: (new_tokens, cached_tokens) per request, decodes first.
 PHASE_BATCHES: dict[str, list[tuple[int, int]]] = {
@@ -15,6 +15,7 @@ PHASE_BATCHES: dict[str, list[tuple[int, int]]] = {
     "prefill": [(9, 0), (6, 21)],
     "mixed": [(1, 19), (1, 3), (7, 0), (5, 12)],
     "multi_decode": [(4, 37), (1, 5), (3, 130)],   # 1 + up to 3 draft tokens a request
+    "multi_mixed": [(3, 19), (1, 3), (7, 0), (5, 12)],
 }
 
 # (rtol, atol) for a whole layer, plain vs lowered: several reductions in another order.
@@ -59,7 +60,7 @@ class Agreement:
 def compare_with_plain(layer: MLAAttention, lowered: torch.nn.Module, phase: str, *, seed: int = 0) -> Agreement:
     """Run one random batch of `phase` through `layer` and `lowered`; outputs and caches must agree."""
     batch = random_batch(layer, PHASE_BATCHES[phase], block_size=lowered.block_size, seed=seed,
-                         decode_tokens=MAX_DECODE_TOKENS if phase == "multi_decode" else 1)
+                         decode_tokens=4 if phase.startswith("multi_") else 1)
     batch.metadata.validate(batch.cache, batch.hidden_states.shape[0])
     ref_cache, low_cache = batch.cache.clone(), batch.cache.clone()
     with torch.no_grad():

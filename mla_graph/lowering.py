@@ -18,7 +18,7 @@ from mla_graph.dumptool.render import FORMATS_ENV, parse_formats
 
 from .attention import MLAAttention, check_call, check_values, checked_mode
 from .cache import PADDING_BLOCK, PagedLatentCache
-from .capture import ALL_PHASES, MULTI_DECODE, PHASES, capture
+from .capture import ALL_PHASES, MULTI_DECODE, MULTI_MIXED, PHASES, capture
 from .inputs import Call
 from .runtime.binding import CallingConvention, StepMemo
 from .metadata import MLAMetadata
@@ -37,9 +37,10 @@ class LoweredMLA(nn.Module):
 
     A decode-only batch runs the "decode" graph, a prefill-only batch the "prefill" graph, any
     other batch the "mixed" graph (which also serves the other two when they were not lowered).
-    Decodes with several new tokens (speculative decoding) run the "multi_decode" graph where it
-    was lowered and the batch has no prefills; otherwise the "prefill" graph, which takes any
-    request as it comes (the mixed graph's split assumes one token per decode).
+    Decodes with several new tokens (speculative decoding) run the "multi_decode" graph (no
+    prefills in the batch) or the "multi_mixed" graph (prefills too) where lowered; otherwise the
+    "prefill" graph, which takes any request as it comes (the mixed graph's split assumes one token
+    per decode).
     A target with `form_per_call` also has "<phase>:<form>", the phase in the other attention form:
     each call runs the one whose attention costs less for its own batch (cost_model.batch_costs over
     each prefill request's new tokens and context; a split batch's decodes are absorbed in both).
@@ -90,20 +91,19 @@ class LoweredMLA(nn.Module):
     def phases(self) -> list[str]:
         return [key for key in self.graphs if ":" not in key]
 
-    def graph_for(self, phase: str, multi_token_decodes: bool = False) -> GraphModule:
-        return self.graphs[self._lowered_phase(phase, multi_token_decodes)]
+    def graph_for(self, phase: str) -> GraphModule:
+        return self.graphs[self._lowered_phase(phase)]
 
-    def _lowered_phase(self, phase: str, multi_token_decodes: bool = False) -> str:
-        """The lowered phase that serves a batch of `phase` (`multi_token_decodes`: some decode
-        request has several new tokens)."""
-        if phase in self.graphs and ":" not in phase and (phase == MULTI_DECODE or not multi_token_decodes):
+    def _lowered_phase(self, phase: str) -> str:
+        """The lowered phase that serves a batch of `phase`."""
+        if phase in self.graphs and ":" not in phase:
             return phase
-        if phase == MULTI_DECODE or multi_token_decodes:
+        if phase in (MULTI_DECODE, MULTI_MIXED):
             if "prefill" in self.graphs:
                 return "prefill"
             raise LoweringError(f"this {phase} batch has decode requests of several new tokens, which only the "
-                                f"'multi_decode' graph (a batch without prefills) or the 'prefill' graph runs, but "
-                                f"only {self.phases} were lowered; lower with phases including 'prefill'")
+                                f"{phase!r} graph or the 'prefill' graph runs, but only {self.phases} were "
+                                f"lowered; lower with phases including {phase!r} or 'prefill'")
         if "mixed" in self.graphs:
             return "mixed"
         raise LoweringError(f"this batch is a {phase} batch but only {self.phases} were lowered; "
@@ -127,7 +127,7 @@ class LoweredMLA(nn.Module):
         if hidden_states.shape[0] == 0:
             return hidden_states.new_zeros(0, self.config.hidden_size)
         self.refresh_derived(by_value=checked)
-        lowered = self._lowered_phase(metadata.phase, metadata.multi_token_decodes)
+        lowered = self._lowered_phase(metadata.phase)
         if lowered in self.forms:
             lowered = self._form_for(lowered, metadata)
         call = Call(hidden_states, positions, kv_cache, metadata, self.cos_sin)

@@ -48,13 +48,13 @@ class MLAMetadata:
 
     @property
     def phase(self) -> str:
-        """'decode' (one new token per request), 'multi_decode' (decodes, some with several new
-        tokens), 'prefill' or 'mixed' (decodes of either kind and prefills)."""
+        """'decode' (one new token per request), 'prefill', 'mixed' (one-token decodes and prefills);
+        with decodes of several new tokens, 'multi_decode' (decodes only) or 'multi_mixed' (and prefills)."""
         if self.num_prefills == 0:
             return "multi_decode" if self.multi_token_decodes else "decode"
         if self.num_decodes == 0:
             return "prefill"
-        return "mixed"
+        return "multi_mixed" if self.multi_token_decodes else "mixed"
 
     def validate(self, cache: PagedLatentCache | None = None, num_tokens: int | None = None,
                  reserved_block: int | None = None) -> None:

@@ -157,7 +157,7 @@ class Target:
     def extended(self, after: Mapping[str, Sequence[GraphPass]], name: str | None = None) -> "Target":
         """This target with user passes run after named stages ({stage: [pass, ...]}). A stage must
         be one of this target's (for some phase); passes after a stage a phase lacks do not run there."""
-        known = [s for s in STAGES if any(s in self.stages(p) for p in ("prefill", "decode", "mixed", "multi_decode"))]
+        known = [s for s in STAGES if any(s in self.stages(p) for p in ("prefill", "decode", "mixed", "multi_decode", "multi_mixed"))]
         if not isinstance(after, Mapping):
             raise ValueError(f"passes must map a stage name to a list of passes, e.g. {{'finish': [my_pass]}}; "
                              f"got {type(after).__name__}")

@@ -27,6 +27,7 @@ REPRESENTATIVE = {
     "prefill": (4, 2048, 2048),
     "mixed": (32, 16, 2048),    # chunked prefill: short chunks riding along with decodes
     "multi_decode": (32, 4, 4096),   # speculative decoding: 1 + 3 draft tokens verified per request
+    "multi_mixed": (32, 16, 2048),   # as mixed (split: each part costed as its own)
 }
 PEAK_FLOPS = 300e12     # bf16 matmul, Ascend 910B class
 BANDWIDTH = 1.6e12      # HBM bytes/s

@@ -228,17 +228,19 @@ def multi_token_fia_limits(ql: Node, q_pe: Node, latent_cache: Node) -> list[Vio
 
 
 def _tnd_fia_admits(n: Node) -> bool | Skip:
-    if graph_meta(n.graph.owning_module).phase != "multi_decode":
-        return Skip(f"{n.name}: not a multi_decode graph (TND MLA mode is for decodes of 1..16 tokens)")
+    phase = graph_meta(n.graph.owning_module).phase
+    if not (phase == "multi_decode" or (phase == "multi_mixed" and input_part(n.args[6]) == "decode")):
+        return Skip(f"{n.name}: not a multi_decode graph or multi_mixed decode part (TND MLA mode is for decodes "
+                    f"of 1..16 tokens)")
     why_not = multi_token_fia_limits(n.args[0], n.args[1], n.args[2])
     return Skip(f"{n.name}: not FIA: {why_not[0].message()}") if why_not else True
 
 
 def _paged_fia_tnd(g, n: Node) -> Node:
     ql, q_pe, latent_cache, rope_cache, bt, qsl, seq_lens, scale = n.args
-    gm = g.owning_module
-    q_ends = find_input(gm, QUERY_ENDS_LIST) or add_input(gm, QUERY_ENDS_LIST, [])
-    kv_lens = find_input(gm, SEQ_LENS_LIST) or add_input(gm, SEQ_LENS_LIST, [])
+    gm, part = g.owning_module, input_part(seq_lens)
+    q_ends = find_input(gm, QUERY_ENDS_LIST, part) or add_input(gm, QUERY_ENDS_LIST, [], part)
+    kv_lens = find_input(gm, SEQ_LENS_LIST, part) or add_input(gm, SEQ_LENS_LIST, [], part)
     return emit_recorded(g, paged_fia_tnd, ql, q_pe, latent_cache, rope_cache, bt, _mask(gm), q_ends, kv_lens, scale)
 
 

@@ -1,4 +1,5 @@
-"""split_mixed_batch: a mixed batch's attention runs as a decode part and a prefill part.
+"""split_mixed_batch: a mixed batch's attention runs as a decode part and a prefill part (multi_mixed:
+decodes of 1..16 tokens, the decode part's token count its own size).
 
 FIA's MLA mode (query_rope/key_rope) admits 1..16 query tokens per request, so a prefill chunk
 cannot ride along with the decodes in one MLA call (vllm-ascend keeps that mode to decode and
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from mla_graph.contract import BLOCK_TABLE, PARTS, QUERY_START_LOC, SEQ_LENS, graph_meta
+from mla_graph.contract import BLOCK_TABLE, PARTS, QUERY_START_LOC, SEQ_LENS, SLOT_MAPPING, graph_meta
 
 from .base import PassResult, graph_pass
 from .graph_utils import add_input, call, fake_empty, fake_run, new_symbol
@@ -38,7 +39,7 @@ def split_mixed_batch(gm: GraphModule) -> PassResult:
     """
     result = PassResult(changed=False)
     phase = graph_meta(gm).phase
-    if phase != "mixed":
+    if phase not in ("mixed", "multi_mixed"):
         result.notes.append(f"phase {phase!r}: only mixed batches are split")
         return result
     return rewrite(gm, [SPLIT], dead_code=True)
@@ -48,8 +49,14 @@ def _split(g: Graph, m: Match) -> Node:
     gm, node = g.owning_module, m.node
     decodes = new_symbol(gm, "num_decodes", 2)
     inputs = {part: _part_inputs(gm, part, m, decodes) for part in PARTS}
-    # sizes as graph values (sym_size), never baked-in symbols
-    split = call(g, aten.sym_size.int, inputs["decode"]["seq_lens"], 0)
+    # sizes as graph values (sym_size), never baked-in symbols: one token per decode request, or (multi_mixed)
+    # the decode part's own token count, the length of its slot_mapping
+    if graph_meta(gm).phase == "multi_mixed":
+        slots = add_input(gm, SLOT_MAPPING, fake_empty(gm, new_symbol(gm, "num_decode_tokens", 5),
+                                                       dtype=torch.int64), "decode")
+        split = call(g, aten.sym_size.int, slots, 0)
+    else:
+        split = call(g, aten.sym_size.int, inputs["decode"]["seq_lens"], 0)
     end = call(g, aten.sym_size.int, m.q_nope, 0)
     outs = []
     for part, (start, stop) in zip(PARTS, ((0, split), (split, end))):

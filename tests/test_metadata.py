@@ -104,7 +104,7 @@ def test_multi_token_decodes():
     rows = [cache.allocator.grow([], n + c, BS) for n, c in requests]
     md = build_metadata(requests, rows, BS, decode_tokens=4)
     md.validate(cache, num_tokens=13)
-    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.phase) == (3, 8, 1, "mixed")
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.phase) == (3, 8, 1, "multi_mixed")
     assert md.multi_token_decodes
     only = build_metadata(requests[:3], rows[:3], BS, decode_tokens=4)
     assert (only.num_decodes, only.num_decode_tokens, only.phase) == (3, 8, "multi_decode")

@@ -14,7 +14,7 @@ import torch
 from conftest import TOL, V2_LITE_NPU, V3_TINY, randomize
 from hf_oracle import hf_attention, hf_prefill
 
-from mla_graph import (MAX_DECODE_TOKENS, LoweringError, MLAAttention, PagedLatentCache, build_metadata, lower,
+from mla_graph import (ALL_PHASES, MAX_DECODE_TOKENS, LoweringError, MLAAttention, PagedLatentCache, build_metadata, lower,
                        positions_for)
 from mla_graph.contract import graph_meta
 
@@ -45,8 +45,7 @@ def tiny_lowered(tiny):
     def get(target: str):
         if target not in modules:
             options = {"graph_decode_tokens": [16]} if target == "torchair" else None   # graph mode: a bucket of 16
-            modules[target] = lower(tiny[0], target, ["prefill", "decode", "mixed", "multi_decode"], block_size=BS,
-                                    target_options=options)
+            modules[target] = lower(tiny[0], target, ALL_PHASES, block_size=BS, target_options=options)
         return modules[target]
     return get
 
@@ -100,25 +99,37 @@ TWO_STEPS = [[(4, 20), (2, 5)], [(3, 24), (5, 7)]]                 # verificatio
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("steps, phase, graph", [(MULTI, "multi_decode", "multi_decode"),
-                                                  (MIXED, "mixed", "prefill"),
-                                                  (TWO_STEPS, "multi_decode", "multi_decode")],
+@pytest.mark.parametrize("steps, phase", [(MULTI, "multi_decode"), (MIXED, "multi_mixed"), (TWO_STEPS, "multi_decode")],
                          ids=["decodes", "mixed", "two-steps"])
-def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, graph, tiny, tiny_lowered):
+def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, tiny, tiny_lowered):
     layer, hf, rotary = tiny
     lowered = tiny_lowered(target)
+    calls = lowered.graph_calls.copy()
     ours, plain, expected, md = _run(lowered, layer, hf, rotary, steps)
     assert md.phase == phase and md.multi_token_decodes
-    assert lowered._lowered_phase(md.phase, md.multi_token_decodes) == graph
+    assert lowered.graph_calls[phase] == calls[phase] + len(steps), "the batch did not run its phase's graph"
     _assert_close(ours, plain, torch.float32, f"{target} vs the plain definition")
     _assert_close(ours, expected, torch.float32, f"{target} vs Hugging Face")
+
+
+@pytest.mark.parametrize("target", ["cpu", "npu"])
+def test_a_multi_mixed_batch_is_split_at_the_decodes_tokens(target, tiny_lowered):
+    """Its decodes (several tokens each) and its prompts attend apart, cut after num_decode_tokens
+    tokens (the decode part's own slot_mapping gives the count), as one-token mixed batches are."""
+    gm = tiny_lowered(target).graphs["multi_mixed"]
+    assert {"decode_slot_mapping", "decode_seq_lens", "prefill_seq_lens"} <= set(graph_meta(gm).input_names)
+    assert _matches(tiny_lowered(target), "multi_mixed")["split_mixed_batch"] == 1
+
+
+def _matches(lowered, phase: str) -> dict[str, int]:
+    return {r.name: r.matches for r in lowered.reports[phase].records}
 
 
 def test_one_token_decodes_still_run_the_decode_graph(tiny, tiny_lowered):
     layer, hf, rotary = tiny
     lowered = tiny_lowered("cpu")
     ours, plain, expected, md = _run(lowered, layer, hf, rotary, [[(1, 20), (1, 3)]])
-    assert (md.phase, lowered._lowered_phase(md.phase, md.multi_token_decodes)) == ("decode", "decode")
+    assert (md.phase, lowered._lowered_phase(md.phase)) == ("decode", "decode")
     _assert_close(ours, expected, torch.float32, "cpu decode vs Hugging Face")
 
 
@@ -127,7 +138,7 @@ def test_npu_multi_decode_is_fia_mla_in_the_tnd_layout():
     TND, causal (sparse_mode 3) over the paged latent cache, as vllm-ascend runs MTP; its
     results equal Hugging Face's."""
     layer, hf, rotary = _pair(V2_LITE_NPU, torch.bfloat16, std=0.02)
-    lowered = lower(layer, "npu", ["prefill", "multi_decode"], block_size=128)
+    lowered = lower(layer, "npu", ["prefill", "multi_decode", "multi_mixed"], block_size=128)
     fia = [n for n in lowered.graphs["multi_decode"].graph.nodes if n.target is npu.npu_fused_infer_attention_score.default]
     assert len(fia) == 1, lowered.graphs["multi_decode"].graph
     kwargs = fia[0].kwargs
@@ -139,6 +150,17 @@ def test_npu_multi_decode_is_fia_mla_in_the_tnd_layout():
     assert md.phase == "multi_decode"
     _assert_close(ours, plain, torch.bfloat16, "npu vs the plain definition")
     _assert_close(ours, expected, torch.bfloat16, "npu vs Hugging Face")
+    # beside a prompt: the decode part in MLA mode (its own query ends), the prompt in the TND prefill form
+    mixed = lowered.graphs["multi_mixed"]
+    layouts = sorted((n.kwargs["input_layout"], n.kwargs["sparse_mode"], n.kwargs.get("query_rope") is not None,
+                      n.kwargs["actual_seq_lengths"].name) for n in mixed.graph.nodes
+                     if n.target is npu.npu_fused_infer_attention_score.default)
+    assert layouts == [("TND", 3, False, "prefill_query_ends_list"), ("TND", 3, True, "decode_query_ends_list")]
+    ours, plain, expected, md = _run(lowered, layer, hf, rotary, [[(5, 130), (1, 200), (20, 0)]], block_size=128,
+                                     dtype=torch.bfloat16)
+    assert md.phase == "multi_mixed" and lowered.graph_calls["multi_mixed"] == 1
+    _assert_close(ours, plain, torch.bfloat16, "npu multi_mixed vs the plain definition")
+    _assert_close(ours, expected, torch.bfloat16, "npu multi_mixed vs Hugging Face")
 
 
 def test_fia_never_takes_more_than_16_tokens_a_request():
@@ -157,18 +179,24 @@ def test_fia_never_takes_more_than_16_tokens_a_request():
         lower(layer, "npu", ["multi_decode"], block_size=128, checked=False)(x, positions_for(requests), cache, md)
 
 
-def test_multi_token_decodes_need_the_multi_decode_or_prefill_graph(tiny):
-    layer, _, _ = tiny
+def test_multi_token_decodes_need_their_graph_or_the_prefill_graph(tiny, tiny_lowered):
+    layer, hf, rotary = tiny
     lowered = lower(layer, "cpu", ["decode", "mixed"], block_size=BS)
     requests = [(3, 20), (1, 5)]
     cache = PagedLatentCache.allocate(V3_TINY, 8, BS)
     rows = [cache.allocator.grow([], n + c, BS) for n, c in requests]
     md = build_metadata(requests, rows, BS, decode_tokens=4)
     before = cache.latent.clone()
-    with pytest.raises(LoweringError, match="only the 'multi_decode' graph .* or the 'prefill' graph runs, but only "
+    with pytest.raises(LoweringError, match="only the 'multi_decode' graph or the 'prefill' graph runs, but only "
                                             "\\['decode', 'mixed'\\] were lowered"):
         lowered(torch.randn(4, V3_TINY.hidden_size), positions_for(requests), cache, md)
     assert torch.equal(cache.latent, before), "a refused call wrote the cache"
+    # without its own graph, a multi-token batch runs the prefill graph, which takes any request as it comes
+    fallback = lower(layer, "cpu", ["prefill", "decode", "mixed"], block_size=BS)
+    for steps in (MULTI, MIXED):
+        ours, _, expected, md = _run(fallback, layer, hf, rotary, steps)
+        assert fallback._lowered_phase(md.phase) == "prefill"
+        _assert_close(ours, expected, torch.float32, f"cpu, prefill graph for a {md.phase} batch vs Hugging Face")
 
 
 def test_multi_decode_is_captured_with_its_own_token_count(tiny_lowered):

@@ -362,7 +362,8 @@ def test_deepseek_mtp_speculation_gives_the_tokens_without_it(model_dirs, vllm_c
         "MTP speculation changed the plugin's greedy tokens"
     assert_same_tokens(mtp, hf_greedy("dense"), "plugin, deepseek_mtp speculation, dense")
     assert mtp["speculation"]["num_drafts"] > 0, mtp["speculation"]
-    assert f"model.layers.{NUM_LAYERS}.self_attn lowered (prefill: cpu, mixed: cpu, decode: cpu, multi_decode: cpu)" \
+    assert f"model.layers.{NUM_LAYERS}.self_attn lowered (prefill: cpu, mixed: cpu, decode: cpu, multi_decode: cpu, " \
+        f"multi_mixed: cpu)" \
         in mtp["log"], "the MTP layer's MLA is not the plugin's"
     assert mtp["graph_calls"].get("multi_decode", 0) > 0, mtp["graph_calls"]
     print(f"deepseek_mtp speculation: {mtp['speculation']}; plugin graph calls: {mtp['graph_calls']}")

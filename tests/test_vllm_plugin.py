@@ -226,7 +226,7 @@ def test_metadata_of_speculative_verification_steps():
 
     requests, rows = [(4, 20), (1, 9), (2, 30), (12, 0)], [[1, 2], [3], [4, 5], [6]]
     md = metadata_from_common(_common_metadata(requests, rows, decode_tokens=4), decode_threshold=4)
-    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.phase) == (3, 7, 1, "mixed")
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills, md.phase) == (3, 7, 1, "multi_mixed")
     md.validate()
     decodes = metadata_from_common(_common_metadata(requests[:3], rows[:3], decode_tokens=4), decode_threshold=4)
     assert (decodes.num_decode_tokens, decodes.phase) == (7, "multi_decode")

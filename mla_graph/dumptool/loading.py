@@ -70,7 +70,7 @@ def load_dump(path: str | Path) -> Dump:
     if (root / SUMMARY_NAME).is_file():
         folders = [root]
     else:
-        order = {name: i for i, name in enumerate(("prefill", "decode", "mixed", "multi_decode"))}   # capture.ALL_PHASES
+        order = {name: i for i, name in enumerate(("prefill", "decode", "mixed", "multi_decode", "multi_mixed"))}   # capture.ALL_PHASES
         folders = sorted((p for p in root.iterdir() if (p / SUMMARY_NAME).is_file()),
                          key=lambda p: (order.get(p.name, len(order)), p.name))
     if not folders:

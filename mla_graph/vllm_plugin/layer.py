@@ -145,6 +145,7 @@ class MLAGraphAttention(MultiHeadLatentAttentionWrapper):
         if speculative is not None and speculative.num_speculative_tokens:
             # verification batches: decodes of 1 + the draft tokens (the backend's reorder threshold)
             self.targets["multi_decode"] = self.targets["decode"]
+            self.targets["multi_mixed"] = self.targets["mixed"]
             if "graph_decode_tokens" in TARGETS[self.targets["decode"]].options:   # torchair: one graph size
                 self.target_options[self.targets["decode"]] = {
                     "graph_decode_tokens": [min(1 + speculative.num_speculative_tokens, MAX_DECODE_TOKENS)]}
