@@ -106,13 +106,14 @@ def engine_main(spec_path: str) -> None:
         from vllm.v1.sample import rejection_sampler
         greedy_rejection_sample.register_warmup = lambda **_: None   # what vLLM's kernel wrapper offers
         rejection_sampler._rejection_greedy_sample = greedy_rejection_sample
-    llm = LLM(model=spec["model_dir"], dtype="float32", max_model_len=128, max_num_seqs=len(PROMPTS),
+    llm = LLM(model=spec["model_dir"], dtype="float32", max_model_len=128, max_num_seqs=spec.get("max_num_seqs", len(PROMPTS)),
               enforce_eager=spec["eager"], attention_backend="CPU_MLA", seed=0,
               tensor_parallel_size=spec.get("tensor_parallel_size", 1), speculative_config=speculative,
               disable_log_stats=not speculative)
     # min_tokens masks EOS for all 24 steps, as min_new_tokens does in Hugging Face's generate
-    new_tokens = spec.get("max_new_tokens", MAX_NEW_TOKENS)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens)
+    new_tokens = spec.get("max_new_tokens", MAX_NEW_TOKENS)   # one count, or one per prompt
+    params = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)
+              for n in (new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(PROMPTS))]
 
     def generate() -> list[dict]:
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
@@ -216,9 +217,13 @@ def run_engine(tmp_path, model_dir: str, cache_root: str, *, plugin: bool, eager
     return result
 
 
-def assert_same_tokens(engine: dict, hf: list[dict], what: str) -> None:
+def assert_same_tokens(engine: dict, hf: list[dict], what: str, lengths: list[int] | None = None) -> None:
+    """`lengths`: new tokens asked of each request, when fewer than Hugging Face generated (greedy
+    tokens are a prefix of a longer greedy run's)."""
     requests = engine["requests"]
     assert [r["prompt"] for r in requests] == [r["prompt"] for r in hf], f"{what}: prompts tokenized differently"
+    if lengths is not None:
+        hf = [dict(want, tokens=want["tokens"][:n]) for want, n in zip(hf, lengths)]
     for i, (got, want) in enumerate(zip(requests, hf)):
         assert len(got["tokens"]) == len(want["tokens"]), f"{what}, prompt {i}: {len(got['tokens'])} tokens"
         first = next((j for j, (a, b) in enumerate(zip(got["tokens"], want["tokens"])) if a != b), None)
@@ -314,33 +319,37 @@ def test_plugin_with_tensor_parallel_2_gives_the_tp1_tokens(model_dirs, vllm_cac
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 # with 24 new tokens these random-weight models repeat no earlier token, so ngram drafts nothing;
-# by 64 they fall into loops that it drafts (and partly gets right)
-SPECULATED_TOKENS = 64
+# by 64 they fall into loops that it drafts (and partly gets right). Three requests run at a time and
+# one stops early, so the fourth prompt joins running (verifying) requests: a mixed step.
+SPECULATED_TOKENS = [64, 30, 64, 64]
 
 
 def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache_root, hf_greedy, tmp_path):
     """vLLM's ngram speculative decoding (up to 3 draft tokens a step, from the request's own earlier
-    tokens), plugin on: verification steps of up to 4 tokens per request run the multi_decode graph,
-    and the greedy tokens equal the same engine without speculation (and Hugging Face's). vLLM's own
-    MLA under the same speculation proposes and accepts exactly as many tokens: the plugin's
-    verification logits pick the same argmax at every draft position."""
+    tokens), plugin on: verification steps of up to 4 tokens per request run the multi_decode graph
+    (multi_mixed where a prompt joins them), and the greedy tokens equal the same engine without
+    speculation (and Hugging Face's). vLLM's own MLA under the same speculation proposes and accepts
+    exactly as many tokens: the plugin's verification logits pick the same argmax at every draft
+    position."""
     def engine(name: str, plugin: bool, speculative: dict | None) -> dict:
         return run_engine(tmp_path / name, model_dirs["dense"], vllm_cache_root, plugin=plugin, eager=True,
-                          max_new_tokens=SPECULATED_TOKENS, speculative_config=speculative)
+                          max_new_tokens=SPECULATED_TOKENS, max_num_seqs=3, speculative_config=speculative)
 
     plugin, without, native = engine("plugin", True, NGRAM), engine("without", True, None), engine("native", False, NGRAM)
-    hf = hf_greedy("dense", SPECULATED_TOKENS)
+    hf = hf_greedy("dense", max(SPECULATED_TOKENS))
     assert [r["tokens"] for r in plugin["requests"]] == [r["tokens"] for r in without["requests"]], \
         "speculative decoding changed the plugin's greedy tokens"
-    assert_same_tokens(plugin, hf, "plugin, ngram speculative decoding, dense")
-    assert_same_tokens(native, hf, "vLLM's own MLA, ngram speculative decoding, dense")
+    assert_same_tokens(plugin, hf, "plugin, ngram speculative decoding, dense", SPECULATED_TOKENS)
+    assert_same_tokens(native, hf, "vLLM's own MLA, ngram speculative decoding, dense", SPECULATED_TOKENS)
     speculation = plugin["speculation"]
     assert speculation["num_draft_tokens"] > speculation["num_accepted_tokens"] > 0, \
         f"drafts must be both accepted and rejected (the rejected tokens' cache slots rewritten) {speculation}"
     assert speculation == native["speculation"], (speculation, native["speculation"])
     print(f"ngram speculation, plugin and vLLM's own: {speculation}; plugin graph calls: {plugin['graph_calls']}")
     assert plugin["graph_calls"].get("multi_decode", 0) > 0, plugin["graph_calls"]
-    assert "multi_decode: cpu" in plugin["log"], "the multi_decode graph was not lowered"
+    assert plugin["graph_calls"].get("multi_mixed", 0) + plugin["graph_calls"].get("mixed", 0) > 0, \
+        f"no step mixed a prompt with running requests {plugin['graph_calls']}"
+    assert "multi_decode: cpu, multi_mixed: cpu" in plugin["log"], "the multi-token graphs were not lowered"
     assert "multi_decode" not in without["log"], "lowered a multi_decode graph without speculative decoding"
 
 

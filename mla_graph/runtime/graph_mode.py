@@ -185,20 +185,25 @@ class BucketedDecode:
         """Compile the graph of each bucket ahead of serving, with a dummy batch in which every
         request is padding (written into the padding block, seq_len 0). Returns the graphs handed
         to the compiler (the stand-in records them; on Ascend, torchair does not expose them)."""
+        empty = self._empty_call(kv_cache, cos_sin)
+        graphs = []
+        for size in sizes or self.options.graph_batch_sizes:
+            padded = self._padded(empty, size)
+            before = len(self.runner.graphs)
+            self.runner(size, *self.convention.bind(padded), warmup=True)
+            graphs += self.runner.graphs[before:]
+        return graphs
+
+    def _empty_call(self, kv_cache, cos_sin: torch.Tensor) -> Call:
+        """A call of no requests, which padding turns into an all-padding batch (what warm-up compiles)."""
         hidden = find_input(self.gm, HIDDEN_STATES).meta["val"]
         empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
                             block_table=torch.zeros(0, 1, dtype=torch.int32),
                             seq_lens=torch.empty(0, dtype=torch.int32),
                             query_start_loc=torch.zeros(1, dtype=torch.int32),
                             num_decodes=0, num_decode_tokens=0, num_prefills=0)
-        graphs = []
-        for size in sizes or self.options.graph_batch_sizes:
-            padded = self._padded(Call(torch.zeros(0, hidden.shape[1], dtype=hidden.dtype),
-                                       torch.zeros(0, dtype=torch.int64), kv_cache, empty, cos_sin), size)
-            before = len(self.runner.graphs)
-            self.runner(size, *self.convention.bind(padded), warmup=True)
-            graphs += self.runner.graphs[before:]
-        return graphs
+        return Call(torch.zeros(0, hidden.shape[1], dtype=hidden.dtype), torch.zeros(0, dtype=torch.int64),
+                    kv_cache, empty, cos_sin)
 
     def __call__(self, call: Call, memo: StepMemo | None = None) -> torch.Tensor:
         count = call.metadata.num_reqs
@@ -260,18 +265,11 @@ class BucketedMultiDecode(BucketedDecode):
     def warmup(self, kv_cache, cos_sin: torch.Tensor, sizes: tuple[int, ...] | None = None,
                tokens: tuple[int, ...] | None = None) -> list[GraphModule]:
         """Compile the graph of each (batch size, tokens per request) bucket with an all-padding batch."""
-        hidden = find_input(self.gm, HIDDEN_STATES).meta["val"]
-        empty = MLAMetadata(slot_mapping=torch.empty(0, dtype=torch.int64),
-                            block_table=torch.zeros(0, 1, dtype=torch.int32),
-                            seq_lens=torch.empty(0, dtype=torch.int32),
-                            query_start_loc=torch.zeros(1, dtype=torch.int32),
-                            num_decodes=0, num_decode_tokens=0, num_prefills=0)
+        empty = self._empty_call(kv_cache, cos_sin)
         graphs = []
         for size in sizes or self.options.graph_batch_sizes:
             for per_request in tokens or self.options.graph_decode_tokens:
-                padded, _ = self._spread(Call(torch.zeros(0, hidden.shape[1], dtype=hidden.dtype),
-                                              torch.zeros(0, dtype=torch.int64), kv_cache, empty, cos_sin),
-                                         size, per_request, [])
+                padded, _ = self._spread(empty, size, per_request, [])
                 before = len(self.runner.graphs)
                 self.runner(size, *self.convention.bind(padded), warmup=True)
                 graphs += self.runner.graphs[before:]
