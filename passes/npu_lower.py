@@ -188,7 +188,8 @@ def lower_paged_attention(gm: GraphModule) -> PassResult:
               key_rope=.., atten_mask=triu(1) 2048x2048, block_table=bt, actual_seq_lengths=query_ends_list,
               actual_seq_lengths_kv=seq_lens_list, input_layout='TND', sparse_mode=3, ...)[0]
     """
-    return rewrite(gm, [PAGED_FIA, PAGED_FIA_TND])
+    multi_token = graph_meta(gm).phase in ("multi_decode", "multi_mixed")
+    return rewrite(gm, [PAGED_FIA, PAGED_FIA_TND] if multi_token else [PAGED_FIA])
 
 
 def _fia_admits(n: Node) -> bool | Skip:
@@ -228,10 +229,8 @@ def multi_token_fia_limits(ql: Node, q_pe: Node, latent_cache: Node) -> list[Vio
 
 
 def _tnd_fia_admits(n: Node) -> bool | Skip:
-    phase = graph_meta(n.graph.owning_module).phase
-    if not (phase == "multi_decode" or (phase == "multi_mixed" and input_part(n.args[6]) == "decode")):
-        return Skip(f"{n.name}: not a multi_decode graph or multi_mixed decode part (TND MLA mode is for decodes "
-                    f"of 1..16 tokens)")
+    if graph_meta(n.graph.owning_module).phase == "multi_mixed" and input_part(n.args[6]) != "decode":
+        return Skip(f"{n.name}: a multi_mixed batch's prefill part (TND MLA mode is for decodes of 1..16 tokens)")
     why_not = multi_token_fia_limits(n.args[0], n.args[1], n.args[2])
     return Skip(f"{n.name}: not FIA: {why_not[0].message()}") if why_not else True
 
