@@ -347,8 +347,8 @@ def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache
     assert speculation == native["speculation"], (speculation, native["speculation"])
     print(f"ngram speculation, plugin and vLLM's own: {speculation}; plugin graph calls: {plugin['graph_calls']}")
     assert plugin["graph_calls"].get("multi_decode", 0) > 0, plugin["graph_calls"]
-    assert plugin["graph_calls"].get("multi_mixed", 0) + plugin["graph_calls"].get("mixed", 0) > 0, \
-        f"no step mixed a prompt with running requests {plugin['graph_calls']}"
+    assert plugin["graph_calls"].get("multi_mixed", 0) > 0, \
+        f"no step mixed a prompt with verifying requests {plugin['graph_calls']}"
     assert "multi_decode: cpu, multi_mixed: cpu" in plugin["log"], "the multi-token graphs were not lowered"
     assert "multi_decode" not in without["log"], "lowered a multi_decode graph without speculative decoding"
 
