@@ -2,7 +2,8 @@
 
 Each engine is a `vllm.LLM(model=DIR)` over a tiny random-weight DeepSeek-V3 written to disk
 (tests/tiny_models.py), fp32, greedy, 4 prompts x 24 new tokens crossing several 16-token cache
-blocks, the batch mixing prefill and decode. The oracle is Hugging Face's
+blocks: one prefill step of every prompt, then decode steps (the speculative-decoding test also has
+a prompt join running requests: mixed steps). The oracle is Hugging Face's
 DeepseekV3ForCausalLM.generate on the same checkpoint.
 
 Each engine runs in a subprocess that imports this module and calls `engine_main`: vLLM keeps
@@ -241,13 +242,42 @@ def test_prompts_cross_cache_blocks(hf_greedy):
     assert lengths[0] < BLOCK and lengths[-1] + MAX_NEW_TOKENS > 3 * BLOCK, lengths
 
 
+# with 24 new tokens these random-weight models repeat no earlier token, so ngram speculation drafts
+# nothing; by 64 they fall into loops that it drafts (and partly gets right). Three requests run at a
+# time and one stops early, so the fourth prompt joins running requests: a mixed step.
+SPECULATED_TOKENS = [64, 30, 64, 64]
+
+
+@pytest.fixture(scope="module")
+def eager_plugin_dense(model_dirs, vllm_cache_root, tmp_path_factory):
+    """The plugin's eager engine on its default target, dense model, in the speculative-decoding test's
+    setting (longer generations, three requests at a time) but without speculation: the default-target
+    eager test and that test's engine without speculation, run once."""
+    run = {}
+
+    def get() -> dict:
+        if not run:
+            run["engine"] = run_engine(tmp_path_factory.mktemp("eager_dense"), model_dirs["dense"], vllm_cache_root,
+                                       plugin=True, eager=True, max_new_tokens=SPECULATED_TOKENS, max_num_seqs=3)
+        return run["engine"]
+    return get
+
+
 @pytest.mark.parametrize("target", [None, "npu"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_plugin_eager_matches_hf(variant, target, model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+def test_plugin_eager_matches_hf(variant, target, model_dirs, vllm_cache_root, hf_greedy, eager_plugin_dense,
+                                 tmp_path):
     """target None: what the plugin picks on vLLM's CPU platform (cpu); "npu": the npu target's graphs with
-    the emulated kernels (fp32 and these dims take its aten attention), absorbed W_UK/W_UV included."""
-    tokens = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=True, target=target)
-    assert_same_tokens(tokens, hf_greedy(variant), f"plugin, eager, target {target or 'default'}, {variant}")
+    the emulated kernels (fp32 and these dims take its aten attention), absorbed W_UK/W_UV included.
+    The dense model on the default target runs the speculative-decoding test's setting (more tokens,
+    a mixed step)."""
+    if (variant, target) == ("dense", None):
+        tokens, lengths = eager_plugin_dense(), SPECULATED_TOKENS
+    else:
+        tokens, lengths = run_engine(tmp_path, model_dirs[variant], vllm_cache_root, plugin=True, eager=True,
+                                     target=target), [MAX_NEW_TOKENS] * len(PROMPTS)
+    assert_same_tokens(tokens, hf_greedy(variant, max(lengths)), f"plugin, eager, target {target or 'default'}, "
+                       f"{variant}", lengths)
     assert f"lowered (prefill: {target or 'cpu'}" in tokens["log"], "the target that ran is not logged"
     assert ("targets from MLA_GRAPH_VLLM_TARGET=npu" if target else "the CPU platform's default") in tokens["log"]
     assert LOGGED_REPLACEMENT in tokens["log"], "the plugin's start-up line is missing from vLLM's output"
@@ -318,24 +348,20 @@ def test_plugin_with_tensor_parallel_2_gives_the_tp1_tokens(model_dirs, vllm_cac
 
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-# with 24 new tokens these random-weight models repeat no earlier token, so ngram drafts nothing;
-# by 64 they fall into loops that it drafts (and partly gets right). Three requests run at a time and
-# one stops early, so the fourth prompt joins running (verifying) requests: a mixed step.
-SPECULATED_TOKENS = [64, 30, 64, 64]
-
-
-def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache_root, hf_greedy, tmp_path):
+def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache_root, hf_greedy, eager_plugin_dense,
+                                                          tmp_path):
     """vLLM's ngram speculative decoding (up to 3 draft tokens a step, from the request's own earlier
-    tokens), plugin on: verification steps of up to 4 tokens per request run the multi_decode graph
-    (multi_mixed where a prompt joins them), and the greedy tokens equal the same engine without
-    speculation (and Hugging Face's). vLLM's own MLA under the same speculation proposes and accepts
+    tokens), plugin on: verification steps of up to 4 tokens per request run the multi_decode graph,
+    steps that also carry prompts the multi_mixed graph (vLLM counts a prompt of at most 1 + 3 tokens,
+    "The cat", as a decode too), and the greedy tokens equal the same engine without speculation (and
+    Hugging Face's). vLLM's own MLA under the same speculation proposes and accepts
     exactly as many tokens: the plugin's verification logits pick the same argmax at every draft
     position."""
     def engine(name: str, plugin: bool, speculative: dict | None) -> dict:
         return run_engine(tmp_path / name, model_dirs["dense"], vllm_cache_root, plugin=plugin, eager=True,
                           max_new_tokens=SPECULATED_TOKENS, max_num_seqs=3, speculative_config=speculative)
 
-    plugin, without, native = engine("plugin", True, NGRAM), engine("without", True, None), engine("native", False, NGRAM)
+    plugin, without, native = engine("plugin", True, NGRAM), eager_plugin_dense(), engine("native", False, NGRAM)
     hf = hf_greedy("dense", max(SPECULATED_TOKENS))
     assert [r["tokens"] for r in plugin["requests"]] == [r["tokens"] for r in without["requests"]], \
         "speculative decoding changed the plugin's greedy tokens"
@@ -347,8 +373,8 @@ def test_speculative_decoding_gives_the_tokens_without_it(model_dirs, vllm_cache
     assert speculation == native["speculation"], (speculation, native["speculation"])
     print(f"ngram speculation, plugin and vLLM's own: {speculation}; plugin graph calls: {plugin['graph_calls']}")
     assert plugin["graph_calls"].get("multi_decode", 0) > 0, plugin["graph_calls"]
-    assert plugin["graph_calls"].get("multi_mixed", 0) > 0, \
-        f"no step mixed a prompt with verifying requests {plugin['graph_calls']}"
+    assert plugin["graph_calls"].get("multi_mixed", 0) > 0 and plugin["graph_calls"].get("mixed", 0) > 0, \
+        f"no step mixed prompts with multi-token decodes, or one-token decodes {plugin['graph_calls']}"
     assert "multi_decode: cpu, multi_mixed: cpu" in plugin["log"], "the multi-token graphs were not lowered"
     assert "multi_decode" not in without["log"], "lowered a multi_decode graph without speculative decoding"
 
