@@ -203,12 +203,18 @@ def _paged_fia(g, n: Node) -> Node:
     return emit_recorded(g, paged_fia, ql, q_pe, latent_cache, rope_cache, bt, kv_lens, scale)
 
 
+def paged_keys(latent_cache, rope_cache):
+    """The caches as FIA's paged keys: (blocks, 1 KV head, block_size, D) views of the latent (key and
+    value) and of the rope part (key_rope); and the block size."""
+    BS = latent_cache.shape[1]
+    return (latent_cache.view(-1, 1, BS, latent_cache.shape[-1]), rope_cache.view(-1, 1, BS, rope_cache.shape[-1]),
+            BS)
+
+
 def paged_fia(ql, q_pe, latent_cache, rope_cache, bt, kv_lens, scale: float):
     _, N, L = ql.shape
     R = q_pe.shape[-1]
-    BS = latent_cache.shape[1]
-    k = latent_cache.view(-1, 1, BS, L)
-    kr = rope_cache.view(-1, 1, BS, R)
+    k, kr, BS = paged_keys(latent_cache, rope_cache)
     out = _npu().npu_fused_infer_attention_score.default(
         ql.view(-1, N, 1, L), k, k, query_rope=q_pe.view(-1, N, 1, R), key_rope=kr, actual_seq_lengths_kv=kv_lens,
         block_table=bt, num_heads=N, scale=scale, input_layout="BNSD", num_key_value_heads=1, sparse_mode=0,
@@ -244,11 +250,8 @@ def _paged_fia_tnd(g, n: Node) -> Node:
 
 
 def paged_fia_tnd(ql, q_pe, latent_cache, rope_cache, bt, mask, q_ends, kv_lens, scale: float):
-    _, N, L = ql.shape
-    R = q_pe.shape[-1]
-    BS = latent_cache.shape[1]
-    k = latent_cache.view(-1, 1, BS, L)
-    kr = rope_cache.view(-1, 1, BS, R)
+    N = ql.shape[1]
+    k, kr, BS = paged_keys(latent_cache, rope_cache)
     out = _npu().npu_fused_infer_attention_score.default(
         ql, k, k, query_rope=q_pe, key_rope=kr, atten_mask=mask, actual_seq_lengths=q_ends,
         actual_seq_lengths_kv=kv_lens, block_table=bt, num_heads=N, scale=scale, input_layout="TND",

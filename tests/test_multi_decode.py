@@ -98,10 +98,15 @@ MIXED = [[(3, 21), (1, 9), (16, 30), (12, 0)]]                    # decodes of 3
 TWO_STEPS = [[(4, 20), (2, 5)], [(3, 24), (5, 7)]]                 # verification after verification
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("steps, phase", [(MULTI, "multi_decode"), (MIXED, "multi_mixed"), (TWO_STEPS, "multi_decode")],
-                         ids=["decodes", "mixed", "two-steps"])
-def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, steps, phase, tiny, tiny_lowered):
+CASES = {"decodes": (MULTI, "multi_decode"), "mixed": (MIXED, "multi_mixed"), "two-steps": (TWO_STEPS, "multi_decode")}
+
+
+# torchair: graph mode for multi_decode only (its multi_mixed graph is the npu target's, eager); the second
+# step of verifications on the targets whose kernels differ most
+@pytest.mark.parametrize("target, case", [(t, "decodes") for t in TARGETS] + [(t, "mixed") for t in TARGETS[:3]]
+                         + [("reference", "two-steps"), ("cpu", "two-steps")])
+def test_multi_token_decodes_equal_hf_and_the_plain_definition(target, case, tiny, tiny_lowered):
+    steps, phase = CASES[case]
     layer, hf, rotary = tiny
     lowered = tiny_lowered(target)
     calls = lowered.graph_calls.copy()

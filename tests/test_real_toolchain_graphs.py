@@ -74,8 +74,10 @@ def test_torchair_bucket_graphs_convert_to_ge(toolchain, preset, dtype, tp_size)
             assert not _errors(at.compare_with_wheel_meta(gm, toolchain))
 
 
-@pytest.mark.parametrize("preset, dtype", [(p, torch.bfloat16) for p in PRESETS] + [("deepseek-v3", torch.float32)],
-                         ids=[f"{p}-bf16" for p in PRESETS] + ["deepseek-v3-fp32"])
+# V3 (the fused prolog), V2-Lite (no q_lora: the cache writer and the rope kernel), V3 in fp32 (aten attention)
+@pytest.mark.parametrize("preset, dtype", [("deepseek-v3", torch.bfloat16), ("deepseek-v2-lite", torch.bfloat16),
+                                           ("deepseek-v3", torch.float32)],
+                         ids=["deepseek-v3-bf16", "deepseek-v2-lite-bf16", "deepseek-v3-fp32"])
 def test_torchair_multi_decode_bucket_graphs_convert_to_ge(toolchain, preset, dtype):
     """Multi-token decode graphs, one per (batch size, tokens per request) bucket, convert with torchair's
     converters and no finding; in bf16 the attention reaches GE as FIA (MLA mode, TND, causal) with its
