@@ -160,11 +160,8 @@ def input_part(node: Node) -> str | None:
 def paged_fia_limits(ql: Node, q_pe: Node, latent_cache: Node, bt: Node) -> list[Violation]:
     """Why FIA's MLA mode cannot take this latent attention (hard limits only): it must be one
     token per request (a prefill chunk can exceed MLA mode's 16 query tokens)."""
-    T, N, L = val(ql).shape
-    violations = limits.hard(limits.fia_mla(
-        dtype=val(ql).dtype, num_heads=N, latent=L, rope=val(q_pe).shape[-1], kv_heads=1,
-        block_size=val(latent_cache).shape[1], paged=True, query_tokens=[1]))
-    if not same_size(T, val(bt).shape[0]):
+    violations = fia_mla_limits(ql, q_pe, latent_cache)
+    if not same_size(val(ql).shape[0], val(bt).shape[0]):
         violations.append(limits.Violation(
             limits.FIA, "query tokens per request", "a prefill chunk's length (known per call only)",
             f"1..{limits.MLA_MAX_QUERY_TOKENS}", "MLA constraints, L8176"))
@@ -225,10 +222,11 @@ def paged_fia(ql, q_pe, latent_cache, rope_cache, bt, kv_lens, scale: float):
 PAGED_FIA = Rule("paged latent attention (BNSD)", mla.paged_attention.default, emit=_paged_fia, check=_fia_admits)
 
 
-def multi_token_fia_limits(ql: Node, q_pe: Node, latent_cache: Node) -> list[Violation]:
-    """Why FIA's MLA mode in the TND layout cannot take this multi-token decode attention (hard
-    limits; the 1..16 tokens per request are the metadata's contract, checked per call by the kernel)."""
-    T, N, L = val(ql).shape
+def fia_mla_limits(ql: Node, q_pe: Node, latent_cache: Node) -> list[Violation]:
+    """Why FIA's MLA mode cannot take this latent attention, its query tokens per request aside (hard
+    limits: dtype, dims, block size; a multi-token decode's 1..16 tokens per request are the metadata's
+    contract, checked per call by the kernel)."""
+    _, N, L = val(ql).shape
     return limits.hard(limits.fia_mla(
         dtype=val(ql).dtype, num_heads=N, latent=L, rope=val(q_pe).shape[-1], kv_heads=1,
         block_size=val(latent_cache).shape[1], paged=True))
@@ -237,7 +235,7 @@ def multi_token_fia_limits(ql: Node, q_pe: Node, latent_cache: Node) -> list[Vio
 def _tnd_fia_admits(n: Node) -> bool | Skip:
     if graph_meta(n.graph.owning_module).phase == "multi_mixed" and input_part(n.args[6]) != "decode":
         return Skip(f"{n.name}: a multi_mixed batch's prefill part (TND MLA mode is for decodes of 1..16 tokens)")
-    why_not = multi_token_fia_limits(n.args[0], n.args[1], n.args[2])
+    why_not = fia_mla_limits(n.args[0], n.args[1], n.args[2])
     return Skip(f"{n.name}: not FIA: {why_not[0].message()}") if why_not else True
 
 
